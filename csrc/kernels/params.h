@@ -1,0 +1,88 @@
+// Torch-free parameter structs shared by the host launchers (csrc/api) and the kernels (csrc/kernels).
+// The kernels never include a torch header: everything they need arrives here, as raw pointers, element
+// strides (64-bit, so b * s_q * h_q * 512 may exceed 2^31) and sizes. The launcher fills these from tensor
+// shapes/dtypes only; it never reads tensor values (no host sync on the decode path).
+#pragma once
+
+#include <cstdint>
+
+namespace flashmla {
+
+// Fixed geometry of DeepSeek V2/V3 absorbed MLA.
+constexpr int kHeadDimK = 576;   // q / k width: 512 latent ("NoPE") + 64 RoPE
+constexpr int kHeadDimV = 512;   // v = the first 512 columns of the same cache rows
+constexpr int kPageSize = 64;    // tokens per page; also the kernel's N tile, so a tile is one page
+constexpr int kBlockM = 64;      // query rows per CTA (one wgmma M); rows = (MTP token, head) pairs
+
+// ---- Scheduler contract ------------------------------------------------------------------------------
+// tile_scheduler_metadata is int32 [num_sm_parts, kMetaSize]; one record per SM part:
+constexpr int kMetaSize = 8;
+enum MetaField : int {
+  kMetaBeginReq = 0,     // first request of the part (inclusive)
+  kMetaBeginBlock = 1,   // first 64-token block of begin_req handled by this part
+  kMetaEndReq = 2,       // last request of the part (inclusive); end_req < begin_req means "no work"
+  kMetaEndBlock = 3,     // one past the last block of end_req handled by this part
+  kMetaBeginSplit = 4,   // split index of begin_req's piece in this part (other requests: split 0)
+  kMetaFirstSplit = 5,   // 1 if begin_req is split over several parts
+  kMetaLastSplit = 6,    // 1 if end_req is split over several parts
+  kMetaReserved = 7,     // 0
+};
+// num_splits is int32 [b + 1]: an exclusive prefix sum over requests of
+//   n_i = (number of parts request i is split over) if that is > 1, else 0.
+// So n_i = num_splits[i+1] - num_splits[i] is the number of fp32 partial results request i leaves in the
+// split accumulators (rows num_splits[i] .. num_splits[i+1]-1), and n_i == 0 means one part wrote the final
+// output directly and the combine kernel skips the request. num_splits[b] <= 2 * (num_sm_parts - 1), so the
+// accumulators are sized by the part count, never by the batch size.
+// Cost model: request i has nblk_i = max(1, ceil(seqlen_i / 64)) blocks and costs nblk_i + kFixedOverhead
+// "block units" (the overhead stands for its prologue/epilogue). Requests are laid end to end in cost space,
+// overhead first; part p owns cost positions [p * W, (p + 1) * W) with W = ceil(total / num_sm_parts), and
+// block k of request i sits at position C_i + kFixedOverhead + k (C_i = exclusive prefix sum of costs).
+constexpr int kFixedOverhead = 5;
+
+struct SchedParams {
+  const int32_t* seqlens;  // [b]
+  int32_t* meta;           // [num_sm_parts, kMetaSize]
+  int32_t* num_splits;     // [b + 1]
+  int b;
+  int num_sm_parts;
+};
+
+// ---- Decode ------------------------------------------------------------------------------------------
+struct DecodeParams {
+  // sizes
+  int b, s_q, h_q, h_kv;
+  int q_heads_per_hk;   // h_q / h_kv
+  int q_seq_per_hk;     // s_q * h_q / h_kv: GEMM rows per (request, kv head)
+  int num_m_blocks;     // ceil(q_seq_per_hk / kBlockM)
+  int num_sm_parts;
+  int num_pages;        // k_cache.size(0)
+  int max_blocks_per_seq;  // block_table.size(1)
+  bool causal;
+  float scale_log2;     // softmax_scale * log2(e): the kernels work in the log2 domain
+
+  // q [b, s_q, h_q, 576], last dim contiguous
+  const void* q;
+  int64_t q_batch_stride, q_seq_stride, q_head_stride;
+  // k_cache [num_pages, 64, h_kv, 576], last dim contiguous; v = k[..., :512]
+  const void* k;
+  int64_t k_page_stride, k_row_stride, k_head_stride;
+  // block_table [b, max_blocks_per_seq] int32, last dim contiguous
+  const int32_t* block_table;
+  int64_t block_table_batch_stride;
+  const int32_t* seqlens;  // [b]
+
+  // out [b, s_q, h_q, 512] (q's dtype), last dim contiguous; lse fp32 [b, h_q, s_q] (natural log)
+  void* out;
+  int64_t o_batch_stride, o_seq_stride, o_head_stride;
+  float* lse;
+  int64_t lse_batch_stride, lse_head_stride, lse_seq_stride;
+
+  const int32_t* meta;        // [num_sm_parts, kMetaSize]
+  const int32_t* num_splits;  // [b + 1]
+  // Split accumulators, contiguous: o_accum [slots, h_kv, q_seq_per_hk, 512] fp32 holds each piece's
+  // normalised partial output; lse_accum [slots, h_kv, q_seq_per_hk] its log2-domain LSE (-inf if empty).
+  float* o_accum;
+  float* lse_accum;
+};
+
+}  // namespace flashmla

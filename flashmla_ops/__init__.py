@@ -1,0 +1,1 @@
+from . import _schema  # noqa: F401

@@ -1,0 +1,43 @@
+"""The one place where the ``torch.ops.flashmla`` operator schemas are written.
+
+Schemas are owned by Python (``torch.library.Library("flashmla", "DEF")``) so that the ops, their fake
+implementations (``flashmla_ops.meta``) and their CPU reference kernels (``flashmla_ops.reference``) exist on
+every machine, with or without the compiled CUDA extension. The CUDA extension (``flashmla_ops._C``) only
+registers backend kernels for these names (``STABLE_TORCH_LIBRARY_IMPL(flashmla, CUDA, m)`` in
+``csrc/api/``); it never defines a schema. Changing a schema here is an API change: the snapshot test in
+``tests/test_schema.py`` pins the exact strings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "flashmla"
+
+#: Record layout of one row of ``tile_scheduler_metadata`` (int32). See ``docs/architecture.md``.
+TILE_SCHEDULER_METADATA_SIZE = 8
+
+SCHEMAS: dict[str, str] = {
+    # Scheduler: balances (request, 64-token block) work over `num_sm_parts` partitions.
+    # Output shapes depend only on len(cache_seqlens) and num_sm_parts, never on values.
+    "get_mla_metadata": (
+        "get_mla_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k, "
+        "int num_sm_parts) -> (Tensor, Tensor)"
+    ),
+    # Functional decode: returns (out [b, s_q, h_q, head_dim_v] in q's dtype, lse fp32 [b, h_q, s_q]).
+    "mla_decode": (
+        "mla_decode(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+        "Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal) "
+        "-> (Tensor, Tensor)"
+    ),
+    # Out-variant for CUDA-graph callers: writes the preallocated `out` and `lse`, returns nothing.
+    "mla_decode_out": (
+        "mla_decode_out(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
+        "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, "
+        "bool causal, Tensor(a!) out, Tensor(b!) lse) -> ()"
+    ),
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")  # noqa: TOR901 - the library must outlive this module
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)

@@ -1,0 +1,1 @@
+"""Framework integrations of flashmla_ops (SGLang). Installed as ``flashmla_ops.integration``."""

@@ -1,0 +1,1 @@
+"""Fake (meta) implementations of the torch.ops.flashmla ops. Installed as ``flashmla_ops.meta``."""
