@@ -1,0 +1,196 @@
+// Host launcher of flashmla::mla_decode / mla_decode_out on CUDA. It validates shapes, dtypes, devices and
+// strides (the same rules and messages as flashmla_ops/_validation.py), fills the torch-free DecodeParams,
+// and launches the main kernel and, for split requests, the combine kernel on the current stream. It reads no
+// tensor values and never syncs with the host.
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "api/common.h"
+#include "kernels/launch.h"
+
+namespace flashmla::api {
+namespace {
+
+void check_same_device(const Tensor& q, const Tensor& t, const char* name) {
+  FLASHMLA_CHECK(t.is_cuda() && t.get_device_index() == q.get_device_index(),
+                 "all tensors must be on the same device as q (", device_str(q), "); ", name, " is on ",
+                 device_str(t));
+}
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Checks everything the kernels rely on. Returns the dtype.
+DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_table,
+                   const Tensor& cache_seqlens, int64_t head_dim_v, const Tensor& meta,
+                   const Tensor& num_splits) {
+  const ScalarType qt = q.scalar_type();
+  FLASHMLA_CHECK(qt == ScalarType::BFloat16 || qt == ScalarType::Half,
+                 "q must be torch.bfloat16 or torch.float16, got ", dtype_name(qt));
+  FLASHMLA_CHECK(k_cache.scalar_type() == qt, "k_cache must have the same dtype as q (", dtype_name(qt),
+                 "), got ", dtype_name(k_cache.scalar_type()));
+  FLASHMLA_CHECK(block_table.scalar_type() == ScalarType::Int, "block_table must be int32, got ",
+                 dtype_name(block_table.scalar_type()));
+  FLASHMLA_CHECK(cache_seqlens.scalar_type() == ScalarType::Int, "cache_seqlens must be int32, got ",
+                 dtype_name(cache_seqlens.scalar_type()));
+  FLASHMLA_CHECK(meta.scalar_type() == ScalarType::Int, "tile_scheduler_metadata must be int32, got ",
+                 dtype_name(meta.scalar_type()));
+  FLASHMLA_CHECK(num_splits.scalar_type() == ScalarType::Int, "num_splits must be int32, got ",
+                 dtype_name(num_splits.scalar_type()));
+
+  FLASHMLA_CHECK(q.dim() == 4, "q must be 4-D [batch, seq_q, heads_q, 576], got shape ", shape_str(q));
+  FLASHMLA_CHECK(k_cache.dim() == 4, "k_cache must be 4-D [num_pages, 64, heads_kv, 576], got shape ",
+                 shape_str(k_cache));
+  FLASHMLA_CHECK(q.size(3) == kHeadDimK && k_cache.size(3) == kHeadDimK,
+                 "head_dim_k must be 576 (last dim of q and k_cache), got ", q.size(3), " and ",
+                 k_cache.size(3));
+  FLASHMLA_CHECK(head_dim_v == kHeadDimV, "head_dim_v must be 512, got ", head_dim_v);
+  FLASHMLA_CHECK(k_cache.size(1) == kPageSize, "page size (k_cache.shape[1]) must be 64, got ",
+                 k_cache.size(1));
+  const int64_t b = q.size(0), h_q = q.size(2), h_kv = k_cache.size(2);
+  FLASHMLA_CHECK(b > 0, "batch size must be positive");
+  FLASHMLA_CHECK(h_kv > 0 && h_q > 0 && h_q % h_kv == 0, "heads_q (", h_q,
+                 ") must be a multiple of heads_kv (", h_kv, ")");
+  FLASHMLA_CHECK(q.size(1) > 0, "seq_q must be positive");
+  FLASHMLA_CHECK(block_table.dim() == 2, "block_table must be 2-D [batch, max_blocks], got shape ",
+                 shape_str(block_table));
+  FLASHMLA_CHECK(cache_seqlens.dim() == 1, "cache_seqlens must be 1-D [batch], got shape ",
+                 shape_str(cache_seqlens));
+  FLASHMLA_CHECK(block_table.size(0) == b && cache_seqlens.size(0) == b, "batch size mismatch: q has ", b,
+                 ", block_table has ", block_table.size(0), ", cache_seqlens has ", cache_seqlens.size(0));
+  FLASHMLA_CHECK(block_table.size(1) >= 1, "block_table must have at least one column");
+  FLASHMLA_CHECK(meta.dim() == 2 && meta.size(0) >= 1 && meta.size(1) == kMetaSize,
+                 "tile_scheduler_metadata must be [num_sm_parts, 8], got shape ", shape_str(meta));
+  FLASHMLA_CHECK(num_splits.dim() == 1 && num_splits.size(0) == b + 1, "num_splits must be [batch + 1] = [",
+                 b + 1, "], got shape ", shape_str(num_splits));
+
+  FLASHMLA_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  check_same_device(q, k_cache, "k_cache");
+  check_same_device(q, block_table, "block_table");
+  check_same_device(q, cache_seqlens, "cache_seqlens");
+  check_same_device(q, meta, "tile_scheduler_metadata");
+  check_same_device(q, num_splits, "num_splits");
+
+  FLASHMLA_CHECK(q.stride(3) == 1, "q must have a contiguous last dimension");
+  FLASHMLA_CHECK(k_cache.stride(3) == 1, "k_cache must have a contiguous last dimension");
+  FLASHMLA_CHECK(block_table.stride(1) == 1, "block_table must have a contiguous last dimension");
+  FLASHMLA_CHECK(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous");
+  FLASHMLA_CHECK(meta.is_contiguous() && num_splits.is_contiguous(),
+                 "tile_scheduler_metadata and num_splits must be contiguous");
+  // The kernels move 16-byte vectors.
+  FLASHMLA_CHECK(aligned16(q) && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0,
+                 "q must be 16-byte aligned with strides that are multiples of 8 elements");
+  FLASHMLA_CHECK(aligned16(k_cache) && k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 &&
+                     k_cache.stride(2) % 8 == 0,
+                 "k_cache must be 16-byte aligned with strides that are multiples of 8 elements");
+  return qt == ScalarType::BFloat16 ? DType::kBF16 : DType::kFP16;
+}
+
+void check_outputs(const Tensor& q, const Tensor& out, const Tensor& lse) {
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
+  FLASHMLA_CHECK(out.scalar_type() == q.scalar_type(), "out must have q's dtype (", dtype_name(q.scalar_type()),
+                 "), got ", dtype_name(out.scalar_type()));
+  FLASHMLA_CHECK(out.dim() == 4 && out.size(0) == b && out.size(1) == s_q && out.size(2) == h_q &&
+                     out.size(3) == kHeadDimV,
+                 "out must have shape [", b, ", ", s_q, ", ", h_q, ", 512], got ", shape_str(out));
+  FLASHMLA_CHECK(lse.scalar_type() == ScalarType::Float, "lse must be torch.float32, got ",
+                 dtype_name(lse.scalar_type()));
+  FLASHMLA_CHECK(lse.dim() == 3 && lse.size(0) == b && lse.size(1) == h_q && lse.size(2) == s_q,
+                 "lse must have shape [", b, ", ", h_q, ", ", s_q, "], got ", shape_str(lse));
+  check_same_device(q, out, "out");
+  check_same_device(q, lse, "lse");
+  FLASHMLA_CHECK(out.stride(3) == 1, "out must have a contiguous last dimension");
+  FLASHMLA_CHECK(aligned16(out) && out.stride(0) % 8 == 0 && out.stride(1) % 8 == 0 && out.stride(2) % 8 == 0,
+                 "out must be 16-byte aligned with strides that are multiples of 8 elements");
+}
+
+}  // namespace
+
+void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int64_t head_dim_v,
+                         Tensor meta, Tensor num_splits, double softmax_scale, bool causal, Tensor out,
+                         Tensor lse) {
+  const DType dtype = check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits);
+  check_outputs(q, out, lse);
+  const int device = q.get_device_index();
+  check_sm90(device);
+  torch::stable::accelerator::DeviceGuard guard(device);
+
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = k_cache.size(2);
+  const int64_t q_seq_per_hk = s_q * (h_q / h_kv);
+  const int64_t num_sm_parts = meta.size(0);
+  FLASHMLA_CHECK(q_seq_per_hk < (int64_t{1} << 30) && b < (int64_t{1} << 31) - 1 &&
+                     num_sm_parts < (int64_t{1} << 20),
+                 "problem too large");
+
+  DecodeParams p{};
+  p.b = static_cast<int>(b);
+  p.s_q = static_cast<int>(s_q);
+  p.h_q = static_cast<int>(h_q);
+  p.h_kv = static_cast<int>(h_kv);
+  p.q_heads_per_hk = static_cast<int>(h_q / h_kv);
+  p.q_seq_per_hk = static_cast<int>(q_seq_per_hk);
+  p.num_m_blocks = static_cast<int>((q_seq_per_hk + kBlockM - 1) / kBlockM);
+  p.num_sm_parts = static_cast<int>(num_sm_parts);
+  p.num_pages = static_cast<int>(k_cache.size(0) < INT32_MAX ? k_cache.size(0) : INT32_MAX);
+  p.max_blocks_per_seq = static_cast<int>(block_table.size(1) < INT32_MAX ? block_table.size(1) : INT32_MAX);
+  // MTP with one query token has nothing to mask; matches FlashMLA, which forces causal off for s_q == 1.
+  p.causal = causal && s_q > 1;
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+
+  p.q = q.data_ptr();
+  p.q_batch_stride = q.stride(0);
+  p.q_seq_stride = q.stride(1);
+  p.q_head_stride = q.stride(2);
+  p.k = k_cache.data_ptr();
+  p.k_page_stride = k_cache.stride(0);
+  p.k_row_stride = k_cache.stride(1);
+  p.k_head_stride = k_cache.stride(2);
+  p.block_table = static_cast<const int32_t*>(block_table.data_ptr());
+  p.block_table_batch_stride = block_table.stride(0);
+  p.seqlens = static_cast<const int32_t*>(cache_seqlens.data_ptr());
+  p.out = out.data_ptr();
+  p.o_batch_stride = out.stride(0);
+  p.o_seq_stride = out.stride(1);
+  p.o_head_stride = out.stride(2);
+  p.lse = static_cast<float*>(lse.data_ptr());
+  p.lse_batch_stride = lse.stride(0);
+  p.lse_head_stride = lse.stride(1);
+  p.lse_seq_stride = lse.stride(2);
+  p.meta = static_cast<const int32_t*>(meta.data_ptr());
+  p.num_splits = static_cast<const int32_t*>(num_splits.data_ptr());
+
+  // Split accumulators: at most 2 * (num_sm_parts - 1) pieces exist (each part boundary inside a request
+  // adds one piece and can create at most one split request), so their size is bounded by the part count,
+  // not by the batch size. One allocation holds O partials then LSE partials.
+  const int64_t slots = 2 * num_sm_parts;
+  const int64_t rows = slots * h_kv * q_seq_per_hk;
+  Tensor workspace = torch::stable::new_empty(q, {rows * (kHeadDimV + 1)}, ScalarType::Float);
+  p.o_accum = static_cast<float*>(workspace.data_ptr());
+  p.lse_accum = p.o_accum + rows * kHeadDimV;
+
+  const cudaStream_t stream = current_stream(device);
+  check_cuda(dtype == DType::kBF16 ? launch_decode_sm90_bf16(p, stream) : launch_decode_sm90_fp16(p, stream),
+             "decode kernel launch");
+  check_cuda(launch_combine(p, dtype, stream), "combine kernel launch");
+}
+
+std::tuple<Tensor, Tensor> mla_decode_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens,
+                                           int64_t head_dim_v, Tensor meta, Tensor num_splits,
+                                           double softmax_scale, bool causal) {
+  // Validate before allocating so that a bad input reports its own error, not an allocation one.
+  check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits);
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  Tensor out = torch::stable::new_empty(q, {b, s_q, h_q, kHeadDimV});
+  Tensor lse = torch::stable::new_empty(q, {b, h_q, s_q}, ScalarType::Float);
+  mla_decode_out_cuda(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits, softmax_scale,
+                      causal, out, lse);
+  return {out, lse};
+}
+
+}  // namespace flashmla::api
+
+STABLE_TORCH_LIBRARY_IMPL(flashmla, CUDA, m) {
+  m.impl("mla_decode", TORCH_BOX(&flashmla::api::mla_decode_cuda));
+  m.impl("mla_decode_out", TORCH_BOX(&flashmla::api::mla_decode_out_cuda));
+}

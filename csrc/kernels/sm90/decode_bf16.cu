@@ -1,0 +1,12 @@
+// Instantiation of the sm_90a decode kernel for bf16 (one translation unit per dtype keeps compiles short).
+#include "kernels/sm90/decode_mainloop.cuh"
+
+namespace flashmla {
+
+cudaError_t launch_decode_sm90_bf16(const DecodeParams& params, cudaStream_t stream) {
+  return sm90::launch_decode<cutlass::bfloat16_t>(params, stream);
+}
+
+int decode_sm90_smem_bytes() { return static_cast<int>(sizeof(sm90::SharedStorage<cutlass::bfloat16_t>)); }
+
+}  // namespace flashmla

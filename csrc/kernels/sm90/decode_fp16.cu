@@ -1,0 +1,10 @@
+// Instantiation of the sm_90a decode kernel for fp16 (one translation unit per dtype keeps compiles short).
+#include "kernels/sm90/decode_mainloop.cuh"
+
+namespace flashmla {
+
+cudaError_t launch_decode_sm90_fp16(const DecodeParams& params, cudaStream_t stream) {
+  return sm90::launch_decode<cutlass::half_t>(params, stream);
+}
+
+}  // namespace flashmla

@@ -1,0 +1,379 @@
+// Split-KV MLA decode main kernel for Hopper (sm_90a): wgmma on the tensor cores, cp.async page pipeline.
+//
+// Work: CTA (m_block, h_k, part) processes the 64 query rows [m_block*64, m_block*64 + 64) of kv head h_k
+// (rows pack MTP tokens and the query heads sharing the kv head: row = s_idx * (h_q/h_kv) + head) for every
+// (request, block) range the scheduler gave `part`. One 64-token page is one N tile, so paging costs nothing
+// inside a tile: the page id is looked up once per tile.
+//
+// Roles (256 threads = 2 warpgroups, 1 CTA per SM):
+//   all threads  issue cp.async for the next page into the other K buffer (double buffering), so the load of
+//                page j+1 overlaps the math of page j;
+//   warpgroup 0  S = Q K^T (64x64x576 wgmma, both operands K-major in 128B-swizzled smem), mask, online
+//                softmax in the log2 domain, writes P (bf16/fp16) and the per-row rescale factor to smem;
+//   both WGs     O[:, half] = O[:, half] * scale + P V[:, half]: each warpgroup owns one 64x256 fp32 half of
+//                O (128 registers per thread; the whole 64x512 O would be half the register file), and reads
+//                V as an MN-major view of the same smem K tile (V = the first 512 columns of K), so the cache
+//                is read from HBM once for both GEMMs.
+//
+// Correctness rules this file keeps (see docs/architecture.md):
+//   * cache rows past seqlen and whole pages past the request's end are zero-filled in smem instead of read
+//     (NaN there must not leak: P = 0 does not help because 0 * NaN = NaN), and block_table entries past the
+//     last page are never read;
+//   * masked logits are -inf and the running max is guarded, so a row with no visible key ends with L = 0 and
+//     writes out 0 / lse +inf (or an empty partial with lse -inf);
+//   * shared memory written by ordinary stores or cp.async and then read by wgmma (async proxy) is fenced
+//     with fence.proxy.async before the barrier that publishes it;
+//   * a request whose seqlen is negative, needs more pages than block_table has columns, or names a page id
+//     outside the cache is never dereferenced out of bounds: its output rows become NaN instead.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "kernels/launch.h"
+
+namespace flashmla::sm90 {
+
+using namespace cute;
+
+constexpr int kThreads = 256;
+constexpr int kChunksPerRow = kHeadDimK / 8;  // 16-byte chunks per 576-wide row
+
+template <typename T>
+struct Traits {
+  // 64 x 576, K-major, 128B swizzle: nine 64x64 column tiles of 8 KB each.
+  using SmemLayoutQK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                              Shape<Int<kBlockM>, Int<kHeadDimK>>{}));
+  // V^T (512 x 64) viewed on the same bytes as K (64 x 576): element (d, t) is K(t, d).
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutQK{}, make_layout(Shape<Int<kHeadDimV>, Int<kPageSize>>{}, Stride<Int<kPageSize>, _1>{})));
+  using SmemLayoutP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                             Shape<Int<kBlockM>, Int<kPageSize>>{}));
+  using MmaQK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kPageSize>, Int<kHeadDimK>>>()));
+  using MmaPV = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHeadDimV / 2>, Int<kPageSize>>,
+                           GMMA::Major::K, GMMA::Major::MN>()));
+};
+
+template <typename T>
+struct alignas(1024) SharedStorage {
+  alignas(1024) T q[kBlockM * kHeadDimK];
+  alignas(1024) T k[2][kPageSize * kHeadDimK];
+  alignas(1024) T p[kBlockM * kPageSize];
+  float scale[kBlockM];    // per-row rescale of O for the current page (WG0 -> WG1)
+  float row_max[kBlockM];  // final running max (log2 domain) per row
+  float row_sum[kBlockM];  // final softmax denominator per row
+};
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  // .cg: cache in L2 only; src_bytes == 0 zero-fills the 16 bytes without reading global memory.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void fence_async_proxy() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Q rows of (req, h_k, m_block) -> sQ; rows past q_seq_per_hk are zero.
+template <typename T, class SQ>
+__device__ __forceinline__ void load_q(const DecodeParams& p, SQ& sQ, int req, int h_k, int m_block) {
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = threadIdx.x; i < kBlockM * kChunksPerRow; i += kThreads) {
+    const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
+    const int grow = m_block * kBlockM + r;
+    void* dst = &sQ(r, ch * 8);
+    if (grow < p.q_seq_per_hk) {
+      const int s_idx = grow / p.q_heads_per_hk;
+      const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
+      const T* src = q + req * p.q_batch_stride + s_idx * p.q_seq_stride + head * p.q_head_stride + ch * 8;
+      cp_async_16(dst, src, 16);
+    } else {
+      cp_async_16(dst, q, 0);
+    }
+  }
+}
+
+// Page `blk` of request `req` -> sK. Tokens past seqlen are zero-filled, never read. Returns false if the
+// block table names a page outside the cache (the page is then zero-filled and the request flagged).
+template <typename T, class SK>
+__device__ __forceinline__ bool load_page(const DecodeParams& p, SK& sK, int req, int h_k, int blk,
+                                          int seqlen) {
+  const T* k = static_cast<const T*>(p.k);
+  int valid = seqlen - blk * kPageSize;
+  valid = valid < 0 ? 0 : (valid > kPageSize ? kPageSize : valid);
+  bool ok = true;
+  const T* base = k;
+  if (valid > 0) {
+    const int page = p.block_table[req * p.block_table_batch_stride + blk];
+    if (page < 0 || page >= p.num_pages) {
+      ok = false;
+      valid = 0;
+    } else {
+      base = k + page * p.k_page_stride + h_k * p.k_head_stride;
+    }
+  }
+  for (int i = threadIdx.x; i < kPageSize * kChunksPerRow; i += kThreads) {
+    const int t = i / kChunksPerRow, ch = i % kChunksPerRow;
+    void* dst = &sK(t, ch * 8);
+    if (t < valid) {
+      cp_async_16(dst, base + t * p.k_row_stride + ch * 8, 16);
+    } else {
+      cp_async_16(dst, k, 0);
+    }
+  }
+  return ok;
+}
+
+template <typename T>
+struct Pack2;
+template <>
+struct Pack2<cutlass::bfloat16_t> {
+  using type = __nv_bfloat162;
+  static __device__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+template <>
+struct Pack2<cutlass::half_t> {
+  using type = __half2;
+  static __device__ type make(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+  using Tr = Traits<T>;
+  extern __shared__ __align__(1024) char smem_raw[];
+  SharedStorage<T>& smem = *reinterpret_cast<SharedStorage<T>*>(smem_raw);
+
+  const int m_block = blockIdx.x, h_k = blockIdx.y, part = blockIdx.z;
+  const int* rec = p.meta + part * kMetaSize;
+  const int begin_req = rec[kMetaBeginReq], end_req = rec[kMetaEndReq];
+  if (end_req < begin_req) return;  // a part with no work
+  const int begin_blk = rec[kMetaBeginBlock], end_blk = rec[kMetaEndBlock];
+  const int begin_split = rec[kMetaBeginSplit];
+
+  const int wg = threadIdx.x / 128;
+  const int wtid = threadIdx.x % 128;
+  const int lane = threadIdx.x % 32;
+  const int quad_col = 2 * (lane % 4);
+  // The wgmma accumulator gives each thread rows r0 and r0 + 8 of the 64-row tile; value index
+  // c + 2 * r + 4 * j holds (row r0 + 8 r, column 8 j + quad_col + c) (checked against CuTe's partition_C).
+  const int r0 = (wtid / 32) * 16 + lane / 4;
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Tr::SmemLayoutQK{});
+  Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Tr::SmemLayoutP{});
+
+  typename Tr::MmaQK mma_qk;
+  typename Tr::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(wtid);
+  auto thr_pv = mma_pv.get_thread_slice(wtid);
+  Tensor tSsP = thr_qk.partition_C(sP);  // where this thread's S/P values live in sP
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+  Tensor tOrP = thr_pv.partition_fragment_A(sP);
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDimV / 2>>{});
+
+  for (int req = begin_req; req <= end_req; ++req) {
+    const int seqlen = p.seqlens[req];
+    const int nblk = seqlen > 0 ? (seqlen + kPageSize - 1) / kPageSize : 1;
+    bool bad = seqlen < 0 || (seqlen + kPageSize - 1) / kPageSize > p.max_blocks_per_seq;
+    const int blk_begin = req == begin_req ? begin_blk : 0;
+    const int blk_end = req == end_req ? end_blk : nblk;
+    const int split_idx = req == begin_req ? begin_split : 0;
+    const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
+    const int seqlen_safe = bad ? 0 : seqlen;
+
+    // Visible-key limit of this thread's two rows (bottom-right causal mask for MTP).
+    int limit[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int grow = m_block * kBlockM + r0 + 8 * r;
+      const int s_idx = grow < p.q_seq_per_hk ? grow / p.q_heads_per_hk : p.s_q - 1;
+      limit[r] = seqlen_safe - (p.causal ? (p.s_q - 1 - s_idx) : 0);
+    }
+
+    load_q<T>(p, sQ, req, h_k, m_block);
+    {
+      Tensor sK0 = make_tensor(make_smem_ptr(smem.k[0]), typename Tr::SmemLayoutQK{});
+      bad |= !load_page<T>(p, sK0, req, h_k, blk_begin, seqlen_safe);
+    }
+    cp_async_commit();
+
+    float m_run[2] = {-INFINITY, -INFINITY};
+    float l_run[2] = {0.f, 0.f};
+    clear(tOrO);
+
+    for (int blk = blk_begin; blk < blk_end; ++blk) {
+      const int buf = (blk - blk_begin) & 1;
+      if (blk + 1 < blk_end) {
+        Tensor sKn = make_tensor(make_smem_ptr(smem.k[buf ^ 1]), typename Tr::SmemLayoutQK{});
+        bad |= !load_page<T>(p, sKn, req, h_k, blk + 1, seqlen_safe);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();  // this page (and Q) landed for this thread's copies
+      fence_async_proxy();  // ... and is visible to wgmma (async proxy)
+      __syncthreads();      // ... for every thread's copies
+
+      Tensor sK = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{});
+      if (wg == 0) {
+        Tensor tSrK = thr_qk.partition_fragment_B(sK);
+        Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kPageSize>>{});
+        warpgroup_fence_operand(tSrS);
+        warpgroup_arrive();
+        mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+        for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+          cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+          mma_qk.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tSrS);
+
+        const int col0 = blk * kPageSize;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int lim = limit[r] - col0;  // columns < lim are visible
+          float mx = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
+              tSrS(idx) = v;
+              mx = fmaxf(mx, v);
+            }
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m_run[r], mx);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
+          const float sc = exp2f(m_run[r] - m_use);
+          m_run[r] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              const float e = exp2f(tSrS(idx) - m_use);
+              tSrS(idx) = e;
+              sum += e;
+            }
+          }
+          l_run[r] = l_run[r] * sc + sum;
+          if (lane % 4 == 0) smem.scale[r0 + 8 * r] = sc;
+        }
+#pragma unroll
+        for (int i = 0; i < size(tSrS); ++i) tSsP(i) = static_cast<T>(tSrS(i));
+        fence_async_proxy();  // P was written by ordinary stores and is read by wgmma
+      }
+      __syncthreads();  // P and the scales are published
+
+      {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float sc = smem.scale[r0 + 8 * r];
+#pragma unroll
+          for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+            tOrO(2 * r + 4 * j) *= sc;
+            tOrO(1 + 2 * r + 4 * j) *= sc;
+          }
+        }
+        Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
+        Tensor sVt_half = local_tile(sVt, Shape<Int<kHeadDimV / 2>, Int<kPageSize>>{}, make_coord(wg, _0{}));
+        Tensor tOrV = thr_pv.partition_fragment_B(sVt_half);
+        warpgroup_fence_operand(tOrO);
+        warpgroup_arrive();
+#pragma unroll
+        for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+          cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
+        }
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+      }
+      __syncthreads();  // sP and this K buffer may be overwritten from here on
+    }
+    cp_async_wait<0>();
+
+    // ---- epilogue: WG0 owns the softmax statistics; share them with WG1 through smem.
+    if (wg == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        if (lane % 4 == 0) {
+          smem.row_sum[r0 + 8 * r] = l;
+          smem.row_max[r0 + 8 * r] = m_run[r];
+        }
+      }
+    }
+    __syncthreads();
+
+    const int64_t slot = static_cast<int64_t>(p.num_splits[req]) + split_idx;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = r0 + 8 * r;
+      const int grow = m_block * kBlockM + row;
+      if (grow >= p.q_seq_per_hk) continue;
+      const float l = smem.row_sum[row];
+      const float m = smem.row_max[row];
+      const bool empty = !(l > 0.f);
+      const float inv = empty ? 0.f : 1.f / l;
+      const float nan = __int_as_float(0x7fc00000);
+      const int col_base = wg * (kHeadDimV / 2) + quad_col;
+      if (n_pieces == 0) {
+        const int s_idx = grow / p.q_heads_per_hk;
+        const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
+        T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride +
+                 head * p.o_head_stride + col_base;
+#pragma unroll
+        for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+          const float a = bad ? nan : tOrO(2 * r + 4 * j) * inv;
+          const float b = bad ? nan : tOrO(1 + 2 * r + 4 * j) * inv;
+          *reinterpret_cast<typename Pack2<T>::type*>(out + 8 * j) = Pack2<T>::make(a, b);
+        }
+        if (wg == 0 && lane % 4 == 0) {
+          p.lse[req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride] =
+              bad ? nan : (empty ? INFINITY : (log2f(l) + m) * 0.69314718055994530942f);
+        }
+      } else {
+        const int64_t acc_row = (slot * p.h_kv + h_k) * p.q_seq_per_hk + grow;
+        float* o_acc = p.o_accum + acc_row * kHeadDimV + col_base;
+#pragma unroll
+        for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+          float2 v;
+          v.x = bad ? nan : tOrO(2 * r + 4 * j) * inv;
+          v.y = bad ? nan : tOrO(1 + 2 * r + 4 * j) * inv;
+          *reinterpret_cast<float2*>(o_acc + 8 * j) = v;
+        }
+        if (wg == 0 && lane % 4 == 0) {
+          p.lse_accum[acc_row] = bad ? nan : (empty ? -INFINITY : log2f(l) + m);
+        }
+      }
+    }
+    __syncthreads();  // smem (Q, statistics) is reused by the next request
+  }
+}
+
+template <typename T>
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  constexpr int smem_bytes = static_cast<int>(sizeof(SharedStorage<T>));
+  auto kernel = decode_kernel<T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace flashmla::sm90
