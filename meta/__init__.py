@@ -1,1 +1,76 @@
-"""Fake (meta) implementations of the torch.ops.flashmla ops. Installed as ``flashmla_ops.meta``."""
+"""Fake (meta) implementations of the torch.ops.flashmla ops. Installed as ``flashmla_ops.meta``.
+
+One ``torch.library.register_fake`` per op. A fake runs the same metadata-only validation as the real
+kernels (``flashmla_ops._validation``) and returns empty outputs of the right shape, dtype and device. It
+never reads values, never calls ``.item()`` and never queries a device, so it serves ``FakeTensorMode``,
+``torch.compile`` (static and dynamic shapes) and the ``meta`` device alike.
+
+Output shapes depend only on input shapes and int arguments:
+
+* ``get_mla_metadata``: ``tile_scheduler_metadata`` int32 ``[num_sm_parts, 8]`` and ``num_splits`` int32
+  ``[b + 1]``.
+* ``mla_decode``: ``out`` ``[b, s_q, h_q, 512]`` in q's dtype and ``lse`` float32 ``[b, h_q, s_q]``, both
+  contiguous.
+* ``mla_decode_out``: returns None (it writes its ``out`` / ``lse`` arguments).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashmla_ops._validation import (
+    TILE_SCHEDULER_METADATA_SIZE,
+    check_get_mla_metadata,
+    check_mla_decode,
+    check_mla_decode_out,
+)
+
+
+@torch.library.register_fake("flashmla::get_mla_metadata")
+def _get_mla_metadata_fake(
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b = check_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
+    meta = cache_seqlens.new_empty((num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), dtype=torch.int32)
+    num_splits = cache_seqlens.new_empty((b + 1,), dtype=torch.int32)
+    return meta, num_splits
+
+
+@torch.library.register_fake("flashmla::mla_decode")
+def _mla_decode_fake(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, s_q, h_q, _ = check_mla_decode(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits
+    )
+    out = q.new_empty((b, s_q, h_q, head_dim_v))
+    lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("flashmla::mla_decode_out")
+def _mla_decode_out_fake(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> None:
+    check_mla_decode_out(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, out, lse
+    )
+    return None

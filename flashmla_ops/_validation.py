@@ -1,0 +1,272 @@
+"""Input checks shared by the fake kernels (``flashmla_ops.meta``) and the CPU reference (``reference.py``).
+
+Every check reads only tensor metadata (shape, dtype, device, strides), never values, so the same code runs
+on real tensors, on ``FakeTensor``\\ s, on ``meta`` tensors and under ``torch.compile`` with symbolic sizes
+(conditions go through ``torch._check_with``, which guards on backed symbolic sizes and defers a runtime
+assert for unbacked ones).
+
+A failed check raises :class:`FlashMLAInputError`, which is both a ``ValueError`` and a ``RuntimeError``:
+the CUDA launcher (C++, ``csrc/api``) raises a plain ``RuntimeError`` with the **same text**, so callers
+can catch ``RuntimeError`` for either backend, and Python callers can also catch ``ValueError``.
+
+The message templates are the module-level ``MSG_*`` constants below. They are ``str.format`` templates
+whose fields are filled with plain, language-neutral spellings so C++ can reproduce them byte for byte:
+
+* shapes and strides: ``[2, 1, 16, 576]`` (see :func:`fmt_shape`; a 0-D tensor is ``[]``);
+* dtypes: the torch name without the ``torch.`` prefix: ``bfloat16``, ``float16``, ``float32``, ``int32``,
+  ``int64`` ... (see :func:`fmt_dtype`);
+* devices: ``str(device)``: ``cpu``, ``cuda:0``, ``meta``;
+* integers in decimal.
+
+Every message starts with ``"flashmla: "``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "FlashMLAInputError",
+    "HEAD_DIM_K",
+    "HEAD_DIM_V",
+    "PAGE_SIZE",
+    "TILE_SCHEDULER_METADATA_SIZE",
+    "check_get_mla_metadata",
+    "check_mla_decode",
+    "check_mla_decode_out",
+    "check_positive_int",
+    "fmt_dtype",
+    "fmt_shape",
+]
+
+#: q / k width: 512 latent ("NoPE") columns + 64 RoPE columns.
+HEAD_DIM_K = 576
+#: v width: v is the first 512 columns of each k_cache row.
+HEAD_DIM_V = 512
+#: Tokens per KV-cache page (k_cache.size(1)).
+PAGE_SIZE = 64
+#: int32 fields per row of tile_scheduler_metadata (csrc/kernels/params.h: kMetaSize).
+TILE_SCHEDULER_METADATA_SIZE = 8
+
+_Q_DTYPES = (torch.bfloat16, torch.float16)
+
+# ---- Message templates (mirrored verbatim by the C++ launcher) -------------------------------------------
+MSG_Q_DTYPE = "flashmla: q must be bfloat16 or float16, got {dtype}"
+MSG_KV_DTYPE = "flashmla: k_cache must have the same dtype as q ({q_dtype}), got {dtype}"
+MSG_INT32 = "flashmla: {name} must be int32, got {dtype}"
+MSG_NDIM = "flashmla: {name} must be a {ndim}-D tensor {layout}, got shape {shape}"
+MSG_HEAD_DIM = "flashmla: {name} must have head dim (size(-1)) 576, got {size}"
+MSG_HEAD_DIM_V = "flashmla: head_dim_v must be 512, got {value}"
+MSG_PAGE_SIZE = "flashmla: k_cache page size (size(1)) must be 64, got {size}"
+MSG_NUM_HEADS = "flashmla: the number of query heads ({h_q}) must be a positive multiple of h_kv ({h_kv})"
+MSG_SEQLEN_Q = "flashmla: q must have at least one query token per request (s_q >= 1), got shape {shape}"
+MSG_BATCH = "flashmla: batch size must be positive, got {b}"
+MSG_BATCH_MISMATCH = "flashmla: {name} has batch size {got}, but q has batch size {b}"
+MSG_BLOCK_TABLE_EMPTY = "flashmla: block_table must have at least one column, got shape {shape}"
+MSG_SHAPE = "flashmla: {name} must have shape {expected}, got {shape}"
+MSG_METADATA_SHAPE = "flashmla: tile_scheduler_metadata must have shape [num_sm_parts >= 1, 8], got {shape}"
+MSG_DEVICE = "flashmla: {name} must be on the same device as q ({expected}), got {device}"
+MSG_LAST_DIM_CONTIGUOUS = "flashmla: {name} must have a contiguous last dimension, got strides {strides}"
+MSG_CONTIGUOUS = "flashmla: {name} must be contiguous, got shape {shape} and strides {strides}"
+MSG_OUT_DTYPE = "flashmla: out must have the same dtype as q ({q_dtype}), got {dtype}"
+MSG_LSE_DTYPE = "flashmla: lse must be float32, got {dtype}"
+MSG_POSITIVE_INT = "flashmla: {name} must be >= 1, got {value}"
+
+# Python-only (raised by the public wrappers in ops.py, never by an op):
+MSG_OUT_LSE_TOGETHER = "flashmla: out and lse must be given together (both or neither)"
+
+# Value checks of the CPU reference (reference.py). The CUDA kernel does not read values on the host: it
+# writes NaN to out and lse for a request with such inputs instead of raising.
+MSG_NEGATIVE_SEQLEN = "flashmla: cache_seqlens[{i}] = {seqlen} is negative"
+MSG_TOO_FEW_BLOCKS = (
+    "flashmla: cache_seqlens[{i}] = {seqlen} needs {needed} pages but block_table has only {cols} columns"
+)
+MSG_BAD_PAGE = (
+    "flashmla: block_table[{i}, {j}] = {page} is used (cache_seqlens[{i}] = {seqlen}) but is not a valid "
+    "page index in [0, {num_pages})"
+)
+
+
+class FlashMLAInputError(ValueError, RuntimeError):
+    """Invalid arguments to a ``torch.ops.flashmla`` op. Catch it as ``ValueError`` or ``RuntimeError``."""
+
+
+# ---- Formatting helpers -----------------------------------------------------------------------------------
+def fmt_shape(sizes: Sequence[object]) -> str:
+    """``[2, 1, 16, 576]``: the spelling of shapes and strides in the messages."""
+    return "[" + ", ".join(str(s) for s in sizes) + "]"
+
+
+def fmt_dtype(dtype: torch.dtype) -> str:
+    """``bfloat16``: the spelling of dtypes in the messages."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _require(cond: bool | torch.SymBool, template: str, **fields: object) -> None:
+    # The message is built lazily: only when the check fails.
+    torch._check_with(FlashMLAInputError, cond, lambda: template.format(**fields))
+
+
+def _check_int32(t: torch.Tensor, name: str) -> None:
+    _require(t.dtype == torch.int32, MSG_INT32, name=name, dtype=fmt_dtype(t.dtype))
+
+
+def _check_ndim(t: torch.Tensor, name: str, ndim: int, layout: str) -> None:
+    _require(t.dim() == ndim, MSG_NDIM, name=name, ndim=ndim, layout=layout, shape=fmt_shape(t.shape))
+
+
+def _check_last_dim_contiguous(t: torch.Tensor, name: str) -> None:
+    _require(t.stride(-1) == 1, MSG_LAST_DIM_CONTIGUOUS, name=name, strides=fmt_shape(t.stride()))
+
+
+def _check_contiguous(t: torch.Tensor, name: str) -> None:
+    _require(
+        t.is_contiguous(), MSG_CONTIGUOUS, name=name, shape=fmt_shape(t.shape), strides=fmt_shape(t.stride())
+    )
+
+
+def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
+    _require(t.device == device, MSG_DEVICE, name=name, expected=device, device=t.device)
+
+
+def check_positive_int(value: int, name: str) -> None:
+    """``value >= 1`` for an integer argument (``num_heads_k``, ``num_sm_parts``, ...).
+
+    A plain ``if`` (no ``torch._check_with``): the public wrappers call this while Dynamo traces them, and
+    Dynamo handles a comparison on a symbolic int (it adds a guard) but not a lazy-message closure over it.
+    """
+    if value < 1:
+        raise FlashMLAInputError(MSG_POSITIVE_INT.format(name=name, value=value))
+
+
+# ---- Op-level checks -------------------------------------------------------------------------------------
+def check_get_mla_metadata(
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int
+) -> int:
+    """Validate the arguments of ``flashmla::get_mla_metadata``; return the batch size."""
+    _check_int32(cache_seqlens, "cache_seqlens")
+    _check_ndim(cache_seqlens, "cache_seqlens", 1, "[b]")
+    b = cache_seqlens.size(0)
+    _require(b > 0, MSG_BATCH, b=b)
+    _check_contiguous(cache_seqlens, "cache_seqlens")
+    check_positive_int(num_q_tokens_per_head_k, "num_q_tokens_per_head_k")
+    check_positive_int(num_heads_k, "num_heads_k")
+    check_positive_int(num_sm_parts, "num_sm_parts")
+    return b
+
+
+def check_mla_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+) -> tuple[int, int, int, int]:
+    """Validate the arguments of ``flashmla::mla_decode``; return ``(b, s_q, h_q, h_kv)``."""
+    # dtypes
+    _require(q.dtype in _Q_DTYPES, MSG_Q_DTYPE, dtype=fmt_dtype(q.dtype))
+    _require(
+        k_cache.dtype == q.dtype, MSG_KV_DTYPE, q_dtype=fmt_dtype(q.dtype), dtype=fmt_dtype(k_cache.dtype)
+    )
+    _check_int32(block_table, "block_table")
+    _check_int32(cache_seqlens, "cache_seqlens")
+    _check_int32(tile_scheduler_metadata, "tile_scheduler_metadata")
+    _check_int32(num_splits, "num_splits")
+
+    # q [b, s_q, h_q, 576], k_cache [num_pages, 64, h_kv, 576]
+    _check_ndim(q, "q", 4, "[b, s_q, h_q, 576]")
+    _check_ndim(k_cache, "k_cache", 4, "[num_pages, 64, h_kv, 576]")
+    _require(q.size(-1) == HEAD_DIM_K, MSG_HEAD_DIM, name="q", size=q.size(-1))
+    _require(k_cache.size(-1) == HEAD_DIM_K, MSG_HEAD_DIM, name="k_cache", size=k_cache.size(-1))
+    _require(head_dim_v == HEAD_DIM_V, MSG_HEAD_DIM_V, value=head_dim_v)
+    _require(k_cache.size(1) == PAGE_SIZE, MSG_PAGE_SIZE, size=k_cache.size(1))
+    b, s_q, h_q, _ = q.shape
+    h_kv = k_cache.size(2)
+    _require(h_kv >= 1 and h_q >= 1 and h_q % h_kv == 0, MSG_NUM_HEADS, h_q=h_q, h_kv=h_kv)
+    _require(s_q >= 1, MSG_SEQLEN_Q, shape=fmt_shape(q.shape))
+    _require(b > 0, MSG_BATCH, b=b)
+
+    # per-request tensors
+    _check_ndim(block_table, "block_table", 2, "[b, max_blocks_per_seq]")
+    _require(block_table.size(0) == b, MSG_BATCH_MISMATCH, name="block_table", got=block_table.size(0), b=b)
+    _require(block_table.size(1) >= 1, MSG_BLOCK_TABLE_EMPTY, shape=fmt_shape(block_table.shape))
+    _check_ndim(cache_seqlens, "cache_seqlens", 1, "[b]")
+    _require(
+        cache_seqlens.size(0) == b, MSG_BATCH_MISMATCH, name="cache_seqlens", got=cache_seqlens.size(0), b=b
+    )
+    _check_contiguous(cache_seqlens, "cache_seqlens")
+
+    # scheduler outputs
+    _require(
+        tile_scheduler_metadata.dim() == 2
+        and tile_scheduler_metadata.size(0) >= 1
+        and tile_scheduler_metadata.size(1) == TILE_SCHEDULER_METADATA_SIZE,
+        MSG_METADATA_SHAPE,
+        shape=fmt_shape(tile_scheduler_metadata.shape),
+    )
+    _require(
+        num_splits.dim() == 1 and num_splits.size(0) == b + 1,
+        MSG_SHAPE,
+        name="num_splits",
+        expected=fmt_shape([b + 1]),
+        shape=fmt_shape(num_splits.shape),
+    )
+
+    # devices
+    device = q.device
+    _check_device(k_cache, "k_cache", device)
+    _check_device(block_table, "block_table", device)
+    _check_device(cache_seqlens, "cache_seqlens", device)
+    _check_device(tile_scheduler_metadata, "tile_scheduler_metadata", device)
+    _check_device(num_splits, "num_splits", device)
+
+    # strides
+    _check_last_dim_contiguous(q, "q")
+    _check_last_dim_contiguous(k_cache, "k_cache")
+    _check_last_dim_contiguous(block_table, "block_table")
+    _check_contiguous(tile_scheduler_metadata, "tile_scheduler_metadata")
+    _check_contiguous(num_splits, "num_splits")
+    return b, s_q, h_q, h_kv
+
+
+def check_mla_decode_out(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[int, int, int, int]:
+    """Validate the arguments of ``flashmla::mla_decode_out``; return ``(b, s_q, h_q, h_kv)``."""
+    b, s_q, h_q, h_kv = check_mla_decode(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits
+    )
+    _require(out.dtype == q.dtype, MSG_OUT_DTYPE, q_dtype=fmt_dtype(q.dtype), dtype=fmt_dtype(out.dtype))
+    expected_out = (b, s_q, h_q, HEAD_DIM_V)
+    _require(
+        out.dim() == 4 and all(out.size(i) == expected_out[i] for i in range(4)),
+        MSG_SHAPE,
+        name="out",
+        expected=fmt_shape(expected_out),
+        shape=fmt_shape(out.shape),
+    )
+    _require(lse.dtype == torch.float32, MSG_LSE_DTYPE, dtype=fmt_dtype(lse.dtype))
+    expected_lse = (b, h_q, s_q)
+    _require(
+        lse.dim() == 3 and all(lse.size(i) == expected_lse[i] for i in range(3)),
+        MSG_SHAPE,
+        name="lse",
+        expected=fmt_shape(expected_lse),
+        shape=fmt_shape(lse.shape),
+    )
+    _check_device(out, "out", q.device)
+    _check_device(lse, "lse", q.device)
+    _check_last_dim_contiguous(out, "out")
+    return b, s_q, h_q, h_kv

@@ -1,0 +1,199 @@
+"""Public API: a drop-in replacement for the 2025 ``flash_mla`` Python API (dense BF16/FP16 MLA decode).
+
+Both functions are thin wrappers over the ``torch.ops.flashmla`` custom ops (schemas in ``_schema.py``).
+They sit on the decode hot path: they do no tensor work, no device synchronisation, and are traced by
+``torch.compile(fullgraph=True)`` without graph breaks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._validation import HEAD_DIM_K, MSG_OUT_LSE_TOGETHER, FlashMLAInputError, check_positive_int
+
+__all__ = ["flash_mla_with_kvcache", "get_mla_metadata"]
+
+#: Rows of the kernel's query tile: ``ceil(num_q_tokens_per_head_k / 64)`` tiles per (request, kv head).
+_BLOCK_M = 64
+#: Multiprocessor count assumed for non-CUDA tensors (an H100 SXM), so CPU runs schedule like a GPU would.
+_DEFAULT_SM_COUNT = 132
+_DEFAULT_SOFTMAX_SCALE = HEAD_DIM_K**-0.5
+_NOT_SUPPORTED = "flashmla: FP8 KV cache / sparse decode not supported yet"
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@torch.compiler.assume_constant_result
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessor count of ``device`` (cached per device; 132 for non-CUDA devices).
+
+    Marked constant for ``torch.compile``: Dynamo calls it once while tracing and bakes the result in.
+    """
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sm_count(index)
+
+
+def get_mla_metadata(
+    cache_seqlens: torch.Tensor,
+    num_q_tokens_per_head_k: int,
+    num_heads_k: int,
+    num_heads_q: int | None = None,
+    is_fp8_kvcache: bool = False,
+    topk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan the split-KV work of one decode step; run once per step, reuse the result for every layer.
+
+    Arguments:
+        cache_seqlens: int32 ``[batch_size]``, contiguous, on the device that will run the decode: number of
+            tokens in each request's KV cache. Values are read on the device only (no host sync).
+        num_q_tokens_per_head_k: ``s_q * num_heads_q // num_heads_k``, the number of query rows that share
+            one KV head (MTP tokens times the query heads of a group).
+        num_heads_k: number of KV heads ``h_kv`` (1 for DeepSeek MLA).
+        num_heads_q: accepted for compatibility with FlashMLA's API; unused by dense decode.
+        is_fp8_kvcache: must be False: FP8 KV cache is not supported.
+        topk: must be None: sparse (top-k) decode is not supported.
+
+    Returns:
+        ``(tile_scheduler_metadata, num_splits)``, both int32 and on ``cache_seqlens``'s device:
+
+        * ``tile_scheduler_metadata``: ``[num_sm_parts, 8]``, one work record per SM partition (its first
+          and last request and block, split bookkeeping; layout in ``csrc/kernels/params.h``);
+        * ``num_splits``: ``[batch_size + 1]``, the exclusive prefix sum of the number of partial results
+          each request is split into (0 for a request handled by one partition).
+
+        Pass both unchanged to :func:`flash_mla_with_kvcache`. They depend on the values of
+        ``cache_seqlens``, ``num_heads_k`` and the SM count, so recompute them when the lengths change.
+
+    ``num_sm_parts = max(sm_count // num_heads_k // ceil(num_q_tokens_per_head_k / 64), 1)``, where
+    ``sm_count`` is the multiprocessor count of ``cache_seqlens``'s CUDA device (queried once per device
+    and cached) or 132 for CPU tensors. The output shapes depend only on ``batch_size`` and
+    ``num_sm_parts``, so the call is CUDA-graph capturable.
+
+    Raises:
+        NotImplementedError: ``is_fp8_kvcache=True`` or ``topk`` given.
+        FlashMLAInputError (a ``ValueError`` and a ``RuntimeError``): invalid arguments, e.g.
+            ``cache_seqlens`` not int32 / not 1-D / empty, ``num_heads_k < 1``.
+    """
+    if is_fp8_kvcache or topk is not None:
+        raise NotImplementedError(_NOT_SUPPORTED)
+    check_positive_int(num_q_tokens_per_head_k, "num_q_tokens_per_head_k")
+    check_positive_int(num_heads_k, "num_heads_k")
+    num_m_blocks = (num_q_tokens_per_head_k + _BLOCK_M - 1) // _BLOCK_M
+    num_sm_parts = max(_sm_count(cache_seqlens.device) // num_heads_k // num_m_blocks, 1)
+    return torch.ops.flashmla.get_mla_metadata(
+        cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts
+    )
+
+
+def flash_mla_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    is_fp8_kvcache: bool = False,
+    indices: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head latent attention (MLA) decode over a paged KV cache ("MQA mode", absorbed weights).
+
+    Arguments:
+        q: ``[batch_size, seq_len_q, num_heads_q, 576]``, bfloat16 or float16. Each request's ``seq_len_q``
+            query tokens (1, or more with multi-token prediction) are the *last* tokens of its sequence.
+            Only the last dimension must be contiguous.
+        k_cache: ``[num_blocks, 64, num_heads_k, 576]``, same dtype as ``q``: the paged latent cache,
+            64 tokens per page (block). Each row is 512 latent ("NoPE") + 64 RoPE columns; the values are
+            the first 512 columns of the same rows (there is no separate V cache). Only the last dimension
+            must be contiguous. ``num_heads_q`` must be a multiple of ``num_heads_k``; query head h attends
+            with KV head ``h // (num_heads_q // num_heads_k)``.
+        block_table: int32 ``[batch_size, max_num_blocks_per_seq]``, last dimension contiguous. Token t of
+            request i lives in page ``block_table[i, t // 64]``, row ``t % 64``. Only the first
+            ``ceil(cache_seqlens[i] / 64)`` entries of row i are read; the rest may hold anything
+            (padding such as -1 or 2**31-1 is fine). Cache rows past ``cache_seqlens[i]`` are never used,
+            even when they hold NaN.
+        cache_seqlens: int32 ``[batch_size]``, contiguous: number of tokens in each request's cache,
+            including its ``seq_len_q`` new tokens. 0 is allowed (the request's output is 0).
+        head_dim_v: head dimension of the values and the output; must be 512.
+        tile_scheduler_metadata: int32 ``[num_sm_parts, 8]`` from :func:`get_mla_metadata`.
+        num_splits: int32 ``[batch_size + 1]`` from :func:`get_mla_metadata`.
+        softmax_scale: scale of ``q . k`` before the softmax. Default ``1 / sqrt(576)`` (the q/k head dim).
+        causal: apply a causal mask over the query tokens, aligned to the bottom right: query token s
+            (0-based) sees the first ``cache_seqlens[i] - (seq_len_q - 1 - s)`` tokens. Irrelevant when
+            ``seq_len_q == 1``.
+        is_fp8_kvcache: must be False: FP8 KV cache is not supported.
+        indices: must be None: sparse (top-k) attention is not supported.
+        out: optional preallocated output, ``[batch_size, seq_len_q, num_heads_q, 512]``, ``q``'s dtype,
+            last dimension contiguous. Give ``out`` and ``lse`` together (e.g. for CUDA-graph capture):
+            the kernel writes them in place and returns them.
+        lse: optional preallocated float32 ``[batch_size, num_heads_q, seq_len_q]`` (any strides).
+
+    Returns:
+        ``(out, softmax_lse)``:
+
+        * ``out``: ``[batch_size, seq_len_q, num_heads_q, 512]``, ``q``'s dtype: softmax-weighted sum of
+          the visible values, accumulated in fp32.
+        * ``softmax_lse``: float32 ``[batch_size, num_heads_q, seq_len_q]`` (heads before tokens, unlike
+          ``out``): natural-log log-sum-exp of the scaled logits over the visible keys.
+
+        A query row that sees no key (``cache_seqlens[i] == 0``, or a causal row whose window is empty)
+        gets ``out = 0`` and ``softmax_lse = +inf``. Freshly allocated outputs are contiguous.
+
+    Not supported: FP8 KV cache, sparse (top-k / ``indices``) attention, attention sinks, head dims other
+    than 576/512, page sizes other than 64, and autograd (this is a forward-only decode kernel). The CUDA
+    kernel targets Hopper (sm_90a). Shapes, dtypes and devices are checked without reading tensor values;
+    the CUDA kernel does not validate ``cache_seqlens`` / ``block_table`` values (a negative length, or a
+    used block id out of range, gives NaN for that request), while the CPU implementation raises.
+
+    Raises:
+        NotImplementedError: ``is_fp8_kvcache=True`` or ``indices`` given.
+        FlashMLAInputError (a ``ValueError`` and a ``RuntimeError``): invalid shapes, dtypes, devices or
+            strides, or only one of ``out`` / ``lse`` given. The CUDA kernel raises ``RuntimeError`` with the
+            same message.
+    """
+    if is_fp8_kvcache or indices is not None:
+        raise NotImplementedError(_NOT_SUPPORTED)
+    if softmax_scale is None:
+        # == q.shape[-1] ** -0.5 for every valid q (the op rejects any other head dim); a Python constant
+        # keeps the scale a plain float under torch.compile with dynamic shapes.
+        softmax_scale = _DEFAULT_SOFTMAX_SCALE
+    if out is None and lse is None:
+        return torch.ops.flashmla.mla_decode(
+            q,
+            k_cache,
+            block_table,
+            cache_seqlens,
+            head_dim_v,
+            tile_scheduler_metadata,
+            num_splits,
+            softmax_scale,
+            causal,
+        )
+    if out is None or lse is None:
+        raise FlashMLAInputError(MSG_OUT_LSE_TOGETHER)
+    torch.ops.flashmla.mla_decode_out(
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        softmax_scale,
+        causal,
+        out,
+        lse,
+    )
+    return out, lse

@@ -1,0 +1,346 @@
+"""Pure-PyTorch reference implementations of the ``torch.ops.flashmla`` ops.
+
+They are registered below as the ``cpu`` kernels of the three ops, so the ops (and ``opcheck``,
+``torch.compile``) work on any machine. They are written with device-agnostic torch code, so the GPU tests
+also call them on CUDA tensors as the oracle for the CUDA kernels:
+
+* :func:`get_mla_metadata_reference` is the specification of the tile scheduler; the CUDA scheduler kernel
+  must produce bit-identical output.
+* :func:`mla_decode_reference` / :func:`mla_decode_out_reference` compute MLA decode attention with fp32
+  accumulation.
+
+Unlike the fakes and the CUDA launcher, the decode reference *does* read ``cache_seqlens`` and
+``block_table`` values (one host sync) to size its work and to reject out-of-range values. That is fine for a
+CPU kernel and for a test oracle, but it makes these functions unsuitable for CUDA-graph capture.
+
+There is no autograd support (decode only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import (
+    HEAD_DIM_V,
+    MSG_BAD_PAGE,
+    MSG_NEGATIVE_SEQLEN,
+    MSG_TOO_FEW_BLOCKS,
+    PAGE_SIZE,
+    TILE_SCHEDULER_METADATA_SIZE,
+    FlashMLAInputError,
+    check_get_mla_metadata,
+    check_mla_decode,
+    check_mla_decode_out,
+)
+
+__all__ = [
+    "FIXED_OVERHEAD",
+    "get_mla_metadata_reference",
+    "mla_decode_out_reference",
+    "mla_decode_reference",
+]
+
+#: Cost, in 64-token "block units", charged per request for its prologue/epilogue
+#: (csrc/kernels/params.h: kFixedOverhead).
+FIXED_OVERHEAD = 5
+
+# Rough upper bound, in bytes, of the temporaries of one batch chunk of the decode reference.
+_CHUNK_BYTES = 256 * 2**20
+
+
+# ---- Scheduler ------------------------------------------------------------------------------------------
+def get_mla_metadata_reference(
+    cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference tile scheduler: split the batch's KV blocks into ``num_sm_parts`` balanced parts.
+
+    Args:
+        cache_seqlens: int32 ``[b]``, contiguous, b >= 1. Negative lengths count as 0.
+        num_q_tokens_per_head_k: ``s_q * h_q // h_kv`` (>= 1). Validated only; it does not change the result.
+        num_heads_k: ``h_kv`` (>= 1). Validated only; it does not change the result.
+        num_sm_parts: number of parts P (>= 1).
+
+    Returns:
+        ``(tile_scheduler_metadata, num_splits)`` on ``cache_seqlens``'s device:
+
+        * ``tile_scheduler_metadata``: int32 ``[P, 8]``, one record per part (layout in
+          ``csrc/kernels/params.h``).
+        * ``num_splits``: int32 ``[b + 1]``, exclusive prefix sum of the per-request split counts.
+
+    The algorithm (all arithmetic in int64), with ``F = FIXED_OVERHEAD = 5``:
+
+    * request i has ``nblk_i = max(1, ceil(max(seqlen_i, 0) / 64))`` blocks and costs ``nblk_i + F``;
+      ``C_i`` is the exclusive prefix sum of the costs, ``total`` their sum, ``W = ceil(total / P)``;
+    * block k of request i sits at cost position ``start_i + k`` with ``start_i = C_i + F``;
+      ``end_i = start_i + nblk_i``; part p owns positions ``[p * W, (p + 1) * W)``;
+    * request i is covered by parts ``first_i = start_i // W`` .. ``last_i = (end_i - 1) // W``;
+      ``splits_i = last_i - first_i + 1``; ``num_splits[i + 1] = num_splits[i] + (splits_i if > 1 else 0)``;
+    * part p's record is ``[begin_req, max(lo - start_begin, 0), end_req, min(hi - start_end, nblk_end),
+      p - first_begin, splits_begin > 1, splits_end > 1, 0]``, where ``lo = p * W``, ``hi = lo + W`` and
+      begin_req / end_req are the first / last requests with ``start_i < hi and end_i > lo``; a part with
+      no such request gets ``[0, 0, -1, 0, 0, 0, 0, 0]``.
+    """
+    b = check_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
+    device = cache_seqlens.device
+    i64 = torch.int64
+
+    seqlens = cache_seqlens.to(i64).clamp_min(0)
+    nblk = torch.div(seqlens + (PAGE_SIZE - 1), PAGE_SIZE, rounding_mode="floor").clamp_min(1)
+    cost = nblk + FIXED_OVERHEAD
+    cum = torch.cumsum(cost, 0)
+    total = cum[-1]
+    width = torch.div(total + (num_sm_parts - 1), num_sm_parts, rounding_mode="floor")  # 0-D, >= 1
+    start = cum - cost + FIXED_OVERHEAD
+    end = start + nblk
+
+    first_part = torch.div(start, width, rounding_mode="floor")
+    last_part = torch.div(end - 1, width, rounding_mode="floor")
+    splits = last_part - first_part + 1
+    is_split = splits > 1
+    num_splits = torch.zeros(b + 1, dtype=i64, device=device)
+    num_splits[1:] = torch.cumsum(torch.where(is_split, splits, 0), 0)
+
+    # Part p intersects requests [begin, end_req]: start and end are strictly increasing, so the first
+    # request with end_i > lo and the last one with start_i < hi bound a contiguous range.
+    lo = torch.arange(num_sm_parts, dtype=i64, device=device) * width
+    hi = lo + width
+    begin_req = torch.searchsorted(end, lo, right=True)
+    end_req = torch.searchsorted(start, hi, right=False) - 1
+    has_work = begin_req <= end_req
+    bi = begin_req.clamp(0, b - 1)
+    ei = end_req.clamp(0, b - 1)
+
+    zero = torch.zeros_like(lo)
+    fields = [
+        begin_req,
+        torch.clamp_min(lo - start[bi], 0),
+        end_req,
+        torch.minimum(hi - start[ei], nblk[ei]),
+        torch.arange(num_sm_parts, dtype=i64, device=device) - first_part[bi],
+        is_split[bi].to(i64),
+        is_split[ei].to(i64),
+        zero,
+    ]
+    empty = [0, 0, -1, 0, 0, 0, 0, 0]
+    assert len(fields) == len(empty) == TILE_SCHEDULER_METADATA_SIZE
+    meta = torch.stack([torch.where(has_work, f, e) for f, e in zip(fields, empty, strict=True)], dim=1)
+    return meta.to(torch.int32), num_splits.to(torch.int32)
+
+
+# ---- Decode ---------------------------------------------------------------------------------------------
+def _check_values(
+    cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: int
+) -> tuple[list[int], torch.Tensor]:
+    """Value checks (host sync). Returns the seqlens as a list and the number of used pages per request."""
+    seqlens = cache_seqlens.tolist()
+    cols = block_table.size(1)
+    for i, s in enumerate(seqlens):
+        if s < 0:
+            raise FlashMLAInputError(MSG_NEGATIVE_SEQLEN.format(i=i, seqlen=s))
+        needed = -(-s // PAGE_SIZE)
+        if needed > cols:
+            raise FlashMLAInputError(MSG_TOO_FEW_BLOCKS.format(i=i, seqlen=s, needed=needed, cols=cols))
+    used_pages = torch.div(cache_seqlens.to(torch.int64) + (PAGE_SIZE - 1), PAGE_SIZE, rounding_mode="floor")
+    used = torch.arange(cols, device=block_table.device) < used_pages[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        i, j = (int(x) for x in bad.nonzero()[0].tolist())
+        raise FlashMLAInputError(
+            MSG_BAD_PAGE.format(i=i, j=j, page=int(block_table[i, j]), seqlen=seqlens[i], num_pages=num_pages)
+        )
+    return seqlens, used_pages
+
+
+def _decode_into(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+) -> None:
+    """Write attention output into ``out`` [b, s_q, h_q, 512] and ``lse`` [b, h_q, s_q], chunk by chunk."""
+    b, s_q, h_q, d = q.shape
+    num_pages, _, h_kv, _ = k_cache.shape
+    group = h_q // h_kv
+    rows = s_q * group  # query rows per (request, kv head)
+    device = q.device
+    seqlens, used_pages = _check_values(cache_seqlens, block_table, num_pages)
+
+    # Peak bytes per key position of one request: the gathered k (input dtype + 2 fp32 copies while it is
+    # converted and masked) and up to 4 fp32 copies of the logits block (rows x keys per kv head).
+    per_key = h_kv * d * (k_cache.element_size() + 8) + 4 * 4 * h_kv * rows
+    r0 = 0
+    while r0 < b:
+        # Grow the chunk while its padded key length times its size fits the budget.
+        r1 = r0 + 1
+        max_len = seqlens[r0]
+        while r1 < b:
+            cand = max(max_len, seqlens[r1])
+            cand_pad = -(-cand // PAGE_SIZE) * PAGE_SIZE
+            if (r1 + 1 - r0) * cand_pad * per_key > _CHUNK_BYTES:
+                break
+            max_len = cand
+            r1 += 1
+        _decode_chunk(
+            out[r0:r1],
+            lse[r0:r1],
+            q[r0:r1],
+            k_cache,
+            block_table[r0:r1],
+            cache_seqlens[r0:r1],
+            used_pages[r0:r1],
+            -(-max_len // PAGE_SIZE),
+            softmax_scale,
+            causal,
+            group,
+            device,
+        )
+        r0 = r1
+
+
+def _decode_chunk(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    used_pages: torch.Tensor,
+    num_pages_max: int,
+    softmax_scale: float,
+    causal: bool,
+    group: int,
+    device: torch.device,
+) -> None:
+    bc, s_q, h_q, d = q.shape
+    h_kv = k_cache.size(2)
+    if num_pages_max == 0:  # every request of the chunk is empty
+        out.zero_()
+        lse.fill_(float("inf"))
+        return
+    length = num_pages_max * PAGE_SIZE
+    f32 = torch.float32
+
+    # Gather the used pages; entries past a request's last page may be garbage: never index with them.
+    page_idx = torch.arange(num_pages_max, device=device)
+    pages = block_table[:, :num_pages_max].to(torch.int64)
+    pages = torch.where(page_idx < used_pages[:, None], pages, 0)
+    k = k_cache[pages].reshape(bc, length, h_kv, d)  # [bc, L, h_kv, 576]
+    # Zero every row past seqlen (NaN there must not leak through 0 * NaN in the matmuls).
+    seqlens = cache_seqlens.to(torch.int64)
+    key_pos = torch.arange(length, device=device)
+    key_valid = key_pos < seqlens[:, None]  # [bc, L]
+    k = torch.where(key_valid[:, :, None, None], k.to(f32), 0.0)
+    k = k.permute(0, 2, 1, 3)  # [bc, h_kv, L, 576]
+    v = k[..., :HEAD_DIM_V]  # [bc, h_kv, L, 512]
+
+    # Rows are (token s, head j of the group): q [bc, s_q, h_kv, group, 576] -> [bc, h_kv, rows, 576]
+    qf = q.to(f32).reshape(bc, s_q, h_kv, group, d).permute(0, 2, 1, 3, 4).reshape(bc, h_kv, s_q * group, d)
+    logits = torch.matmul(qf, k.transpose(-1, -2)) * softmax_scale  # [bc, h_kv, rows, L]
+    logits = logits.view(bc, h_kv, s_q, group, length)
+
+    # Token s sees keys [0, seqlen - (s_q - 1 - s)) when causal, [0, seqlen) otherwise.
+    visible = seqlens[:, None].expand(bc, s_q)
+    if causal:
+        visible = visible - (s_q - 1 - torch.arange(s_q, device=device))
+    key_mask = key_pos < visible[:, :, None]  # [bc, s_q, L]
+    logits = logits.masked_fill(~key_mask[:, None, :, None, :], float("-inf"))
+
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # empty rows: avoid -inf - -inf
+    p = torch.exp(logits - row_max)
+    del logits
+    denom = p.sum(dim=-1, keepdim=True)  # 0 for a row with no visible key
+    o = torch.matmul(p.view(bc, h_kv, s_q * group, length), v).view(bc, h_kv, s_q, group, HEAD_DIM_V)
+    o = o / torch.where(denom == 0, 1.0, denom)
+    row_lse = torch.where(denom == 0, float("inf"), torch.log(denom) + row_max).squeeze(-1)
+
+    out.copy_(o.permute(0, 2, 1, 3, 4).reshape(bc, s_q, h_q, HEAD_DIM_V))  # [bc, s_q, h_kv, group, 512]
+    lse.copy_(row_lse.permute(0, 1, 3, 2).reshape(bc, h_q, s_q))  # [bc, h_kv, s_q, group] -> [bc, h_q, s_q]
+
+
+_DECODE_DOC_ARGS = """
+    Args:
+        q: ``[b, s_q, h_q, 576]`` bfloat16 or float16, last dim contiguous.
+        k_cache: ``[num_pages, 64, h_kv, 576]``, q's dtype, last dim contiguous; v is ``k_cache[..., :512]``.
+        block_table: int32 ``[b, max_blocks_per_seq]``; page j of request i is ``block_table[i, j]``. Only
+            the first ``ceil(cache_seqlens[i] / 64)`` entries of a row are read; the rest may hold anything.
+        cache_seqlens: int32 ``[b]``, contiguous: number of cached tokens of each request.
+        head_dim_v: must be 512.
+        tile_scheduler_metadata, num_splits: from ``get_mla_metadata``; shape-checked, not otherwise used.
+        softmax_scale: scale applied to ``q . k`` before the softmax.
+        causal: bottom-right-aligned causal mask over the s_q query tokens: token s sees the first
+            ``seqlen - (s_q - 1 - s)`` keys. Same as non-causal when s_q == 1.
+
+    Query head h attends with kv head ``h // (h_q // h_kv)``. A query row with no visible key gets
+    ``out = 0`` and ``lse = +inf``. Accumulation is in fp32.
+
+    Raises ``FlashMLAInputError`` for invalid shapes/dtypes/devices, and also (this function reads values)
+    for a negative ``cache_seqlens[i]``, for ``ceil(cache_seqlens[i] / 64) > block_table.size(1)`` and for a
+    used ``block_table`` entry outside ``[0, num_pages)``. The CUDA kernel never reads values on the host;
+    for such a request it writes NaN to the request's ``out`` and ``lse`` instead.
+"""
+
+
+def mla_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, s_q, h_q, _ = check_mla_decode(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits
+    )
+    out = q.new_empty((b, s_q, h_q, head_dim_v))
+    lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    _decode_into(out, lse, q, k_cache, block_table, cache_seqlens, softmax_scale, causal)
+    return out, lse
+
+
+mla_decode_reference.__doc__ = (
+    """Reference MLA decode. Returns ``(out [b, s_q, h_q, 512] in q's dtype, lse float32 [b, h_q, s_q])``,
+    both contiguous; ``lse`` is the natural-log log-sum-exp of the scaled logits over the visible keys.
+"""
+    + _DECODE_DOC_ARGS
+)
+
+
+def mla_decode_out_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> None:
+    check_mla_decode_out(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, out, lse
+    )
+    _decode_into(out, lse, q, k_cache, block_table, cache_seqlens, softmax_scale, causal)
+
+
+mla_decode_out_reference.__doc__ = (
+    """Reference MLA decode, out-variant: writes ``out`` [b, s_q, h_q, 512] (q's dtype, last dim contiguous)
+    and ``lse`` float32 [b, h_q, s_q] in place and returns None.
+"""
+    + _DECODE_DOC_ARGS
+)
+
+
+# ---- Registration as the CPU kernels --------------------------------------------------------------------
+torch.library.register_kernel("flashmla::get_mla_metadata", "cpu", get_mla_metadata_reference)
+torch.library.register_kernel("flashmla::mla_decode", "cpu", mla_decode_reference)
+torch.library.register_kernel("flashmla::mla_decode_out", "cpu", mla_decode_out_reference)
