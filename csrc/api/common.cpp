@@ -28,23 +28,14 @@ const char* dtype_name(ScalarType t) {
 }
 
 std::string shape_str(const Tensor& t) {
-  std::ostringstream oss;
-  oss << "[";
-  for (int64_t i = 0; i < t.dim(); ++i) oss << (i ? ", " : "") << t.size(i);
-  oss << "]";
-  return oss.str();
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
 }
 
 std::string device_str(const Tensor& t) {
-  std::ostringstream oss;
-  if (t.is_cuda()) {
-    oss << "cuda:" << t.get_device_index();
-  } else if (t.is_cpu()) {
-    oss << "cpu";
-  } else {
-    oss << "another device";
-  }
-  return oss.str();
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device_index());
+  return t.is_cpu() ? "cpu" : "another device";
 }
 
 namespace {

@@ -5,7 +5,7 @@
 
 #include <cuda_runtime.h>
 
-#include <sstream>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -21,12 +21,19 @@ namespace flashmla::api {
 using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 
+// Messages are built with std::string and std::to_string only: on the GPU test machine (torch 2.11), a
+// message formatted through std::ostringstream with integer or std::string pieces crashed the process when
+// the exception crossed the stable-ABI boundary, while plain strings did not.
+inline std::string to_msg(const char* s) { return s; }
+inline std::string to_msg(const std::string& s) { return s; }
+inline std::string to_msg(int64_t v) { return std::to_string(v); }
+inline std::string to_msg(int v) { return std::to_string(v); }
+
 template <typename... Args>
 [[noreturn]] inline void fail(const Args&... args) {
-  std::ostringstream oss;
-  oss << "flashmla: ";
-  ((oss << args), ...);
-  throw std::runtime_error(oss.str());
+  std::string msg = "flashmla: ";
+  ((msg += to_msg(args)), ...);
+  throw std::runtime_error(msg);
 }
 #define FLASHMLA_CHECK(cond, ...)             \
   do {                                        \

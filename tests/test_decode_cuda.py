@@ -1,0 +1,169 @@
+"""The sm_90a decode kernels against the pure-PyTorch reference, on FlashMLA's test grid and corner cases.
+
+Runs only on a Hopper GPU with the CUDA extension built; skipped (with the reason) elsewhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from _gpu import (
+    GARBAGE_PAGE_ID,
+    assert_allclose_flashmla,
+    make_inputs,
+    make_seqlens,
+    requires_hopper,
+    run_decode,
+)
+
+import flashmla_ops
+from flashmla_ops.reference import mla_decode_reference
+
+pytestmark = [requires_hopper, pytest.mark.gpu]
+
+HEAD_PAIRS = [(h_q, h_kv) for h_q in (1, 3, 9, 63, 64, 126, 128) for h_kv in (1, 2, 3, 8) if h_q % h_kv == 0]
+assert len(HEAD_PAIRS) == 16
+
+OUT_TOL = dict(abs_tol=8e-4, rel_tol=2.01 / 128, cos_tol=5e-6)
+LSE_TOL = dict(abs_tol=1e-6, rel_tol=8.01 / 65536)
+
+
+def check_case(
+    b, s_q, s_k, h_q, h_kv, varlen, causal, dtype, zero_frac=0.0, softmax_scale=None, seqlens=None
+):
+    if seqlens is None:
+        seqlens = make_seqlens(b, s_k, varlen, zero_frac)
+    q, k_cache, block_table = make_inputs(b, s_q, h_q, h_kv, seqlens, dtype)
+    out, lse, meta, num_splits = run_decode(q, k_cache, block_table, seqlens, causal, softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else 576**-0.5
+    ref_out, ref_lse = mla_decode_reference(
+        q, k_cache, block_table, seqlens, 512, meta, num_splits, scale, causal
+    )
+    assert_allclose_flashmla(out, ref_out, **OUT_TOL)
+    assert_allclose_flashmla(lse, ref_lse, **LSE_TOL)
+    return q, k_cache, block_table, seqlens, out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("b", [1, 2, 6, 64])
+@pytest.mark.parametrize("s_q", [1, 2, 4])
+@pytest.mark.parametrize("s_k", [20, 140, 4096])
+@pytest.mark.parametrize("varlen", [False, True], ids=["fixed", "varlen"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_flashmla_grid(dtype, b, s_q, s_k, varlen, causal):
+    """FlashMLA's dense decoding grid; the 16 (h_q, h_kv) pairs run inside one test to bound overhead."""
+    torch.manual_seed(hash((b, s_q, s_k, varlen, causal)) % 2**31)
+    for h_q, h_kv in HEAD_PAIRS:
+        try:
+            check_case(b, s_q, s_k, h_q, h_kv, varlen, causal, dtype)
+        except AssertionError as e:
+            raise AssertionError(f"h_q={h_q} h_kv={h_kv}: {e}") from e
+
+
+@pytest.mark.parametrize("h_q,h_kv", HEAD_PAIRS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_half_the_requests_empty(h_q, h_kv, causal):
+    torch.manual_seed(h_q * 10 + h_kv)
+    check_case(128, 2, 4096, h_q, h_kv, True, causal, torch.bfloat16, zero_frac=0.5)
+
+
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_all_requests_empty(s_q):
+    seqlens = torch.zeros(8, dtype=torch.int32, device="cuda")
+    _, _, _, _, out, lse = check_case(8, s_q, 0, 128, 1, False, True, torch.bfloat16, seqlens=seqlens)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.isposinf(lse).all()
+
+
+def test_large_batch():
+    torch.manual_seed(0)
+    seqlens = torch.randint(0, 200, (16384,), dtype=torch.int32, device="cuda")
+    check_case(16384, 1, 0, 16, 1, False, False, torch.bfloat16, seqlens=seqlens)
+
+
+@pytest.mark.parametrize("h_q", [16, 128])
+def test_one_long_sequence(h_q):
+    torch.manual_seed(1)
+    seqlens = torch.tensor([131072], dtype=torch.int32, device="cuda")
+    check_case(1, 2, 0, h_q, 1, False, True, torch.bfloat16, seqlens=seqlens)
+
+
+@pytest.mark.parametrize("softmax_scale", [0.01, 0.1352, 1.0])
+def test_softmax_scale(softmax_scale):
+    torch.manual_seed(2)
+    check_case(6, 2, 1000, 64, 1, True, True, torch.bfloat16, softmax_scale=softmax_scale)
+
+
+def test_functional_matches_out_variant_and_is_deterministic():
+    torch.manual_seed(3)
+    seqlens = make_seqlens(32, 3000, True)
+    q, k_cache, block_table = make_inputs(32, 2, 128, 1, seqlens, torch.bfloat16)
+    meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, 2 * 128, 1)
+    first = flashmla_ops.flash_mla_with_kvcache(
+        q, k_cache, block_table, seqlens, 512, meta, num_splits, causal=True
+    )
+    for _ in range(10):
+        out, lse = flashmla_ops.flash_mla_with_kvcache(
+            q, k_cache, block_table, seqlens, 512, meta, num_splits, causal=True
+        )
+        assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
+    out2, lse2, _, _ = run_decode(q, k_cache, block_table, seqlens, True)
+    assert torch.equal(out2, first[0]) and torch.equal(lse2, first[1])
+
+
+def test_invalid_values_give_nan_not_memory_errors():
+    """A request that needs more pages than block_table has, or names a page outside the cache, reads no
+    memory out of bounds and gets NaN rows, while the other requests stay correct."""
+    torch.manual_seed(4)
+    seqlens = torch.tensor([300, 300, 300], dtype=torch.int32, device="cuda")
+    q, k_cache, block_table = make_inputs(3, 1, 16, 1, seqlens, torch.bfloat16, extra_cols=0)
+    block_table[1, 2] = GARBAGE_PAGE_ID  # page id outside the cache
+    seqlens_bad = seqlens.clone()
+    seqlens_bad[2] = 64 * block_table.shape[1] + 1  # needs one page more than the table has
+    out, lse, meta, num_splits = run_decode(q, k_cache, block_table, seqlens_bad, False)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[1:]).all() and torch.isnan(lse[1:]).all()
+    ref_out, ref_lse = mla_decode_reference(
+        q[:1], k_cache, block_table[:1], seqlens[:1], 512, meta, num_splits[:2], 576**-0.5, False
+    )
+    assert_allclose_flashmla(out[:1], ref_out, **OUT_TOL)
+    assert_allclose_flashmla(lse[:1], ref_lse, **LSE_TOL)
+
+
+def test_cuda_input_errors():
+    seqlens = torch.tensor([100], dtype=torch.int32, device="cuda")
+    q, k_cache, block_table = make_inputs(1, 1, 16, 1, seqlens, torch.bfloat16)
+    meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, 16, 1)
+    op = torch.ops.flashmla.mla_decode
+    args = [q, k_cache, block_table, seqlens, 512, meta, num_splits, 0.1, False]
+    cases = {
+        0: (q.float(), "q must be"),
+        1: (k_cache.half(), "same dtype as q"),
+        2: (block_table.long(), "block_table must be int32"),
+        4: (256, "head_dim_v must be 512"),
+        3: (seqlens.cpu(), "same device as q"),
+    }
+    for i, (bad, msg) in cases.items():
+        a = list(args)
+        a[i] = bad
+        with pytest.raises(RuntimeError, match=msg):
+            op(*a)
+
+
+@pytest.mark.parametrize("b,s_q,h_q,h_kv", list(itertools.product([1, 37], [1, 3], [16, 128], [1, 2])))
+def test_side_stream(b, s_q, h_q, h_kv):
+    """The ops run on the current stream: work queued on a side stream is ordered correctly."""
+    torch.manual_seed(5)
+    seqlens = make_seqlens(b, 500, True)
+    q, k_cache, block_table = make_inputs(b, s_q, h_q, h_kv, seqlens, torch.bfloat16)
+    ref = run_decode(q, k_cache, block_table, seqlens, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(10_000_000)  # keep the side stream busy so a wrong-stream launch would race
+        q2 = q * 1  # produced on the side stream
+        out, lse, _, _ = run_decode(q2, k_cache, block_table, seqlens, True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1])

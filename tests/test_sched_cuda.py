@@ -1,0 +1,40 @@
+"""The on-device scheduler (csrc/kernels/sched_meta.cu) gives exactly the CPU scheduler's records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _gpu import requires_hopper
+
+import flashmla_ops
+from flashmla_ops.reference import get_mla_metadata_reference
+
+pytestmark = [requires_hopper, pytest.mark.gpu]
+
+
+@pytest.mark.parametrize("b", [1, 3, 64, 1000, 1025, 16384])
+@pytest.mark.parametrize("num_sm_parts", [1, 7, 33, 66, 132])
+def test_gpu_scheduler_equals_cpu(b, num_sm_parts):
+    gen = torch.Generator().manual_seed(b * 1000 + num_sm_parts)
+    for trial in range(3):
+        kind = trial % 3
+        if kind == 0:
+            seqlens = torch.randint(0, 131073, (b,), generator=gen)
+        elif kind == 1:
+            seqlens = torch.randint(0, 300, (b,), generator=gen)
+            seqlens[torch.rand(b, generator=gen) < 0.5] = 0
+        else:
+            seqlens = torch.full((b,), 8192)
+        seqlens = seqlens.to(torch.int32)
+        want = get_mla_metadata_reference(seqlens, 16, 1, num_sm_parts)
+        got = torch.ops.flashmla.get_mla_metadata(seqlens.cuda(), 16, 1, num_sm_parts)
+        assert torch.equal(got[0].cpu(), want[0]), f"trial {trial}: records differ"
+        assert torch.equal(got[1].cpu(), want[1]), f"trial {trial}: num_splits differ"
+
+
+def test_public_wrapper_uses_device_sm_count():
+    seqlens = torch.full((4,), 1000, dtype=torch.int32, device="cuda")
+    meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, 128, 1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert meta.shape == (max(sms // 2, 1), 8)
+    assert num_splits.shape == (5,)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs on a lent Hopper machine (the `device` tool), from the repository root, with .carry/ carried along:
+# .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers) and .carry/peers.tar.xz (FlashMLA + FlashInfer,
+# from ../shared/tools/peer-bundle.sh). Stages (any subset, in order): build sass test-quick test sanitize
+# bench-quick bench. Logs and JSON go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/flashmla_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+stages=${*:-build sass test-quick}
+REPO=$(pwd)
+# Run Python from outside the checkout: with the repo root first on sys.path, `import flashmla_ops` would
+# pick the source folder (no _C, no meta) instead of the installed package.
+if [ ! -d /tmp/site/expecttest ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/nvidia_cutlass-*.whl .carry/expecttest-*.whl
+fi
+if [ ! -d /tmp/peers/flash_mla ] && [ -f .carry/peers.tar.xz ]; then
+  mkdir -p /tmp/peers && tar -C /tmp/peers -xJf .carry/peers.tar.xz
+fi
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$OUT/gpu.txt"
+for st in $stages; do
+  echo "=== stage $st ($(date +%T))"
+  case $st in
+    build)
+      FLASHMLA_ENABLE_CUDA=ON FLASHMLA_NVCC_THREADS=8 python3 -m pip install --no-build-isolation --no-deps \
+        -C build-dir=build/device -C cmake.define.FLASHMLA_PTXAS_VERBOSE=ON . > "$OUT/build.log" 2>&1 \
+        || { tail -60 "$OUT/build.log"; exit 1; }
+      grep -E "registers|spill|bytes stack" "$OUT/build.log" | sed 's/^ *//' | sort | uniq | tail -20
+      ;;
+    sass)
+      so=$(cd /tmp && python3 -c "import flashmla_ops._C as m; print(m.__file__)")
+      cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
+      awk '/Function :/{f=$3} /HGMMA/{n[f]++} /LDGSTS/{l[f]++} /LDL|STL/{s[f]++} END{for (k in n) print "HGMMA", n[k], "LDGSTS", l[k], "local", s[k]+0, k}' "$OUT/sass.txt"
+      grep -c "Function :" "$OUT/sass.txt"
+      ;;
+    test-quick)
+      (cd /tmp && python3 -m pytest --rootdir="$REPO" "$REPO/tests/test_sched_cuda.py" "$REPO/tests/test_decode_cuda.py" -q -x -k "not grid or (b1 and 4096)" -p no:cacheprovider) 2>&1 | tee "$OUT/pytest_quick.log" | tail -25
+      ;;
+    test)
+      (cd /tmp && python3 -m pytest --rootdir="$REPO" "$REPO/tests" -q -p no:cacheprovider --junitxml="$OUT/junit.xml") 2>&1 | tee "$OUT/pytest.log" | tail -30
+      ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/sanitizer_cases.py > "$OUT/sanitizer_$tool.log" 2>&1
+        echo "compute-sanitizer $tool exit $?"; tail -4 "$OUT/sanitizer_$tool.log"
+      done
+      ;;
+    bench-quick)
+      PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --quick --no-torch \
+        --json "$OUT/bench_quick.json" 2>&1 | tee "$OUT/bench_quick.log" | tail -16
+      ;;
+    bench)
+      PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --json "$OUT/bench.json" \
+        --png "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log" | tail -40
+      ;;
+  esac
+done
