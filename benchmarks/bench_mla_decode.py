@@ -126,7 +126,18 @@ class FlashInfer:
         self.ws = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
         self.w = flashinfer.mla.BatchMLAPagedAttentionWrapper(self.ws, backend="fa3")
         self.w.plan(
-            qo_indptr, kv_indptr, kv_indices, seqlens, h_q, 512, 64, PAGE, causal, scale, q.dtype, k_cache.dtype
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            seqlens,
+            h_q,
+            512,
+            64,
+            PAGE,
+            causal,
+            scale,
+            q.dtype,
+            k_cache.dtype,
         )
         self.q_nope = q[..., :512].reshape(b * s_q, h_q, 512)
         self.q_pe = q[..., 512:].reshape(b * s_q, h_q, 64)
@@ -144,7 +155,14 @@ class TorchPadded:
     name = "torch"
 
     def __init__(self, q, k_cache, block_table, seqlens, causal, scale):
-        self.q, self.k, self.bt, self.seqlens, self.causal, self.scale = q, k_cache, block_table, seqlens, causal, scale
+        self.q, self.k, self.bt, self.seqlens, self.causal, self.scale = (
+            q,
+            k_cache,
+            block_table,
+            seqlens,
+            causal,
+            scale,
+        )
 
     def __call__(self):
         q, k = self.q, self.k
@@ -152,7 +170,9 @@ class TorchPadded:
         kv = k[self.bt.long()].view(b, -1, d)  # [b, max_blocks*64, 576] (h_kv == 1)
         s = torch.einsum("bshd,bkd->bshk", q.float(), kv.float()) * self.scale
         pos = torch.arange(kv.shape[1], device="cuda")
-        lim = self.seqlens[:, None].long() - (s_q - 1 - torch.arange(s_q, device="cuda"))[None, :] * int(self.causal)
+        lim = self.seqlens[:, None].long() - (s_q - 1 - torch.arange(s_q, device="cuda"))[None, :] * int(
+            self.causal
+        )
         mask = pos[None, None, :] >= lim[:, :, None]
         s = s.masked_fill(mask[:, :, None, :], float("-inf"))
         p = torch.softmax(s, dim=-1)
@@ -201,7 +221,9 @@ def main():
     torch.manual_seed(0)
     impls = [Ours, FlashMLA, FlashInfer] + ([] if args.no_torch else [TorchPadded])
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except Exception:
         commit = "?"
     info = dict(
@@ -264,13 +286,15 @@ def main():
             return f"{v:5.2f}" if v else f"{'-':>5}"
 
         line = f"{r['b']:>4} {r['s_q']:>2} {r['h_q']:>4} {r['s_k']:>6} {'y' if r['varlen'] else 'n':>3} | "
-        line += f"{o.get('us', float('nan')):8.1f} {o.get('gbps', float('nan')):6.0f} {o.get('tflops', float('nan')):5.0f} |"
+        nan = float("nan")
+        line += f"{o.get('us', nan):8.1f} {o.get('gbps', nan):6.0f} {o.get('tflops', nan):5.0f} |"
         line += f" {us('FlashMLA')} {us('FlashInfer')} {us('torch')} |"
         line += f" {rat('ratio_vs_FlashMLA')} {rat('ratio_vs_FlashInfer')} {rat('ratio_vs_fastest_peer'):>6}"
         print(line)
     ratios = [r["ratio_vs_fastest_peer"] for r in results if r.get("ratio_vs_fastest_peer")]
     if ratios:
-        print(f"min ratio vs fastest peer: {min(ratios):.3f}; geomean {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}")
+        geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        print(f"min ratio vs fastest peer: {min(ratios):.3f}; geomean {geomean:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(info=info, rows=results, workspace=ws), f, indent=1)

@@ -5,6 +5,7 @@
 #include <Python.h>
 
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "flashmla_ops CUDA kernels (sm_90a)", -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "flashmla_ops CUDA kernels (sm_90a)", -1,
+                               nullptr};
   return PyModule_Create(&module);
 }

@@ -71,7 +71,9 @@ def make_inputs(
     return q, k_cache, block_table
 
 
-def assert_allclose_flashmla(x: torch.Tensor, ref: torch.Tensor, abs_tol: float, rel_tol: float, cos_tol=None):
+def assert_allclose_flashmla(
+    x: torch.Tensor, ref: torch.Tensor, abs_tol: float, rel_tol: float, cos_tol=None
+):
     """FlashMLA's check: each element within abs_tol or rel_tol * |ref|, cosine difference under cos_tol,
     and identical positions of NaN, +inf and -inf."""
     x = x.float()
@@ -87,7 +89,8 @@ def assert_allclose_flashmla(x: torch.Tensor, ref: torch.Tensor, abs_tol: float,
     if not ok.all():
         worst = int(diff.argmax())
         raise AssertionError(
-            f"{int((~ok).sum())}/{ok.numel()} elements out of tolerance; max abs diff {float(diff.max()):.3e} "
+            f"{int((~ok).sum())}/{ok.numel()} elements out of tolerance; "
+            f"max abs diff {float(diff.max()):.3e} "
             f"(got {float(xd[worst]):.6f}, ref {float(rd[worst]):.6f})"
         )
     if cos_tol is not None and rd.numel() > 0:

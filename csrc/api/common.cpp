@@ -56,7 +56,8 @@ cudaStream_t current_stream(int device_index) {
   static const GetStreamFn getter = resolve_stream_getter();
   FLASHMLA_CHECK(getter != nullptr, "this torch build has no CUDA stream support (is it a CPU-only build?)");
   void* stream = nullptr;
-  FLASHMLA_CHECK(getter(device_index, &stream) == AOTI_TORCH_SUCCESS, "could not get the current CUDA stream");
+  FLASHMLA_CHECK(getter(device_index, &stream) == AOTI_TORCH_SUCCESS,
+                 "could not get the current CUDA stream");
   return static_cast<cudaStream_t>(stream);
 }
 

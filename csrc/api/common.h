@@ -18,16 +18,24 @@
 
 namespace flashmla::api {
 
-using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
 
 // Messages are built with std::string and std::to_string only: on the GPU test machine (torch 2.11), a
 // message formatted through std::ostringstream with integer or std::string pieces crashed the process when
 // the exception crossed the stable-ABI boundary, while plain strings did not.
-inline std::string to_msg(const char* s) { return s; }
-inline std::string to_msg(const std::string& s) { return s; }
-inline std::string to_msg(int64_t v) { return std::to_string(v); }
-inline std::string to_msg(int v) { return std::to_string(v); }
+inline std::string to_msg(const char* s) {
+  return s;
+}
+inline std::string to_msg(const std::string& s) {
+  return s;
+}
+inline std::string to_msg(int64_t v) {
+  return std::to_string(v);
+}
+inline std::string to_msg(int v) {
+  return std::to_string(v);
+}
 
 template <typename... Args>
 [[noreturn]] inline void fail(const Args&... args) {
@@ -35,8 +43,8 @@ template <typename... Args>
   ((msg += to_msg(args)), ...);
   throw std::runtime_error(msg);
 }
-#define FLASHMLA_CHECK(cond, ...)             \
-  do {                                        \
+#define FLASHMLA_CHECK(cond, ...)                    \
+  do {                                               \
     if (!(cond)) ::flashmla::api::fail(__VA_ARGS__); \
   } while (0)
 

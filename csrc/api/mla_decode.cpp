@@ -18,7 +18,9 @@ void check_same_device(const Tensor& q, const Tensor& t, const char* name) {
                  device_str(t));
 }
 
-bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+bool aligned16(const Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
 
 // Checks everything the kernels rely on. Returns the dtype.
 DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_table,
@@ -88,8 +90,8 @@ DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_t
 
 void check_outputs(const Tensor& q, const Tensor& out, const Tensor& lse) {
   const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
-  FLASHMLA_CHECK(out.scalar_type() == q.scalar_type(), "out must have q's dtype (", dtype_name(q.scalar_type()),
-                 "), got ", dtype_name(out.scalar_type()));
+  FLASHMLA_CHECK(out.scalar_type() == q.scalar_type(), "out must have q's dtype (",
+                 dtype_name(q.scalar_type()), "), got ", dtype_name(out.scalar_type()));
   FLASHMLA_CHECK(out.dim() == 4 && out.size(0) == b && out.size(1) == s_q && out.size(2) == h_q &&
                      out.size(3) == kHeadDimV,
                  "out must have shape [", b, ", ", s_q, ", ", h_q, ", 512], got ", shape_str(out));
@@ -106,9 +108,9 @@ void check_outputs(const Tensor& q, const Tensor& out, const Tensor& lse) {
 
 }  // namespace
 
-void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int64_t head_dim_v,
-                         Tensor meta, Tensor num_splits, double softmax_scale, bool causal, Tensor out,
-                         Tensor lse) {
+void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens,
+                         int64_t head_dim_v, Tensor meta, Tensor num_splits, double softmax_scale,
+                         bool causal, Tensor out, Tensor lse) {
   const DType dtype = check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits);
   check_outputs(q, out, lse);
   const int device = q.get_device_index();
@@ -118,9 +120,9 @@ void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor ca
   const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = k_cache.size(2);
   const int64_t q_seq_per_hk = s_q * (h_q / h_kv);
   const int64_t num_sm_parts = meta.size(0);
-  FLASHMLA_CHECK(q_seq_per_hk < (int64_t{1} << 30) && b < (int64_t{1} << 31) - 1 &&
-                     num_sm_parts < (int64_t{1} << 20),
-                 "problem too large");
+  FLASHMLA_CHECK(
+      q_seq_per_hk < (int64_t{1} << 30) && b < (int64_t{1} << 31) - 1 && num_sm_parts < (int64_t{1} << 20),
+      "problem too large");
 
   DecodeParams p{};
   p.b = static_cast<int>(b);

@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   typename P2::type packed[8];
 #pragma unroll
   for (int c = 0; c < 8; ++c) packed[c] = P2::make(acc[2 * c], acc[2 * c + 1]);
-  T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride +
-           head * p.o_head_stride + lane * 16;
+  T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride +
+           lane * 16;
   reinterpret_cast<uint4*>(out)[0] = reinterpret_cast<const uint4*>(packed)[0];
   reinterpret_cast<uint4*>(out)[1] = reinterpret_cast<const uint4*>(packed)[1];
   if (lane == 0) {

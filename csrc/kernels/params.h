@@ -9,23 +9,23 @@
 namespace flashmla {
 
 // Fixed geometry of DeepSeek V2/V3 absorbed MLA.
-constexpr int kHeadDimK = 576;   // q / k width: 512 latent ("NoPE") + 64 RoPE
-constexpr int kHeadDimV = 512;   // v = the first 512 columns of the same cache rows
-constexpr int kPageSize = 64;    // tokens per page; also the kernel's N tile, so a tile is one page
-constexpr int kBlockM = 64;      // query rows per CTA (one wgmma M); rows = (MTP token, head) pairs
+constexpr int kHeadDimK = 576;  // q / k width: 512 latent ("NoPE") + 64 RoPE
+constexpr int kHeadDimV = 512;  // v = the first 512 columns of the same cache rows
+constexpr int kPageSize = 64;   // tokens per page; also the kernel's N tile, so a tile is one page
+constexpr int kBlockM = 64;     // query rows per CTA (one wgmma M); rows = (MTP token, head) pairs
 
 // ---- Scheduler contract ------------------------------------------------------------------------------
 // tile_scheduler_metadata is int32 [num_sm_parts, kMetaSize]; one record per SM part:
 constexpr int kMetaSize = 8;
 enum MetaField : int {
-  kMetaBeginReq = 0,     // first request of the part (inclusive)
-  kMetaBeginBlock = 1,   // first 64-token block of begin_req handled by this part
-  kMetaEndReq = 2,       // last request of the part (inclusive); end_req < begin_req means "no work"
-  kMetaEndBlock = 3,     // one past the last block of end_req handled by this part
-  kMetaBeginSplit = 4,   // split index of begin_req's piece in this part (other requests: split 0)
-  kMetaFirstSplit = 5,   // 1 if begin_req is split over several parts
-  kMetaLastSplit = 6,    // 1 if end_req is split over several parts
-  kMetaReserved = 7,     // 0
+  kMetaBeginReq = 0,    // first request of the part (inclusive)
+  kMetaBeginBlock = 1,  // first 64-token block of begin_req handled by this part
+  kMetaEndReq = 2,      // last request of the part (inclusive); end_req < begin_req means "no work"
+  kMetaEndBlock = 3,    // one past the last block of end_req handled by this part
+  kMetaBeginSplit = 4,  // split index of begin_req's piece in this part (other requests: split 0)
+  kMetaFirstSplit = 5,  // 1 if begin_req is split over several parts
+  kMetaLastSplit = 6,   // 1 if end_req is split over several parts
+  kMetaReserved = 7,    // 0
 };
 // num_splits is int32 [b + 1]: an exclusive prefix sum over requests of
 //   n_i = (number of parts request i is split over) if that is > 1, else 0.
@@ -51,14 +51,14 @@ struct SchedParams {
 struct DecodeParams {
   // sizes
   int b, s_q, h_q, h_kv;
-  int q_heads_per_hk;   // h_q / h_kv
-  int q_seq_per_hk;     // s_q * h_q / h_kv: GEMM rows per (request, kv head)
-  int num_m_blocks;     // ceil(q_seq_per_hk / kBlockM)
+  int q_heads_per_hk;  // h_q / h_kv
+  int q_seq_per_hk;    // s_q * h_q / h_kv: GEMM rows per (request, kv head)
+  int num_m_blocks;    // ceil(q_seq_per_hk / kBlockM)
   int num_sm_parts;
-  int num_pages;        // k_cache.size(0)
+  int num_pages;           // k_cache.size(0)
   int max_blocks_per_seq;  // block_table.size(1)
   bool causal;
-  float scale_log2;     // softmax_scale * log2(e): the kernels work in the log2 domain
+  float scale_log2;  // softmax_scale * log2(e): the kernels work in the log2 domain
 
   // q [b, s_q, h_q, 576], last dim contiguous
   const void* q;

@@ -45,13 +45,13 @@ constexpr int kChunksPerRow = kHeadDimK / 8;  // 16-byte chunks per 576-wide row
 template <typename T>
 struct Traits {
   // 64 x 576, K-major, 128B swizzle: nine 64x64 column tiles of 8 KB each.
-  using SmemLayoutQK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
-                                              Shape<Int<kBlockM>, Int<kHeadDimK>>{}));
+  using SmemLayoutQK =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kHeadDimK>>{}));
   // V^T (512 x 64) viewed on the same bytes as K (64 x 576): element (d, t) is K(t, d).
   using SmemLayoutVt = decltype(composition(
       SmemLayoutQK{}, make_layout(Shape<Int<kHeadDimV>, Int<kPageSize>>{}, Stride<Int<kPageSize>, _1>{})));
-  using SmemLayoutP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
-                                             Shape<Int<kBlockM>, Int<kPageSize>>{}));
+  using SmemLayoutP =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kPageSize>>{}));
   using MmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kPageSize>, Int<kHeadDimK>>>()));
   using MmaPV = decltype(make_tiled_mma(
@@ -74,7 +74,9 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
   // .cg: cache in L2 only; src_bytes == 0 zero-fills the 16 bytes without reading global memory.
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -216,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         bad |= !load_page<T>(p, sKn, req, h_k, blk + 1, seqlen_safe);
       }
       cp_async_commit();
-      cp_async_wait<1>();  // this page (and Q) landed for this thread's copies
+      cp_async_wait<1>();   // this page (and Q) landed for this thread's copies
       fence_async_proxy();  // ... and is visible to wgmma (async proxy)
       __syncthreads();      // ... for every thread's copies
 
