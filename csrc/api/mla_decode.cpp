@@ -6,11 +6,53 @@
 #include <cstdint>
 #include <tuple>
 
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include <cstring>
+
 #include "api/common.h"
 #include "kernels/launch.h"
 
 namespace flashmla::api {
 namespace {
+
+// cuTensorMapEncodeTiled is a driver API function; fetch it through the runtime so the extension needs no
+// link against libcuda. Encoding is a host-only computation (no GPU work, no sync).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    const cudaError_t e =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+    return e == cudaSuccess && q == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f)
+               : nullptr;
+  }();
+  return fn;
+}
+
+// k_cache as a 4-D TMA tensor (576 dims, 64 tokens, h_kv, num_pages), box 64 x 64 x 1 x 1, 128B swizzle: the
+// smem image of one box is exactly one 64x64 column tile of the kernel's K-major SW128 layout.
+void make_k_tensor_map(const Tensor& k_cache, DType dtype, CUtensorMap* map) {
+  std::memset(map, 0, sizeof(*map));
+  if (k_cache.numel() == 0) return;  // no page can be valid, so the kernel never issues a copy
+  const auto encode = tensor_map_encoder();
+  FLASHMLA_CHECK(encode != nullptr, "cuTensorMapEncodeTiled is not available from the CUDA driver");
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(kHeadDimK), static_cast<cuuint64_t>(kPageSize),
+                              static_cast<cuuint64_t>(k_cache.size(2)),
+                              static_cast<cuuint64_t>(k_cache.size(0))};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(k_cache.stride(1)) * 2,
+                                 static_cast<cuuint64_t>(k_cache.stride(2)) * 2,
+                                 static_cast<cuuint64_t>(k_cache.stride(0)) * 2};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kPageSize), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(
+      map, dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      k_cache.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  FLASHMLA_CHECK(r == CUDA_SUCCESS, "could not build the TMA descriptor of k_cache (CUresult ",
+                 static_cast<int>(r), ")");
+}
 
 void check_same_device(const Tensor& q, const Tensor& t, const char* name) {
   FLASHMLA_CHECK(t.is_cuda() && t.get_device_index() == q.get_device_index(),
@@ -144,6 +186,7 @@ void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor ca
   p.q_seq_stride = q.stride(1);
   p.q_head_stride = q.stride(2);
   p.k = k_cache.data_ptr();
+  make_k_tensor_map(k_cache, dtype, &p.tma_k);
   p.k_page_stride = k_cache.stride(0);
   p.k_row_stride = k_cache.stride(1);
   p.k_head_stride = k_cache.stride(2);

@@ -4,6 +4,8 @@
 // shapes/dtypes only; it never reads tensor values (no host sync on the decode path).
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (a plain 128-byte descriptor; no driver call in the kernels)
+
 #include <cstdint>
 
 namespace flashmla {
@@ -49,6 +51,11 @@ struct SchedParams {
 
 // ---- Decode ------------------------------------------------------------------------------------------
 struct DecodeParams {
+  // TMA descriptor of k_cache viewed as a 4-D tensor (576 dims, 64 tokens, h_kv, num_pages) with a
+  // 64 x 64 box and 128-byte swizzle: one box is one 8 KB column tile of a page, nine make the page.
+  // First member: the struct is a __grid_constant__ kernel parameter and TMA needs the map 64-byte aligned.
+  CUtensorMap tma_k;  // 64-byte aligned by its own declaration
+
   // sizes
   int b, s_q, h_q, h_kv;
   int q_heads_per_hk;  // h_q / h_kv

@@ -1,28 +1,32 @@
-// Split-KV MLA decode main kernel for Hopper (sm_90a): wgmma on the tensor cores, cp.async page pipeline.
+// Split-KV MLA decode main kernel for Hopper (sm_90a): wgmma on the tensor cores, TMA page pipeline.
 //
 // Work: CTA (m_block, h_k, part) processes the 64 query rows [m_block*64, m_block*64 + 64) of kv head h_k
 // (rows pack MTP tokens and the query heads sharing the kv head: row = s_idx * (h_q/h_kv) + head) for every
 // (request, block) range the scheduler gave `part`. One 64-token page is one N tile, so paging costs nothing
-// inside a tile: the page id is looked up once per tile.
+// inside a tile: the page id is looked up once per tile and becomes the 4th TMA coordinate.
 //
 // Roles (256 threads = 2 warpgroups, 1 CTA per SM):
-//   all threads  issue cp.async for the next page into the other K buffer (double buffering), so the load of
-//                page j+1 overlaps the math of page j;
+//   thread 0     issues the TMA copies of a page (nine 64x64 boxes, one mbarrier per K buffer); two pages are
+//                in flight, and a buffer is refilled as soon as both warpgroups finished reading it;
 //   warpgroup 0  S = Q K^T (64x64x576 wgmma, both operands K-major in 128B-swizzled smem), mask, online
 //                softmax in the log2 domain, writes P (bf16/fp16) and the per-row rescale factor to smem;
 //   both WGs     O[:, half] = O[:, half] * scale + P V[:, half]: each warpgroup owns one 64x256 fp32 half of
 //                O (128 registers per thread; the whole 64x512 O would be half the register file), and reads
 //                V as an MN-major view of the same smem K tile (V = the first 512 columns of K), so the cache
 //                is read from HBM once for both GEMMs.
+//   Software pipelining: warpgroup 0 issues Q K^T of page j+1 right behind its P V of page j, so the tensor
+//   cores run P V(j) and Q K^T(j+1) back to back; only the softmax of j+1 leaves them idle.
 //
 // Correctness rules this file keeps (see docs/architecture.md):
-//   * cache rows past seqlen and whole pages past the request's end are zero-filled in smem instead of read
-//     (NaN there must not leak: P = 0 does not help because 0 * NaN = NaN), and block_table entries past the
-//     last page are never read;
+//   * V rows past seqlen (the tail of a request's last page, where stale data or NaN may sit) are zeroed in
+//     smem after the copy lands: P = 0 there does not help, because 0 * NaN = NaN in the MMA. Their logits
+//     are masked by index, never by value. Pages past the end are never copied and block_table entries past
+//     the last page are never read;
 //   * masked logits are -inf and the running max is guarded, so a row with no visible key ends with L = 0 and
 //     writes out 0 / lse +inf (or an empty partial with lse -inf);
-//   * shared memory written by ordinary stores or cp.async and then read by wgmma (async proxy) is fenced
-//     with fence.proxy.async before the barrier that publishes it;
+//   * shared memory written by ordinary stores (P, zero fill, cp.async'd Q) and read by wgmma (async proxy)
+//   is
+//     fenced with fence.proxy.async before the barrier that publishes it;
 //   * a request whose seqlen is negative, needs more pages than block_table has columns, or names a page id
 //     outside the cache is never dereferenced out of bounds: its output rows become NaN instead.
 #pragma once
@@ -67,6 +71,7 @@ struct alignas(1024) SharedStorage {
   float scale[kBlockM];    // per-row rescale of O for the current page (WG0 -> WG1)
   float row_max[kBlockM];  // final running max (log2 domain) per row
   float row_sum[kBlockM];  // final softmax denominator per row
+  uint64_t kbar[2];        // one mbarrier per K buffer: completes when that buffer's page has landed
 };
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
@@ -80,6 +85,10 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// A CTA barrier that may be reached from different (warpgroup-uniform) branches.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 __device__ __forceinline__ void fence_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -104,35 +113,74 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, SQ& sQ, int req, i
   }
 }
 
-// Page `blk` of request `req` -> sK. Tokens past seqlen are zero-filled, never read. Returns false if the
-// block table names a page outside the cache (the page is then zero-filled and the request flagged).
-template <typename T, class SK>
-__device__ __forceinline__ bool load_page(const DecodeParams& p, SK& sK, int req, int h_k, int blk,
-                                          int seqlen) {
-  const T* k = static_cast<const T*>(p.k);
-  int valid = seqlen - blk * kPageSize;
-  valid = valid < 0 ? 0 : (valid > kPageSize ? kPageSize : valid);
-  bool ok = true;
-  const T* base = k;
-  if (valid > 0) {
-    const int page = p.block_table[req * p.block_table_batch_stride + blk];
-    if (page < 0 || page >= p.num_pages) {
-      ok = false;
-      valid = 0;
-    } else {
-      base = k + page * p.k_page_stride + h_k * p.k_head_stride;
-    }
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// Valid tokens of block `blk` (0..64); 0 for blocks past the end.
+__device__ __forceinline__ int block_tokens(int seqlen, int blk) {
+  const int v = seqlen - blk * kPageSize;
+  return v < 0 ? 0 : (v > kPageSize ? kPageSize : v);
+}
+
+// Page id of block `blk`, or -1 when nothing must be read (no valid token, or an id outside the cache; the
+// caller flags the latter as a bad request). block_table is read only for blocks holding valid tokens.
+__device__ __forceinline__ int block_page(const DecodeParams& p, int req, int blk, int seqlen, bool& bad) {
+  if (block_tokens(seqlen, blk) == 0) return -1;
+  const int page = p.block_table[req * p.block_table_batch_stride + blk];
+  if (page < 0 || page >= p.num_pages) {
+    bad = true;
+    return -1;
   }
-  for (int i = threadIdx.x; i < kPageSize * kChunksPerRow; i += kThreads) {
-    const int t = i / kChunksPerRow, ch = i % kChunksPerRow;
-    void* dst = &sK(t, ch * 8);
-    if (t < valid) {
-      cp_async_16(dst, base + t * p.k_row_stride + ch * 8, 16);
-    } else {
-      cp_async_16(dst, k, 0);
-    }
+  return page;
+}
+
+// Thread 0: copy `page` (kv head h_k) into a K buffer with nine 64x64 TMA boxes completing on `bar`, or, for
+// page < 0, just complete the barrier's phase (the consumer zero-fills the buffer's V rows instead).
+__device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uint64_t* bar, int h_k,
+                                           int page) {
+  if (page < 0) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+    return;
   }
-  return ok;
+  constexpr int kTileBytes = kPageSize * 64 * 2;
+  mbar_arrive_expect_tx(bar, kTileBytes * (kHeadDimK / 64));
+#pragma unroll
+  for (int j = 0; j < kHeadDimK / 64; ++j) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+        "%5}], [%6];\n" ::"r"(smem_u32(static_cast<char*>(dst) + j * kTileBytes)),
+        "l"(&p.tma_k), "r"(j * 64), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
+        : "memory");
+  }
+}
+
+// Zero the V part (columns 0..511) of rows [valid, 64) of a K buffer, by the 128 threads of one warpgroup.
+template <class SK>
+__device__ __forceinline__ void zero_v_tail(SK& sK, int valid, int wtid) {
+  const uint4 z = make_uint4(0, 0, 0, 0);
+  for (int i = valid * (kHeadDimV / 8) + wtid; i < kPageSize * (kHeadDimV / 8); i += 128) {
+    const int t = i / (kHeadDimV / 8), ch = i % (kHeadDimV / 8);
+    *reinterpret_cast<uint4*>(&sK(t, ch * 8)) = z;
+  }
 }
 
 template <typename T>
@@ -161,7 +209,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   const int begin_blk = rec[kMetaBeginBlock], end_blk = rec[kMetaEndBlock];
   const int begin_split = rec[kMetaBeginSplit];
 
-  const int wg = threadIdx.x / 128;
+  // Broadcast from lane 0 so the compiler knows the warpgroup index is warp-uniform; otherwise it treats the
+  // role branches as divergent and serialises every wgmma (ptxas C7518).
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   const int wtid = threadIdx.x % 128;
   const int lane = threadIdx.x % 32;
   const int quad_col = 2 * (lane % 4);
@@ -169,8 +219,20 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   // c + 2 * r + 4 * j holds (row r0 + 8 r, column 8 j + quad_col + c) (checked against CuTe's partition_C).
   const int r0 = (wtid / 32) * 16 + lane / 4;
 
+  if (threadIdx.x == 0) {
+    mbar_init(&smem.kbar[0], 1);
+    mbar_init(&smem.kbar[1], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k) : "memory");
+  }
+  __syncthreads();
+  uint32_t kphase = 0;  // bit b: parity of the next phase of kbar[b] this thread waits for
+
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Tr::SmemLayoutQK{});
   Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Tr::SmemLayoutP{});
+  Tensor sK0 = make_tensor(make_smem_ptr(smem.k[0]), typename Tr::SmemLayoutQK{});
+  Tensor sK1 = make_tensor(make_smem_ptr(smem.k[1]), typename Tr::SmemLayoutQK{});
+  const auto v_tile = Shape<Int<kHeadDimV / 2>, Int<kPageSize>>{};
 
   typename Tr::MmaQK mma_qk;
   typename Tr::MmaPV mma_pv;
@@ -180,6 +242,23 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
   Tensor tOrP = thr_pv.partition_fragment_A(sP);
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDimV / 2>>{});
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kPageSize>>{});
+
+  // S = Q K^T for the page in buffer `buf` (warpgroup 0), committed as one wgmma group, not waited for.
+  auto issue_qk = [&](int buf) {
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
+    // A runtime buffer pointer only changes the descriptors' start address: no branch around the wgmmas.
+    Tensor tSrK =
+        thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{}));
+    mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+      mma_qk.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+  };
 
   for (int req = begin_req; req <= end_req; ++req) {
     const int seqlen = p.seqlens[req];
@@ -200,44 +279,38 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       limit[r] = seqlen_safe - (p.causal ? (p.s_q - 1 - s_idx) : 0);
     }
 
-    load_q<T>(p, sQ, req, h_k, m_block);
-    {
-      Tensor sK0 = make_tensor(make_smem_ptr(smem.k[0]), typename Tr::SmemLayoutQK{});
-      bad |= !load_page<T>(p, sK0, req, h_k, blk_begin, seqlen_safe);
+    // Prologue: the first two pages go in flight, then Q (cp.async, all threads).
+    if (threadIdx.x == 0) {
+      issue_page(p, smem.k[0], &smem.kbar[0], h_k, block_page(p, req, blk_begin, seqlen_safe, bad));
+      if (blk_begin + 1 < blk_end) {
+        issue_page(p, smem.k[1], &smem.kbar[1], h_k, block_page(p, req, blk_begin + 1, seqlen_safe, bad));
+      }
     }
+    load_q<T>(p, sQ, req, h_k, m_block);
     cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_proxy();
+    __syncthreads();
 
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
     clear(tOrO);
+    if (wg == 0) {
+      mbar_wait(&smem.kbar[0], kphase & 1);
+      kphase ^= 1;
+      issue_qk(0);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+    }
 
     for (int blk = blk_begin; blk < blk_end; ++blk) {
       const int buf = (blk - blk_begin) & 1;
-      if (blk + 1 < blk_end) {
-        Tensor sKn = make_tensor(make_smem_ptr(smem.k[buf ^ 1]), typename Tr::SmemLayoutQK{});
-        bad |= !load_page<T>(p, sKn, req, h_k, blk + 1, seqlen_safe);
-      }
-      cp_async_commit();
-      cp_async_wait<1>();   // this page (and Q) landed for this thread's copies
-      fence_async_proxy();  // ... and is visible to wgmma (async proxy)
-      __syncthreads();      // ... for every thread's copies
+      const bool has_next = blk + 1 < blk_end;
+      // Thread 0 looks the page id of block blk+2 up now, so it is in a register when the buffer frees.
+      int next_page = -1;
+      if (threadIdx.x == 0 && blk + 2 < blk_end) next_page = block_page(p, req, blk + 2, seqlen_safe, bad);
 
-      Tensor sK = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{});
       if (wg == 0) {
-        Tensor tSrK = thr_qk.partition_fragment_B(sK);
-        Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kPageSize>>{});
-        warpgroup_fence_operand(tSrS);
-        warpgroup_arrive();
-        mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
-#pragma unroll
-        for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-          cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
-          mma_qk.accumulate_ = GMMA::ScaleOut::One;
-        }
-        warpgroup_commit_batch();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tSrS);
-
         const int col0 = blk * kPageSize;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -275,36 +348,67 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         }
 #pragma unroll
         for (int i = 0; i < size(tSrS); ++i) tSsP(i) = static_cast<T>(tSrS(i));
-        fence_async_proxy();  // P was written by ordinary stores and is read by wgmma
-      }
-      __syncthreads();  // P and the scales are published
-
-      {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float sc = smem.scale[r0 + 8 * r];
-#pragma unroll
-          for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
-            tOrO(2 * r + 4 * j) *= sc;
-            tOrO(1 + 2 * r + 4 * j) *= sc;
+        // Rows past seqlen of this page hold stale data or NaN: zero their V part before P V reads it.
+        // Warpgroup 0 does it, after its Q K^T of this page completed (no wgmma reads the buffer now).
+        const int valid = bad ? 0 : block_tokens(seqlen_safe, blk);
+        if (valid < kPageSize) {
+          if (buf == 0) {
+            zero_v_tail(sK0, valid, wtid);
+          } else {
+            zero_v_tail(sK1, valid, wtid);
           }
         }
-        Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
-        Tensor sVt_half = local_tile(sVt, Shape<Int<kHeadDimV / 2>, Int<kPageSize>>{}, make_coord(wg, _0{}));
-        Tensor tOrV = thr_pv.partition_fragment_B(sVt_half);
-        warpgroup_fence_operand(tOrO);
-        warpgroup_arrive();
+        fence_async_proxy();  // P and the zero fill were written by ordinary stores and are read by wgmma
+      }
+      __syncthreads();  // P, the scales and this page's V are published
+
 #pragma unroll
-        for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-          cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
+      for (int r = 0; r < 2; ++r) {
+        const float sc = smem.scale[r0 + 8 * r];
+#pragma unroll
+        for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+          tOrO(2 * r + 4 * j) *= sc;
+          tOrO(1 + 2 * r + 4 * j) *= sc;
         }
-        warpgroup_commit_batch();
+      }
+      if (wg == 1) {
+        // The copy's completion is observed by warpgroup 1 too before its wgmma reads the buffer.
+        mbar_wait(&smem.kbar[buf], (kphase >> buf) & 1);
+        kphase ^= 1u << buf;
+      }
+      Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
+      Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, v_tile, make_coord(wg, _0{})));
+      warpgroup_fence_operand(tOrO);
+      warpgroup_arrive();
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
+      }
+      warpgroup_commit_batch();
+      // Each branch below is straight-line wgmma code ending with nothing in flight, so ptxas can see that
+      // no accumulator is touched while a wgmma may still write it (otherwise it serialises them, C7515).
+      if (wg == 0 && has_next) {
+        // Q K^T of the next page goes to the tensor cores right behind this P V.
+        mbar_wait(&smem.kbar[buf ^ 1], (kphase >> (buf ^ 1)) & 1);
+        kphase ^= 1u << (buf ^ 1);
+        issue_qk(buf ^ 1);
+        warpgroup_wait<1>();  // this page's P V is done; the next Q K^T may still run
+        warpgroup_fence_operand(tOrO);
+        named_barrier_sync(1, kThreads);  // both P V done: sP and this K buffer may be overwritten
+        if (threadIdx.x == 0 && blk + 2 < blk_end)
+          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tSrS);
+      } else {
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
+        named_barrier_sync(1, kThreads);
+        if (threadIdx.x == 0 && blk + 2 < blk_end)
+          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
       }
-      __syncthreads();  // sP and this K buffer may be overwritten from here on
     }
-    cp_async_wait<0>();
+    // Thread 0 may have flagged an invalid page id while looking pages up: share the flag.
+    bad = __syncthreads_or(bad ? 1 : 0) != 0;
 
     // ---- epilogue: WG0 owns the softmax statistics; share them with WG1 through smem.
     if (wg == 0) {
