@@ -346,8 +346,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
           l_run[r] = l_run[r] * sc + sum;
           if (lane % 4 == 0) smem.scale[r0 + 8 * r] = sc;
         }
+        // Values c = 0, 1 of a pair are adjacent columns of one row (the swizzle moves whole 16-byte chunks),
+        // so P goes to smem as 32-bit pairs.
 #pragma unroll
-        for (int i = 0; i < size(tSrS); ++i) tSsP(i) = static_cast<T>(tSrS(i));
+        for (int i = 0; i < size(tSrS); i += 2) {
+          *reinterpret_cast<typename Pack2<T>::type*>(&tSsP(i)) = Pack2<T>::make(tSrS(i), tSrS(i + 1));
+        }
         // Rows past seqlen of this page hold stale data or NaN: zero their V part before P V reads it.
         // Warpgroup 0 does it, after its Q K^T of this page completed (no wgmma reads the buffer now).
         const int valid = bad ? 0 : block_tokens(seqlen_safe, blk);
@@ -362,13 +366,20 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       }
       __syncthreads();  // P, the scales and this page's V are published
 
+      {
+        // Once the running max settles, most pages leave it unchanged (scale == 1): skip the 128 multiplies
+        // per thread when that holds for the whole warp (a warp-uniform branch, no divergence).
+        const float sc0 = smem.scale[r0], sc1 = smem.scale[r0 + 8];
+        if (!__all_sync(0xffffffffu, sc0 == 1.f && sc1 == 1.f)) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float sc = smem.scale[r0 + 8 * r];
+          for (int r = 0; r < 2; ++r) {
+            const float sc = r == 0 ? sc0 : sc1;
 #pragma unroll
-        for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
-          tOrO(2 * r + 4 * j) *= sc;
-          tOrO(1 + 2 * r + 4 * j) *= sc;
+            for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+              tOrO(2 * r + 4 * j) *= sc;
+              tOrO(1 + 2 * r + 4 * j) *= sc;
+            }
+          }
         }
       }
       if (wg == 1) {
