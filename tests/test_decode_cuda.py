@@ -132,24 +132,42 @@ def test_invalid_values_give_nan_not_memory_errors():
     assert_allclose_flashmla(lse[:1], ref_lse, **LSE_TOL)
 
 
-def test_cuda_input_errors():
+def test_cuda_input_errors_match_the_python_messages():
+    """The C++ launcher raises the same messages as the Python validation used by the CPU kernels/fakes."""
     seqlens = torch.tensor([100], dtype=torch.int32, device="cuda")
     q, k_cache, block_table = make_inputs(1, 1, 16, 1, seqlens, torch.bfloat16)
     meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, 16, 1)
-    op = torch.ops.flashmla.mla_decode
     args = [q, k_cache, block_table, seqlens, 512, meta, num_splits, 0.1, False]
     cases = {
-        0: (q.float(), "q must be"),
-        1: (k_cache.half(), "same dtype as q"),
-        2: (block_table.long(), "block_table must be int32"),
-        4: (256, "head_dim_v must be 512"),
-        3: (seqlens.cpu(), "same device as q"),
+        "q dtype": (0, q.float()),
+        "k dtype": (1, k_cache.half()),
+        "block_table dtype": (2, block_table.long()),
+        "head_dim_v": (4, 256),
+        "q head dim": (0, q[..., :512]),
+        "page size": (1, k_cache[:, :32]),
+        "heads": (1, torch.cat([k_cache] * 3, dim=2)),
+        "batch": (2, block_table[:0]),
+        "num_splits": (6, num_splits[:1]),
+        "metadata": (5, meta[:, :4]),
     }
-    for i, (bad, msg) in cases.items():
+    for name, (i, bad) in cases.items():
         a = list(args)
         a[i] = bad
-        with pytest.raises(RuntimeError, match=msg):
-            op(*a)
+        with pytest.raises(RuntimeError) as cuda_err:
+            torch.ops.flashmla.mla_decode(*a)
+        cpu_args = [x.cpu() if isinstance(x, torch.Tensor) else x for x in a]
+        with pytest.raises(RuntimeError) as cpu_err:
+            torch.ops.flashmla.mla_decode(*cpu_args)
+        msg = str(cpu_err.value).replace("cpu", "cuda:0")
+        assert msg in str(cuda_err.value), f"{name}: {cuda_err.value!r} != {msg!r}"
+    a = list(args)
+    a[3] = seqlens.cpu()
+    with pytest.raises(
+        RuntimeError, match="cache_seqlens must be on the same device as q \\(cuda:0\\), got cpu"
+    ):
+        torch.ops.flashmla.mla_decode(*a)
+    with pytest.raises(RuntimeError, match="num_sm_parts must be >= 1, got 0"):
+        torch.ops.flashmla.get_mla_metadata(seqlens, 16, 1, 0)
 
 
 @pytest.mark.parametrize("b,s_q,h_q,h_kv", list(itertools.product([1, 37], [1, 3], [16, 128], [1, 2])))

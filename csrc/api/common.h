@@ -50,7 +50,8 @@ template <typename... Args>
 
 const char* dtype_name(ScalarType t);
 std::string shape_str(const Tensor& t);
-std::string device_str(const Tensor& t);
+std::string strides_str(const Tensor& t);
+std::string device_str(const Tensor& t);  // "cuda:0", "cpu", as torch prints them
 
 // The current CUDA stream of `device_index` (the one torch, CUDA graphs and torch.compile use).
 cudaStream_t current_stream(int device_index);

@@ -10,12 +10,14 @@ namespace flashmla::api {
 
 std::tuple<Tensor, Tensor> get_mla_metadata_cuda(Tensor cache_seqlens, int64_t num_q_tokens_per_head_k,
                                                  int64_t num_heads_k, int64_t num_sm_parts) {
+  // Same checks, order and messages as flashmla_ops/_validation.py::check_get_mla_metadata.
   FLASHMLA_CHECK(cache_seqlens.scalar_type() == ScalarType::Int, "cache_seqlens must be int32, got ",
                  dtype_name(cache_seqlens.scalar_type()));
-  FLASHMLA_CHECK(cache_seqlens.dim() == 1, "cache_seqlens must be 1-D [batch], got shape ",
+  FLASHMLA_CHECK(cache_seqlens.dim() == 1, "cache_seqlens must be a 1-D tensor [b], got shape ",
                  shape_str(cache_seqlens));
-  FLASHMLA_CHECK(cache_seqlens.size(0) > 0, "batch size must be positive");
-  FLASHMLA_CHECK(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous");
+  FLASHMLA_CHECK(cache_seqlens.size(0) > 0, "batch size must be positive, got ", cache_seqlens.size(0));
+  FLASHMLA_CHECK(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous, got shape ",
+                 shape_str(cache_seqlens), " and strides ", strides_str(cache_seqlens));
   FLASHMLA_CHECK(num_q_tokens_per_head_k >= 1, "num_q_tokens_per_head_k must be >= 1, got ",
                  num_q_tokens_per_head_k);
   FLASHMLA_CHECK(num_heads_k >= 1, "num_heads_k must be >= 1, got ", num_heads_k);

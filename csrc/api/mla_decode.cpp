@@ -54,14 +54,35 @@ void make_k_tensor_map(const Tensor& k_cache, DType dtype, CUtensorMap* map) {
                  static_cast<int>(r), ")");
 }
 
-void check_same_device(const Tensor& q, const Tensor& t, const char* name) {
-  FLASHMLA_CHECK(t.is_cuda() && t.get_device_index() == q.get_device_index(),
-                 "all tensors must be on the same device as q (", device_str(q), "); ", name, " is on ",
-                 device_str(t));
+// The checks and their order mirror flashmla_ops/_validation.py (check_mla_decode, check_mla_decode_out),
+// with the same message text, so a bad input reads the same on every device.
+void check_int32(const Tensor& t, const char* name) {
+  FLASHMLA_CHECK(t.scalar_type() == ScalarType::Int, name, " must be int32, got ",
+                 dtype_name(t.scalar_type()));
 }
-
-bool aligned16(const Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+void check_ndim(const Tensor& t, const char* name, int64_t ndim, const char* layout) {
+  FLASHMLA_CHECK(t.dim() == ndim, name, " must be a ", ndim, "-D tensor ", layout, ", got shape ",
+                 shape_str(t));
+}
+void check_device(const Tensor& t, const char* name, const Tensor& q) {
+  FLASHMLA_CHECK(device_str(t) == device_str(q), name, " must be on the same device as q (", device_str(q),
+                 "), got ", device_str(t));
+}
+void check_last_dim_contiguous(const Tensor& t, const char* name) {
+  FLASHMLA_CHECK(t.stride(t.dim() - 1) == 1, name, " must have a contiguous last dimension, got strides ",
+                 strides_str(t));
+}
+void check_contiguous(const Tensor& t, const char* name) {
+  FLASHMLA_CHECK(t.is_contiguous(), name, " must be contiguous, got shape ", shape_str(t), " and strides ",
+                 strides_str(t));
+}
+// CUDA-only: the kernels move 16-byte vectors (cp.async, TMA, vector stores).
+void check_aligned(const Tensor& t, const char* name) {
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && t.stride(i) % 8 == 0;
+  FLASHMLA_CHECK(ok, name,
+                 " must be 16-byte aligned with strides that are multiples of 8 elements, got strides ",
+                 strides_str(t));
 }
 
 // Checks everything the kernels rely on. Returns the dtype.
@@ -69,83 +90,77 @@ DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_t
                    const Tensor& cache_seqlens, int64_t head_dim_v, const Tensor& meta,
                    const Tensor& num_splits) {
   const ScalarType qt = q.scalar_type();
-  FLASHMLA_CHECK(qt == ScalarType::BFloat16 || qt == ScalarType::Half,
-                 "q must be torch.bfloat16 or torch.float16, got ", dtype_name(qt));
+  FLASHMLA_CHECK(qt == ScalarType::BFloat16 || qt == ScalarType::Half, "q must be bfloat16 or float16, got ",
+                 dtype_name(qt));
   FLASHMLA_CHECK(k_cache.scalar_type() == qt, "k_cache must have the same dtype as q (", dtype_name(qt),
                  "), got ", dtype_name(k_cache.scalar_type()));
-  FLASHMLA_CHECK(block_table.scalar_type() == ScalarType::Int, "block_table must be int32, got ",
-                 dtype_name(block_table.scalar_type()));
-  FLASHMLA_CHECK(cache_seqlens.scalar_type() == ScalarType::Int, "cache_seqlens must be int32, got ",
-                 dtype_name(cache_seqlens.scalar_type()));
-  FLASHMLA_CHECK(meta.scalar_type() == ScalarType::Int, "tile_scheduler_metadata must be int32, got ",
-                 dtype_name(meta.scalar_type()));
-  FLASHMLA_CHECK(num_splits.scalar_type() == ScalarType::Int, "num_splits must be int32, got ",
-                 dtype_name(num_splits.scalar_type()));
+  check_int32(block_table, "block_table");
+  check_int32(cache_seqlens, "cache_seqlens");
+  check_int32(meta, "tile_scheduler_metadata");
+  check_int32(num_splits, "num_splits");
 
-  FLASHMLA_CHECK(q.dim() == 4, "q must be 4-D [batch, seq_q, heads_q, 576], got shape ", shape_str(q));
-  FLASHMLA_CHECK(k_cache.dim() == 4, "k_cache must be 4-D [num_pages, 64, heads_kv, 576], got shape ",
-                 shape_str(k_cache));
-  FLASHMLA_CHECK(q.size(3) == kHeadDimK && k_cache.size(3) == kHeadDimK,
-                 "head_dim_k must be 576 (last dim of q and k_cache), got ", q.size(3), " and ",
+  check_ndim(q, "q", 4, "[b, s_q, h_q, 576]");
+  check_ndim(k_cache, "k_cache", 4, "[num_pages, 64, h_kv, 576]");
+  FLASHMLA_CHECK(q.size(3) == kHeadDimK, "q must have head dim (size(-1)) 576, got ", q.size(3));
+  FLASHMLA_CHECK(k_cache.size(3) == kHeadDimK, "k_cache must have head dim (size(-1)) 576, got ",
                  k_cache.size(3));
   FLASHMLA_CHECK(head_dim_v == kHeadDimV, "head_dim_v must be 512, got ", head_dim_v);
-  FLASHMLA_CHECK(k_cache.size(1) == kPageSize, "page size (k_cache.shape[1]) must be 64, got ",
+  FLASHMLA_CHECK(k_cache.size(1) == kPageSize, "k_cache page size (size(1)) must be 64, got ",
                  k_cache.size(1));
-  const int64_t b = q.size(0), h_q = q.size(2), h_kv = k_cache.size(2);
-  FLASHMLA_CHECK(b > 0, "batch size must be positive");
-  FLASHMLA_CHECK(h_kv > 0 && h_q > 0 && h_q % h_kv == 0, "heads_q (", h_q,
-                 ") must be a multiple of heads_kv (", h_kv, ")");
-  FLASHMLA_CHECK(q.size(1) > 0, "seq_q must be positive");
-  FLASHMLA_CHECK(block_table.dim() == 2, "block_table must be 2-D [batch, max_blocks], got shape ",
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = k_cache.size(2);
+  FLASHMLA_CHECK(h_kv >= 1 && h_q >= 1 && h_q % h_kv == 0, "the number of query heads (", h_q,
+                 ") must be a positive multiple of h_kv (", h_kv, ")");
+  FLASHMLA_CHECK(s_q >= 1, "q must have at least one query token per request (s_q >= 1), got shape ",
+                 shape_str(q));
+  FLASHMLA_CHECK(b > 0, "batch size must be positive, got ", b);
+
+  check_ndim(block_table, "block_table", 2, "[b, max_blocks_per_seq]");
+  FLASHMLA_CHECK(block_table.size(0) == b, "block_table has batch size ", block_table.size(0),
+                 ", but q has batch size ", b);
+  FLASHMLA_CHECK(block_table.size(1) >= 1, "block_table must have at least one column, got shape ",
                  shape_str(block_table));
-  FLASHMLA_CHECK(cache_seqlens.dim() == 1, "cache_seqlens must be 1-D [batch], got shape ",
-                 shape_str(cache_seqlens));
-  FLASHMLA_CHECK(block_table.size(0) == b && cache_seqlens.size(0) == b, "batch size mismatch: q has ", b,
-                 ", block_table has ", block_table.size(0), ", cache_seqlens has ", cache_seqlens.size(0));
-  FLASHMLA_CHECK(block_table.size(1) >= 1, "block_table must have at least one column");
+  check_ndim(cache_seqlens, "cache_seqlens", 1, "[b]");
+  FLASHMLA_CHECK(cache_seqlens.size(0) == b, "cache_seqlens has batch size ", cache_seqlens.size(0),
+                 ", but q has batch size ", b);
+  check_contiguous(cache_seqlens, "cache_seqlens");
+
   FLASHMLA_CHECK(meta.dim() == 2 && meta.size(0) >= 1 && meta.size(1) == kMetaSize,
-                 "tile_scheduler_metadata must be [num_sm_parts, 8], got shape ", shape_str(meta));
-  FLASHMLA_CHECK(num_splits.dim() == 1 && num_splits.size(0) == b + 1, "num_splits must be [batch + 1] = [",
-                 b + 1, "], got shape ", shape_str(num_splits));
+                 "tile_scheduler_metadata must have shape [num_sm_parts >= 1, 8], got ", shape_str(meta));
+  FLASHMLA_CHECK(num_splits.dim() == 1 && num_splits.size(0) == b + 1, "num_splits must have shape [", b + 1,
+                 "], got ", shape_str(num_splits));
 
-  FLASHMLA_CHECK(q.is_cuda(), "q must be a CUDA tensor");
-  check_same_device(q, k_cache, "k_cache");
-  check_same_device(q, block_table, "block_table");
-  check_same_device(q, cache_seqlens, "cache_seqlens");
-  check_same_device(q, meta, "tile_scheduler_metadata");
-  check_same_device(q, num_splits, "num_splits");
+  check_device(k_cache, "k_cache", q);
+  check_device(block_table, "block_table", q);
+  check_device(cache_seqlens, "cache_seqlens", q);
+  check_device(meta, "tile_scheduler_metadata", q);
+  check_device(num_splits, "num_splits", q);
 
-  FLASHMLA_CHECK(q.stride(3) == 1, "q must have a contiguous last dimension");
-  FLASHMLA_CHECK(k_cache.stride(3) == 1, "k_cache must have a contiguous last dimension");
-  FLASHMLA_CHECK(block_table.stride(1) == 1, "block_table must have a contiguous last dimension");
-  FLASHMLA_CHECK(cache_seqlens.is_contiguous(), "cache_seqlens must be contiguous");
-  FLASHMLA_CHECK(meta.is_contiguous() && num_splits.is_contiguous(),
-                 "tile_scheduler_metadata and num_splits must be contiguous");
-  // The kernels move 16-byte vectors.
-  FLASHMLA_CHECK(aligned16(q) && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && q.stride(2) % 8 == 0,
-                 "q must be 16-byte aligned with strides that are multiples of 8 elements");
-  FLASHMLA_CHECK(aligned16(k_cache) && k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 &&
-                     k_cache.stride(2) % 8 == 0,
-                 "k_cache must be 16-byte aligned with strides that are multiples of 8 elements");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k_cache, "k_cache");
+  check_last_dim_contiguous(block_table, "block_table");
+  check_contiguous(meta, "tile_scheduler_metadata");
+  check_contiguous(num_splits, "num_splits");
+
+  check_aligned(q, "q");
+  check_aligned(k_cache, "k_cache");
   return qt == ScalarType::BFloat16 ? DType::kBF16 : DType::kFP16;
 }
 
 void check_outputs(const Tensor& q, const Tensor& out, const Tensor& lse) {
   const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
-  FLASHMLA_CHECK(out.scalar_type() == q.scalar_type(), "out must have q's dtype (",
+  FLASHMLA_CHECK(out.scalar_type() == q.scalar_type(), "out must have the same dtype as q (",
                  dtype_name(q.scalar_type()), "), got ", dtype_name(out.scalar_type()));
   FLASHMLA_CHECK(out.dim() == 4 && out.size(0) == b && out.size(1) == s_q && out.size(2) == h_q &&
                      out.size(3) == kHeadDimV,
                  "out must have shape [", b, ", ", s_q, ", ", h_q, ", 512], got ", shape_str(out));
-  FLASHMLA_CHECK(lse.scalar_type() == ScalarType::Float, "lse must be torch.float32, got ",
+  FLASHMLA_CHECK(lse.scalar_type() == ScalarType::Float, "lse must be float32, got ",
                  dtype_name(lse.scalar_type()));
   FLASHMLA_CHECK(lse.dim() == 3 && lse.size(0) == b && lse.size(1) == h_q && lse.size(2) == s_q,
                  "lse must have shape [", b, ", ", h_q, ", ", s_q, "], got ", shape_str(lse));
-  check_same_device(q, out, "out");
-  check_same_device(q, lse, "lse");
-  FLASHMLA_CHECK(out.stride(3) == 1, "out must have a contiguous last dimension");
-  FLASHMLA_CHECK(aligned16(out) && out.stride(0) % 8 == 0 && out.stride(1) % 8 == 0 && out.stride(2) % 8 == 0,
-                 "out must be 16-byte aligned with strides that are multiples of 8 elements");
+  check_device(out, "out", q);
+  check_device(lse, "lse", q);
+  check_last_dim_contiguous(out, "out");
+  check_aligned(out, "out");
 }
 
 }  // namespace
