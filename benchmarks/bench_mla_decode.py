@@ -185,6 +185,20 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # µs
 
 
+def host_us(fn, n=200):
+    """Host time per call when calls are queued back to back (a lower bound on the latency the GPU sees
+    when it is idle: with do_bench, a host slower than the kernels shows up in the measured time)."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
 def workspace_report(dtype):
     """Bytes a decode call allocates beyond its inputs (measured with the caching allocator's peak)."""
     rows = []
@@ -251,10 +265,13 @@ def main():
                 f = impl(q, k_cache, block_table, seqlens, causal, scale)
                 err = rel_err(f(), ref)
                 us = bench(f)
+                host = host_us(f)
             except Exception as e:  # a peer that is not installed or refuses the shape
                 row[impl.name] = dict(error=f"{type(e).__name__}: {e}"[:200])
                 continue
-            row[impl.name] = dict(us=us, gbps=nbytes / us / 1e3, tflops=flops / us / 1e6, rel_err=err)
+            row[impl.name] = dict(
+                us=us, gbps=nbytes / us / 1e3, tflops=flops / us / 1e6, rel_err=err, host_us=host
+            )
         results.append(row)
         ours = row.get("flashmla_ops", {}).get("us")
         peers = {k: v["us"] for k, v in row.items() if k in ("FlashMLA", "FlashInfer") and "us" in v}

@@ -5,8 +5,14 @@
 // empty (l_s = -inf for every s) gets out 0 and lse +inf; NaN (a request the main kernel flagged as invalid)
 // propagates.
 //
-// One warp per output row (request, kv head, query row); 8 rows per CTA. Each lane owns 16 of the 512
-// columns, so a split's row is read with 4 coalesced 16-byte loads per lane.
+// One warp per (output row, quarter of the 512 columns); 8 rows per CTA, grid (b, ceil(rows / 8), 4). Each
+// lane owns 4 consecutive columns (one 16-byte load per split), and four splits are loaded before they are
+// summed, so a request split over many parts (small batches) is not a chain of dependent loads.
+//
+// Launched with programmatic dependent launch (PDL): the grid may start while the main kernel is still
+// running; it reads num_splits (written by the scheduler kernel, which completed before the main kernel
+// started) before griddepcontrol.wait and the main kernel's partials only after it, through ld.global.cg
+// (never the read-only .nc path, which the compiler may hoist above the wait).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -40,54 +46,68 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.y * kCombineWarps + warp;  // in [0, h_kv * q_seq_per_hk)
   if (row >= p.h_kv * p.q_seq_per_hk) return;
+  const int col = blockIdx.z * (kHeadDimV / 4) + lane * 4;
   const int h_k = row / p.q_seq_per_hk;
   const int grow = row % p.q_seq_per_hk;
   const int64_t slot0 = p.num_splits[req];
   const int64_t rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
   const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
 
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the main kernel's partials are complete
+
   float m = -INFINITY;
-  for (int s = lane; s < n; s += 32) m = fmaxf(m, lse_acc[s * rows_per_slot]);
+  for (int s = lane; s < n; s += 32) m = fmaxf(m, __ldcg(lse_acc + s * rows_per_slot));
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
   const float m_use = m == -INFINITY ? 0.f : m;  // all pieces empty: avoid (-inf) - (-inf)
   float sum = 0.f;
-  for (int s = lane; s < n; s += 32) sum += exp2f(lse_acc[s * rows_per_slot] - m_use);
+  for (int s = lane; s < n; s += 32) sum += exp2f(__ldcg(lse_acc + s * rows_per_slot) - m_use);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   const bool empty = sum == 0.f;
   const float l = log2f(sum) + m_use;
 
-  float acc[16];
-#pragma unroll
-  for (int c = 0; c < 16; ++c) acc[c] = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   if (!empty) {
-    const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + lane * 16;
-    for (int s = 0; s < n; ++s) {
-      const float w = exp2f(lse_acc[s * rows_per_slot] - l);
-      const float4* src = reinterpret_cast<const float4*>(o_acc + s * rows_per_slot * kHeadDimV);
+    const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col;
+    const int64_t piece_stride = rows_per_slot * kHeadDimV;
+    constexpr int kUnroll = 4;
+    int s = 0;
+    for (; s + kUnroll <= n; s += kUnroll) {
+      float4 x[kUnroll];
+      float w[kUnroll];
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const float4 x = src[v];
-        acc[4 * v + 0] += w * x.x;
-        acc[4 * v + 1] += w * x.y;
-        acc[4 * v + 2] += w * x.z;
-        acc[4 * v + 3] += w * x.w;
+      for (int u = 0; u < kUnroll; ++u) {
+        x[u] = __ldcg(reinterpret_cast<const float4*>(o_acc + (s + u) * piece_stride));
+        w[u] = __ldcg(lse_acc + (s + u) * rows_per_slot);
       }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const float wu = exp2f(w[u] - l);
+        acc.x += wu * x[u].x;
+        acc.y += wu * x[u].y;
+        acc.z += wu * x[u].z;
+        acc.w += wu * x[u].w;
+      }
+    }
+    for (; s < n; ++s) {
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(o_acc + s * piece_stride));
+      const float wu = exp2f(__ldcg(lse_acc + s * rows_per_slot) - l);
+      acc.x += wu * x.x;
+      acc.y += wu * x.y;
+      acc.z += wu * x.z;
+      acc.w += wu * x.w;
     }
   }
 
   const int s_idx = grow / p.q_heads_per_hk;
   const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
   using P2 = Pack2<T>;
-  typename P2::type packed[8];
-#pragma unroll
-  for (int c = 0; c < 8; ++c) packed[c] = P2::make(acc[2 * c], acc[2 * c + 1]);
-  T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride +
-           lane * 16;
-  reinterpret_cast<uint4*>(out)[0] = reinterpret_cast<const uint4*>(packed)[0];
-  reinterpret_cast<uint4*>(out)[1] = reinterpret_cast<const uint4*>(packed)[1];
-  if (lane == 0) {
+  typename P2::type packed[2] = {P2::make(acc.x, acc.y), P2::make(acc.z, acc.w)};
+  T* out =
+      static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride + col;
+  *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(packed);
+  if (lane == 0 && blockIdx.z == 0) {
     p.lse[req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride] =
         empty ? INFINITY : l * 0.69314718055994530942f;
   }
@@ -97,13 +117,19 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 
 cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t stream) {
   const int rows = params.h_kv * params.q_seq_per_hk;
-  const dim3 grid(params.b, (rows + kCombineWarps - 1) / kCombineWarps);
-  if (dtype == DType::kBF16) {
-    combine_kernel<__nv_bfloat16><<<grid, kCombineWarps * 32, 0, stream>>>(params);
-  } else {
-    combine_kernel<__half><<<grid, kCombineWarps * 32, 0, stream>>>(params);
-  }
-  return cudaGetLastError();
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(params.b, (rows + kCombineWarps - 1) / kCombineWarps, 4);
+  config.blockDim = dim3(kCombineWarps * 32);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id =
+      cudaLaunchAttributeProgrammaticStreamSerialization;  // PDL: overlap with the main kernel's tail
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  if (dtype == DType::kBF16) return cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, params);
+  return cudaLaunchKernelEx(&config, combine_kernel<__half>, params);
 }
 
 }  // namespace flashmla

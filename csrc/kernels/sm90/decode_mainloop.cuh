@@ -33,6 +33,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
@@ -205,6 +207,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   const int m_block = blockIdx.x, h_k = blockIdx.y, part = blockIdx.z;
   const int* rec = p.meta + part * kMetaSize;
   const int begin_req = rec[kMetaBeginReq], end_req = rec[kMetaEndReq];
+  // Let the combine kernel (launched with PDL) start launching now; it waits (griddepcontrol.wait) for this
+  // grid to complete before it reads any partial result.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   if (end_req < begin_req) return;  // a part with no work
   const int begin_blk = rec[kMetaBeginBlock], end_blk = rec[kMetaEndBlock];
   const int begin_split = rec[kMetaBeginSplit];
@@ -486,8 +491,18 @@ template <typename T>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   constexpr int smem_bytes = static_cast<int>(sizeof(SharedStorage<T>));
   auto kernel = decode_kernel<T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  // The shared-memory opt-in is a per-device attribute of the function: set it once per device, not on every
+  // decode call (it is host work on the latency-critical small-batch path).
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> configured[kMaxDevices];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+    if (device >= 0 && device < kMaxDevices) configured[device].store(true, std::memory_order_release);
+  }
   const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
   kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
   return cudaGetLastError();
