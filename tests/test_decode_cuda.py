@@ -185,3 +185,44 @@ def test_side_stream(b, s_q, h_q, h_kv):
         out, lse, _, _ = run_decode(q2, k_cache, block_table, seqlens, True)
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1])
+
+
+def test_seqlen_near_int32_max_is_flagged_not_read():
+    """ceil(seqlen / 64) must not overflow int32: such a request reads no block-table entry past the table."""
+    seqlens = torch.tensor([100, 2**31 - 1], dtype=torch.int32, device="cuda")
+    q, k_cache, block_table = make_inputs(
+        2, 1, 16, 1, torch.tensor([100, 100], dtype=torch.int32, device="cuda"), torch.bfloat16, extra_cols=0
+    )
+    out, lse, _, _ = run_decode(q, k_cache, block_table, seqlens, False)
+    torch.cuda.synchronize()
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(lse[0]).all()
+
+
+@pytest.mark.parametrize("b,s_k", [(1, 8192), (64, 140)], ids=["split", "unsplit"])
+def test_nan_in_visible_data_propagates_like_the_reference(b, s_k):
+    """NaN in q (or in a visible cache row) gives NaN in that row's out and lse, as in the reference, whether
+    the request is split over several parts or not."""
+    torch.manual_seed(6)
+    seqlens = make_seqlens(b, s_k, False)
+    q, k_cache, block_table = make_inputs(b, 1, 16, 1, seqlens, torch.bfloat16)
+    q[0, 0, 3, 7] = float("nan")
+    out, lse, meta, num_splits = run_decode(q, k_cache, block_table, seqlens, False)
+    ref_out, ref_lse = mla_decode_reference(
+        q, k_cache, block_table, seqlens, 512, meta, num_splits, 576**-0.5, False
+    )
+    assert torch.isnan(out[0, 0, 3]).all() and torch.isnan(lse[0, 3, 0])
+    assert_allclose_flashmla(out, ref_out, **OUT_TOL)
+    assert_allclose_flashmla(lse, ref_lse, **LSE_TOL)
+
+
+def test_grid_limits_are_checked_before_launch():
+    seqlens = torch.tensor([64], dtype=torch.int32, device="cuda")
+    q, k_cache, block_table = make_inputs(1, 4097, 128, 1, seqlens, torch.bfloat16)
+    meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, 4097 * 128, 1)
+    with pytest.raises(RuntimeError, match="query rows per request exceed"):
+        flashmla_ops.flash_mla_with_kvcache(
+            q, k_cache, block_table, seqlens, 512, meta, num_splits, causal=True
+        )
+    with pytest.raises(RuntimeError, match="num_sm_parts must be at most 65535"):
+        torch.ops.flashmla.get_mla_metadata(seqlens, 16, 1, 65536)

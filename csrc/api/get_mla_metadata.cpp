@@ -22,7 +22,10 @@ std::tuple<Tensor, Tensor> get_mla_metadata_cuda(Tensor cache_seqlens, int64_t n
                  num_q_tokens_per_head_k);
   FLASHMLA_CHECK(num_heads_k >= 1, "num_heads_k must be >= 1, got ", num_heads_k);
   FLASHMLA_CHECK(num_sm_parts >= 1, "num_sm_parts must be >= 1, got ", num_sm_parts);
-  FLASHMLA_CHECK(cache_seqlens.size(0) < (int64_t{1} << 31) - 1, "batch size too large");
+  // Device limits of the scheduler kernel (int32 request indices and part counts; the decode grid's z).
+  FLASHMLA_CHECK(cache_seqlens.size(0) <= (int64_t{1} << 30), "batch size ", cache_seqlens.size(0),
+                 " is too large for the CUDA scheduler (at most 2^30)");
+  FLASHMLA_CHECK(num_sm_parts <= 65535, "num_sm_parts must be at most 65535 on CUDA, got ", num_sm_parts);
 
   const int device = cache_seqlens.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);

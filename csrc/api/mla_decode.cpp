@@ -79,7 +79,7 @@ void check_contiguous(const Tensor& t, const char* name) {
 // CUDA-only: the kernels move 16-byte vectors (cp.async, TMA, vector stores).
 void check_aligned(const Tensor& t, const char* name) {
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && t.stride(i) % 8 == 0;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.size(i) == 1 || t.stride(i) % 8 == 0);
   FLASHMLA_CHECK(ok, name,
                  " must be 16-byte aligned with strides that are multiples of 8 elements, got strides ",
                  strides_str(t));
@@ -177,9 +177,14 @@ void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor ca
   const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = k_cache.size(2);
   const int64_t q_seq_per_hk = s_q * (h_q / h_kv);
   const int64_t num_sm_parts = meta.size(0);
-  FLASHMLA_CHECK(
-      q_seq_per_hk < (int64_t{1} << 30) && b < (int64_t{1} << 31) - 1 && num_sm_parts < (int64_t{1} << 20),
-      "problem too large");
+  // CUDA grid limits (checked before anything is launched, so a refused call writes nothing): the main
+  // kernel's grid is (m-blocks, h_kv, num_sm_parts), the combine's (b, ceil(h_kv * rows / 8), 4).
+  constexpr int64_t kMaxGridYZ = 65535;
+  FLASHMLA_CHECK(num_sm_parts <= kMaxGridYZ, "tile_scheduler_metadata has ", num_sm_parts,
+                 " parts; the CUDA kernels support at most 65535");
+  FLASHMLA_CHECK(b < (int64_t{1} << 31) - 1, "batch size ", b, " is too large for the CUDA kernels");
+  FLASHMLA_CHECK((h_kv * q_seq_per_hk + 7) / 8 <= kMaxGridYZ, "s_q * h_q = ", s_q * h_q,
+                 " query rows per request exceed the CUDA kernels' limit of 524280");
 
   DecodeParams p{};
   p.b = static_cast<int>(b);

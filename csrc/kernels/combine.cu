@@ -9,10 +9,10 @@
 // lane owns 4 consecutive columns (one 16-byte load per split), and four splits are loaded before they are
 // summed, so a request split over many parts (small batches) is not a chain of dependent loads.
 //
-// Launched with programmatic dependent launch (PDL): the grid may start while the main kernel is still
-// running; it reads num_splits (written by the scheduler kernel, which completed before the main kernel
-// started) before griddepcontrol.wait and the main kernel's partials only after it, through ld.global.cg
-// (never the read-only .nc path, which the compiler may hoist above the wait).
+// Launched with programmatic dependent launch (PDL): the grid may start launching while the main kernel is
+// still running; every CTA first waits (griddepcontrol.wait) for the main kernel to complete, then reads
+// the partials through ld.global.cg (never the read-only .nc path, which the compiler may hoist above the
+// wait).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -40,6 +40,10 @@ struct Pack2<__half> {
 
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
+  // Every CTA waits for the main kernel before it may finish: if a CTA with nothing to merge returned
+  // first, a grid with no split request could complete while the main kernel still writes `out`, and stream
+  // order for the kernels after this one would then rest on the main kernel alone.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   const int req = blockIdx.x;
   const int n = p.num_splits[req + 1] - p.num_splits[req];
   if (n == 0) return;
@@ -52,8 +56,20 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   const int64_t slot0 = p.num_splits[req];
   const int64_t rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
   const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
-
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the main kernel's partials are complete
+  const int s_idx = grow / p.q_heads_per_hk;
+  const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
+  T* out =
+      static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride + col;
+  float* lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
+  using P2 = Pack2<T>;
+  if (n < 0 || slot0 < 0 || slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts)) {
+    // num_splits does not match the metadata (mixed-up calls): flag the request instead of reading garbage.
+    const float nan = __int_as_float(0x7fc00000);
+    typename P2::type packed[2] = {P2::make(nan, nan), P2::make(nan, nan)};
+    *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(packed);
+    if (lane == 0 && blockIdx.z == 0) *lse_out = nan;
+    return;
+  }
 
   float m = -INFINITY;
   for (int s = lane; s < n; s += 32) m = fmaxf(m, __ldcg(lse_acc + s * rows_per_slot));
@@ -100,17 +116,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
     }
   }
 
-  const int s_idx = grow / p.q_heads_per_hk;
-  const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
-  using P2 = Pack2<T>;
   typename P2::type packed[2] = {P2::make(acc.x, acc.y), P2::make(acc.z, acc.w)};
-  T* out =
-      static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride + col;
   *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(packed);
-  if (lane == 0 && blockIdx.z == 0) {
-    p.lse[req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride] =
-        empty ? INFINITY : l * 0.69314718055994530942f;
-  }
+  if (lane == 0 && blockIdx.z == 0) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
 }
 
 }  // namespace

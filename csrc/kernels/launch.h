@@ -20,7 +20,4 @@ cudaError_t launch_decode_sm90_fp16(const DecodeParams& params, cudaStream_t str
 // csrc/kernels/combine.cu: merges the fp32 partials of split requests through their LSEs.
 cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t stream);
 
-// Shared memory the main kernel needs (bytes); the launcher checks it against the device limit.
-int decode_sm90_smem_bytes();
-
 }  // namespace flashmla

@@ -7,8 +7,4 @@ cudaError_t launch_decode_sm90_bf16(const DecodeParams& params, cudaStream_t str
   return sm90::launch_decode<cutlass::bfloat16_t>(params, stream);
 }
 
-int decode_sm90_smem_bytes() {
-  return static_cast<int>(sizeof(sm90::SharedStorage<cutlass::bfloat16_t>));
-}
-
 }  // namespace flashmla

@@ -206,7 +206,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 
   const int m_block = blockIdx.x, h_k = blockIdx.y, part = blockIdx.z;
   const int* rec = p.meta + part * kMetaSize;
-  const int begin_req = rec[kMetaBeginReq], end_req = rec[kMetaEndReq];
+  // Clamped so metadata computed for a larger (padded) batch never indexes past this one.
+  const int begin_req = rec[kMetaBeginReq], end_req = min(rec[kMetaEndReq], p.b - 1);
   // Let the combine kernel (launched with PDL) start launching now; it waits (griddepcontrol.wait) for this
   // grid to complete before it reads any partial result.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -267,8 +268,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 
   for (int req = begin_req; req <= end_req; ++req) {
     const int seqlen = p.seqlens[req];
-    const int nblk = seqlen > 0 ? (seqlen + kPageSize - 1) / kPageSize : 1;
-    bool bad = seqlen < 0 || (seqlen + kPageSize - 1) / kPageSize > p.max_blocks_per_seq;
+    // ceil(seqlen / 64) without forming seqlen + 63, which overflows int32 near INT32_MAX.
+    const int pages = seqlen / kPageSize + (seqlen % kPageSize > 0 ? 1 : 0);
+    const int nblk = seqlen > 0 ? pages : 1;
+    bool bad = seqlen < 0 || pages > p.max_blocks_per_seq;
     const int blk_begin = req == begin_req ? begin_blk : 0;
     const int blk_end = req == end_req ? end_blk : nblk;
     const int split_idx = req == begin_req ? begin_split : 0;
@@ -442,6 +445,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     __syncthreads();
 
     const int64_t slot = static_cast<int64_t>(p.num_splits[req]) + split_idx;
+    // Metadata and num_splits from different calls could name a slot past the workspace (2 * num_sm_parts
+    // pieces): never write there (the combine kernel flags such a request with NaN).
+    const bool slot_ok = slot >= 0 && slot < 2 * static_cast<int64_t>(p.num_sm_parts);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = r0 + 8 * r;
@@ -449,7 +455,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       if (grow >= p.q_seq_per_hk) continue;
       const float l = smem.row_sum[row];
       const float m = smem.row_max[row];
-      const bool empty = !(l > 0.f);
+      // l == 0: no visible key. A NaN l (NaN in q or in visible cache rows) must stay NaN, not become
+      // "empty": it propagates to out and lse like the reference's.
+      const bool empty = l == 0.f;
       const float inv = empty ? 0.f : 1.f / l;
       const float nan = __int_as_float(0x7fc00000);
       const int col_base = wg * (kHeadDimV / 2) + quad_col;
@@ -468,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
           p.lse[req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride] =
               bad ? nan : (empty ? INFINITY : (log2f(l) + m) * 0.69314718055994530942f);
         }
-      } else {
+      } else if (slot_ok) {
         const int64_t acc_row = (slot * p.h_kv + h_k) * p.q_seq_per_hk + grow;
         float* o_acc = p.o_accum + acc_row * kHeadDimV + col_base;
 #pragma unroll
