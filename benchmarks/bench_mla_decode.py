@@ -234,16 +234,18 @@ def main():
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     torch.manual_seed(0)
     impls = [Ours, FlashMLA, FlashInfer] + ([] if args.no_torch else [TorchPadded])
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except Exception:
-        commit = "?"
+    # The GPU machine's copy of the tree has no .git: tools/device_gpu_run.sh passes the commit.
+    commit = os.environ.get("FLASHMLA_COMMIT", "")
+    if not commit:
+        try:
+            git = ["git", "rev-parse", "--short", "HEAD"]
+            commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = ""
     info = dict(
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,
-        commit=commit or os.environ.get("FLASHMLA_COMMIT", "?"),
+        commit=commit or "unknown",
         dtype=args.dtype,
     )
     print(json.dumps(info))

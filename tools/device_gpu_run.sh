@@ -18,6 +18,8 @@ if [ ! -d /tmp/peers/flash_mla ] && [ -f .carry/peers.tar.xz ]; then
   mkdir -p /tmp/peers && tar -C /tmp/peers -xJf .carry/peers.tar.xz
 fi
 export PYTHONPATH=/tmp/site
+# The device copy has no .git: the benchmark labels its JSON with the commit written to .carry/commit here.
+export FLASHMLA_COMMIT=${FLASHMLA_COMMIT:-$(cat .carry/commit 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$OUT/gpu.txt"
 for st in $stages; do
   echo "=== stage $st ($(date +%T))"
