@@ -1,0 +1,399 @@
+"""The ``flashmla_ops`` SGLang attention backend: SGLang's ``FlashMLABackend`` running flashmla_ops kernels.
+
+Built lazily by :func:`get_backend_class` (called from the plugin's factory in SGLang's scheduler process),
+never at import: importing this module needs only torch and flashmla_ops, not SGLang.
+
+How the kernels are swapped
+---------------------------
+SGLang's ``FlashMLABackend`` (``sglang/srt/layers/attention/flashmla_backend.py``) calls FlashMLA through two
+module globals, ``get_mla_metadata`` and ``flash_mla_with_kvcache``. Where they come from depends on the
+version: ``from sgl_kernel.flash_mla import ...`` (the sglang-kernel wheel) up to 0.5.22, including 0.5.17;
+``from sglang.kernels.ops.attention.flash_mla_interface import ...`` (a wrapper over the sgl-flash-mla wheel,
+``import flash_mla``) in 0.5.23. Either way they end up as the same two names in the backend module.
+
+The subclass built here keeps *all* of ``FlashMLABackend``'s code (eager metadata, CUDA-graph buffers and
+capture / replay, MTP target-verify and draft-extend, the FlashInfer MLA prefill it inherits) and changes
+only what those two names mean: every method of ``FlashMLABackend`` whose byte code loads one of them as a
+global is copied with ``types.FunctionType(code, new_globals, ...)``, where ``new_globals`` is the backend
+module's namespace with the two names bound to the adapters below. Nothing global is mutated, so the
+builtin ``flashmla`` backend keeps SGLang's kernels. In 0.5.17 and 0.5.23 the re-bound methods are exactly
+:data:`EXPECTED_REBOUND_METHODS`; the class build fails loudly (and the CPU tests fail) if SGLang moves a
+kernel call elsewhere, e.g. into a module-level helper.
+
+Why re-binding rather than explicit overrides: overriding would mean copying ~250 lines of SGLang internals
+(the four methods) that differ between the two versions we support: ``k_cache.view`` vs ``paged_view``,
+``out_cache_loc`` vs ``KVWriteLoc``, the ``kv_index_translator`` branch and the ``plan`` argument added in
+0.5.23, the kv-indices kernel moving modules. Those copies would have to be kept in step with every SGLang
+release, and could not be shared between the versions. Re-binding keeps SGLang's code verbatim, so each
+version runs its own metadata / CUDA-graph logic with only the kernel entry points replaced, and the
+byte-code check replaces a silent divergence with an error. The cost is a dependency on those two global
+names, which the check guards. The copied methods see a snapshot of the backend module's namespace taken
+when the class is built (in the scheduler, after SGLang's plugin hooks were applied).
+
+CUDA-graph buffer compatibility (read from 0.5.17 and 0.5.23, the same in both)
+-----------------------------------------------------------------------------
+* ``init_cuda_graph_state`` preallocates ``cuda_graph_mla_metadata = empty((multi_processor_count, 8),
+  int32)`` on the device of ``req_to_token`` and ``cuda_graph_num_splits = empty(max_bs + 1, int32)``.
+* ``_apply_decode_target_verify_metadata`` (before capture and before every replay, outside the graph)
+  calls ``get_mla_metadata(seq_lens.int32, q_head_mult * num_q_heads, 1)``, asserts
+  ``metadata.shape[0] <= multi_processor_count``, copies the metadata into ``cuda_graph_mla_metadata[:n]``
+  and ``num_splits`` into ``cuda_graph_num_splits[:bs + 1]``, and hands those views to the kernel; it warns
+  if ``n`` differs from the previous call.
+* flashmla_ops returns ``[num_sm_parts, 8]`` int32 with ``num_sm_parts = max(SMs // h_kv //
+  ceil(s_q * h_q / h_kv / 64), 1)`` (SMs of ``cache_seqlens``' device, i.e. the same device), and
+  ``[b + 1]`` int32. With ``h_kv = 1`` that is at most the SM count, so it fits the buffer; it depends only
+  on the head count, ``s_q`` (1 for decode, the draft-token count for verify) and the GPU, never on the
+  batch size or the sequence lengths, so a captured graph's view stays valid on every replay. Row width 8
+  matches. This is the same formula as FlashMLA's legacy scheduler, so the shapes are exactly those the
+  builtin backend produces. (Decode and target-verify graphs share the buffer with different ``n``; SGLang's
+  warning then fires for the builtin backend as well.)
+* The block table passed to the kernel is ``cuda_graph_kv_indices[:bs, :max_pages]``: a row-strided view
+  with a contiguous last dimension, which flashmla_ops accepts; its padding (1 or -1) is never read.
+  ``k_cache`` is ``[slots // 64, 64, 1, 576]`` (a view, or ``as_strided`` in 0.5.23), also accepted.
+
+Not supported (clear errors): FP8 KV cache (``descale_q`` / ``descale_k``), the ``FlashMLASchedMeta`` API
+(``get_mla_metadata()`` without ``cache_seqlens``), sparse / top-k decode, decode context parallelism.
+"""
+
+from __future__ import annotations
+
+import dis
+import functools
+import importlib
+import logging
+import sys
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+import flashmla_ops
+
+from .sglang_plugin import BACKEND_NAME, FlashMLAOpsSGLangError, check_runner
+
+__all__ = [
+    "BACKEND_MODULE",
+    "EXPECTED_REBOUND_METHODS",
+    "KERNEL_GLOBALS",
+    "KNOWN_KERNEL_MODULES",
+    "build_backend_class",
+    "flash_mla_with_kvcache",
+    "get_backend_class",
+    "get_mla_metadata",
+    "import_flashmla_backend_module",
+    "kernel_users",
+]
+
+logger = logging.getLogger(__name__)
+
+#: SGLang's FlashMLA backend module (0.5.13 ... 0.5.23).
+BACKEND_MODULE = "sglang.srt.layers.attention.flashmla_backend"
+#: The module globals through which ``FlashMLABackend`` calls the FlashMLA kernels.
+KERNEL_GLOBALS = ("get_mla_metadata", "flash_mla_with_kvcache")
+#: Where those globals come from, per SGLang version.
+KNOWN_KERNEL_MODULES = {
+    "sgl_kernel.flash_mla": "SGLang <= 0.5.22 (sglang-kernel wheel)",
+    "sglang.kernels.ops.attention.flash_mla_interface": "SGLang 0.5.23 (sgl-flash-mla wheel)",
+}
+#: The ``FlashMLABackend`` methods that call the kernels in SGLang 0.5.17 and 0.5.23 (checked by the tests).
+EXPECTED_REBOUND_METHODS = frozenset(
+    {"init_forward_metadata", "_apply_decode_target_verify_metadata", "forward_decode", "forward_extend"}
+)
+# ImportError.name of a missing builtin FlashMLA kernel package -> the interface module to stand in for.
+_KERNEL_PACKAGE_STANDINS = {
+    "flash_mla": "sglang.kernels.ops.attention.flash_mla_interface",  # 0.5.23 without sgl-flash-mla
+    "sgl_kernel.flash_mla": "sgl_kernel.flash_mla",  # <= 0.5.22 with an sglang-kernel lacking it
+}
+
+_FP8_MESSAGE = (
+    f"flashmla_ops: SGLang asked the {BACKEND_NAME} backend for FP8 MLA decode (descale_q / descale_k or an "
+    "FP8 query / KV cache), which flashmla_ops does not support yet. Use --kv-cache-dtype auto with a "
+    "bfloat16 / float16 model, or --attention-backend flashmla."
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel adapters: SGLang's FlashMLA call signatures -> flashmla_ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+def get_mla_metadata(
+    cache_seqlens: torch.Tensor | None = None,
+    num_q_tokens_per_head_k: int | None = None,
+    num_heads_k: int | None = None,
+    num_heads_q: int | None = None,
+    is_fp8_kvcache: bool = False,
+    topk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``get_mla_metadata`` as ``FlashMLABackend`` calls it, computed by flashmla_ops.
+
+    Returns ``(tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1])``.
+    """
+    if is_fp8_kvcache:
+        raise NotImplementedError(_FP8_MESSAGE)
+    if cache_seqlens is None or num_q_tokens_per_head_k is None or num_heads_k is None:
+        raise NotImplementedError(
+            "flashmla_ops: get_mla_metadata needs cache_seqlens, num_q_tokens_per_head_k and num_heads_k "
+            "(the FlashMLASchedMeta form, get_mla_metadata() without arguments, is not supported)"
+        )
+    return flashmla_ops.get_mla_metadata(
+        cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q, False, topk
+    )
+
+
+def flash_mla_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    descale_q: torch.Tensor | None = None,
+    descale_k: torch.Tensor | None = None,
+    is_fp8_kvcache: bool = False,
+    indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flash_mla_with_kvcache`` as ``FlashMLABackend`` calls it, run by flashmla_ops (dense BF16/FP16).
+
+    Returns ``(out [b, s_q, h_q, 512], lse float32 [b, h_q, s_q])`` (natural-log LSE, like FlashMLA).
+
+    Raises:
+        NotImplementedError: FP8 (``descale_q`` / ``descale_k``, ``is_fp8_kvcache`` or a 1-byte ``q``) or
+            sparse (``indices``) decode.
+    """
+    if descale_q is not None or descale_k is not None or is_fp8_kvcache or q.element_size() == 1:
+        raise NotImplementedError(_FP8_MESSAGE)
+    return flashmla_ops.flash_mla_with_kvcache(
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        softmax_scale,
+        causal,
+        False,
+        indices,
+    )
+
+
+_KERNELS: dict[str, Callable[..., Any]] = {
+    "get_mla_metadata": get_mla_metadata,
+    "flash_mla_with_kvcache": flash_mla_with_kvcache,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Importing SGLang's FlashMLABackend
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _standin_module(name: str, error: ImportError) -> types.ModuleType:
+    """A placeholder for a missing builtin FlashMLA interface module; calling its kernels raises."""
+    module = types.ModuleType(
+        name, f"flashmla_ops stand-in: the builtin FlashMLA kernels are missing ({error})"
+    )
+
+    def _missing(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            f"SGLang's builtin FlashMLA kernels are not installed ({error}); the {BACKEND_NAME} backend does "
+            f"not need them, but the builtin 'flashmla' backend does. Install SGLang's kernel dependencies "
+            f"or use --attention-backend {BACKEND_NAME}."
+        )
+
+    for kernel in KERNEL_GLOBALS:
+        fn = types.FunctionType(_missing.__code__, _missing.__globals__, kernel, None, _missing.__closure__)
+        fn.__module__, fn.__qualname__ = name, kernel
+        setattr(module, kernel, fn)
+    module.__flashmla_ops_standin__ = True
+    return module
+
+
+def import_flashmla_backend_module() -> types.ModuleType:
+    """Import SGLang's ``flashmla_backend`` module.
+
+    The module imports the builtin FlashMLA kernels at its top (``sgl_kernel.flash_mla`` up to 0.5.22,
+    ``flash_mla`` from the sgl-flash-mla wheel in 0.5.23), which the flashmla_ops backend never calls. If
+    exactly that package is missing, a stand-in interface module whose kernels raise is put in
+    ``sys.modules`` (with a warning) and the import is retried, so flashmla_ops works without it. Any other
+    import error propagates.
+    """
+    try:
+        return importlib.import_module(BACKEND_MODULE)
+    except ImportError as e:
+        standin = _KERNEL_PACKAGE_STANDINS.get(getattr(e, "name", None) or "")
+        if standin is None or standin in sys.modules:
+            raise
+        logger.warning(
+            "flashmla_ops: SGLang's builtin FlashMLA kernels are not importable (%s); using a stand-in for "
+            "%s so that the %s backend can be built (the builtin 'flashmla' backend will not work)",
+            e,
+            standin,
+            BACKEND_NAME,
+        )
+        sys.modules[standin] = _standin_module(standin, e)
+        return importlib.import_module(BACKEND_MODULE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Re-binding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _loaded_globals(code: types.CodeType, names: frozenset[str]) -> set[str]:
+    """The ``names`` that ``code`` (or a function / comprehension nested in it) loads as globals."""
+    found = {
+        ins.argval
+        for ins in dis.get_instructions(code)
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and ins.argval in names
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found |= _loaded_globals(const, names)
+    return found
+
+
+def _functions_of(value: Any) -> list[types.FunctionType]:
+    """The plain functions behind a class attribute (method, static/class method, property)."""
+    if isinstance(value, types.FunctionType):
+        return [value]
+    if isinstance(value, (staticmethod, classmethod)):
+        return _functions_of(value.__func__)
+    if isinstance(value, property):
+        return [f for f in (value.fget, value.fset, value.fdel) if isinstance(f, types.FunctionType)]
+    return []
+
+
+def kernel_users(cls: type, names: tuple[str, ...] = KERNEL_GLOBALS) -> dict[str, frozenset[str]]:
+    """``{attribute: kernel globals it loads}`` for the attributes defined in ``cls`` itself."""
+    wanted = frozenset(names)
+    users = {}
+    for attr, value in vars(cls).items():
+        loaded: set[str] = set()
+        for fn in _functions_of(value):
+            loaded |= _loaded_globals(fn.__code__, wanted)
+        if loaded:
+            users[attr] = frozenset(loaded)
+    return users
+
+
+def _copy_with_globals(fn: types.FunctionType, namespace: dict[str, Any]) -> types.FunctionType:
+    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
+    new.__qualname__ = fn.__qualname__
+    new.__module__ = fn.__module__
+    new.__doc__ = fn.__doc__
+    new.__annotations__ = dict(fn.__annotations__)
+    new.__dict__.update(fn.__dict__)
+    new.__flashmla_ops_rebound_from__ = fn
+    return new
+
+
+def _check_module_helpers(base: type, module: types.ModuleType, names: frozenset[str]) -> None:
+    """Fail if a module-level function of ``base``'s module calls a kernel (re-binding would miss it)."""
+    for attr, value in vars(module).items():
+        if (
+            isinstance(value, types.FunctionType)
+            and value.__module__ == module.__name__
+            and value.__globals__ is vars(module)
+            and _loaded_globals(value.__code__, names)
+        ):
+            raise RuntimeError(
+                f"flashmla_ops: {module.__name__}.{attr} calls {sorted(names)} outside {base.__name__}; this "
+                "SGLang version is not supported by the flashmla_ops backend (re-binding would miss it)"
+            )
+
+
+def build_backend_class(
+    base: type,
+    *,
+    kernels: Mapping[str, Callable[..., Any]] | None = None,
+    _extra_globals: Mapping[str, Any] | None = None,
+) -> type:
+    """Build the ``flashmla_ops`` backend class: ``base`` (SGLang's ``FlashMLABackend``), kernels swapped.
+
+    Arguments:
+        base: the class to derive from; its methods that load one of :data:`KERNEL_GLOBALS` are copied with
+            those globals bound to ``kernels``.
+        kernels: ``{global name: replacement}``; default: this module's adapters (flashmla_ops).
+        _extra_globals: more globals to bind in the copied methods (tests use it to run SGLang's Triton
+            block-table kernel on CPU); they do not add methods to the copied set.
+
+    Raises:
+        RuntimeError: ``base`` does not call the kernels where expected (an unsupported SGLang version).
+    """
+    kernels = dict(_KERNELS if kernels is None else kernels)
+    names = frozenset(kernels)
+    module = sys.modules[base.__module__]
+    users = kernel_users(base, tuple(names))
+    covered = frozenset().union(*users.values()) if users else frozenset()
+    if covered != names or "forward_decode" not in users:
+        raise RuntimeError(
+            f"flashmla_ops: {base.__module__}.{base.__qualname__} does not call {sorted(names)} from its "
+            f"methods as expected (found {dict(sorted(users.items()))}); this SGLang version is not "
+            "supported by the flashmla_ops backend"
+        )
+    _check_module_helpers(base, module, names)
+
+    for name in sorted(names):
+        origin = getattr(vars(module).get(name), "__module__", None)
+        if origin is not None and origin not in KNOWN_KERNEL_MODULES:
+            logger.info(
+                "flashmla_ops: replacing %s.%s from %s (unknown origin)", module.__name__, name, origin
+            )
+
+    namespace = dict(vars(module))  # a snapshot of the backend module's globals ...
+    namespace.update(_extra_globals or {})
+    namespace.update(kernels)  # ... with the kernel entry points re-bound
+    rebound: dict[str, Any] = {}
+    for attr in users:
+        value = vars(base)[attr]
+        if isinstance(value, types.FunctionType):
+            rebound[attr] = _copy_with_globals(value, namespace)
+        else:
+            raise RuntimeError(
+                f"flashmla_ops: {base.__qualname__}.{attr} ({type(value).__name__}) calls a kernel; only "
+                "plain methods can be re-bound"
+            )
+
+    class FlashMLAOpsBackend(base):  # type: ignore[misc, valid-type]
+        """SGLang's FlashMLA backend with its decode / verify kernels served by flashmla_ops."""
+
+        def __init__(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
+            check_runner(model_runner)
+            super().__init__(model_runner, *args, **kwargs)
+            if getattr(self, "is_fp8_kvcache", False):
+                raise FlashMLAOpsSGLangError(_FP8_MESSAGE)
+            dcp = getattr(self, "dcp_world_size", 1) or 1
+            if dcp > 1:
+                raise FlashMLAOpsSGLangError(
+                    f"--attention-backend {BACKEND_NAME} does not support decode context parallelism "
+                    f"(--dcp-size {dcp}): SGLang chooses the LSE base for merging DCP partial results by "
+                    "backend name (forward_mla.is_mla_dcp_lse_base_on_e), and does not list flashmla_ops"
+                )
+
+    FlashMLAOpsBackend.__module__ = __name__
+    FlashMLAOpsBackend.__qualname__ = FlashMLAOpsBackend.__name__
+    for attr, fn in rebound.items():
+        setattr(FlashMLAOpsBackend, attr, fn)
+    FlashMLAOpsBackend.rebound_methods = frozenset(rebound)
+    return FlashMLAOpsBackend
+
+
+@functools.cache
+def get_backend_class() -> type:
+    """The ``flashmla_ops`` backend class for the installed SGLang (built on first use, then cached)."""
+    module = import_flashmla_backend_module()
+    cls = build_backend_class(module.FlashMLABackend)
+    logger.info(
+        "flashmla_ops: built %s from %s.FlashMLABackend, kernels re-bound in %s",
+        cls.__qualname__,
+        module.__name__,
+        ", ".join(sorted(cls.rebound_methods)),
+    )
+    return cls

@@ -1,0 +1,894 @@
+"""The SGLang integration (``integration/sglang_plugin.py``, ``integration/sglang_backend.py``) on CPU.
+
+Three groups of tests:
+
+1. **No SGLang needed** (they run everywhere): the entry point in the installed package's metadata, the
+   factory's documented configuration errors (small fake ``ModelRunner`` objects), the kernel adapters on
+   CPU, the re-binding machinery on a small ``FlashMLABackend``-shaped class, and ``register()`` with SGLang
+   missing.
+2. **The real ``sglang`` package** (CI: sglang 0.5.23 installed ``--no-deps`` with
+   ``tools/sglang_cpu_requirements.txt`` in a venv; skipped, with that command, when sglang is not
+   installed; a failure when it is installed but does not import):
+   ``load_plugins()`` finds the entry point and calls ``register()`` in a fresh interpreter, which is then
+   checked as the launcher uses it (argparse, ServerArgs resolution with the implied page size 64); in this
+   process, ``register()`` idempotence, argparse, the page-size hook and the DeepSeek handler registry.
+3. **SGLang's real ``FlashMLABackend`` on CPU**: the subclass built by the plugin runs SGLang's own eager
+   metadata, CUDA-graph-buffer metadata, decode and MTP target-verify code, with the kernels re-bound to
+   flashmla_ops (whose CPU kernel is the reference implementation), compared with an independent float64
+   oracle (``_helpers.loop_oracle``).
+
+Fakes, and why:
+
+* **torchvision**: ``sglang.srt.layers.attention.attention_registry`` and the DeepSeek handler module import
+  ``sglang.srt.configs``, which imports ``torchvision.transforms`` (0.5.17: even ``sglang.srt.server_args``,
+  via ``torchvision.io``); the PyPI torchvision wheel does not load against a ``+cpu`` torch
+  (``operator torchvision::nms does not exist``) and a CPU build is not on PyPI. When ``import
+  torchvision.transforms`` fails, :func:`ensure_torchvision_importable` installs a fake ``torchvision``
+  before SGLang and transformers are imported (a meta-path finder; its functions raise when called). On
+  these import paths SGLang and transformers only bind names from it; nothing calls it. Where the real
+  torchvision imports (a GPU machine), it is used.
+* **flash_mla** (the sgl-flash-mla CUDA wheel behind SGLang 0.5.23's builtin FlashMLA): not installable on
+  CPU. Nothing in the tests fakes it: the backend's own fallback (``import_flashmla_backend_module``) puts a
+  stand-in interface module in ``sys.modules`` whose kernels raise, which also proves the flashmla_ops
+  backend never calls the builtin kernels. With SGLang 0.5.17 on CPU, whose backend imports
+  ``sgl_kernel.flash_mla`` (the CUDA-only sglang-kernel wheel), an empty fake ``sgl_kernel`` package is put in
+  ``sys.modules`` so that the same fallback applies.
+* SGLang's Triton kernel ``create_flashmla_kv_indices_triton`` cannot run on CPU: in the class built for
+  group 3 only, it is bound to a Python loop with the same contract.
+* ``ModelRunner``, ``ForwardBatch``, ``RadixAttention``, the KV pool: ``SimpleNamespace`` objects carrying
+  the attributes the code reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers import loop_oracle, make_inputs
+from flashmla_ops.integration import sglang_backend, sglang_plugin
+from flashmla_ops.integration.sglang_plugin import BACKEND_NAME, FlashMLAOpsSGLangError
+
+import flashmla_ops
+
+SGLANG_SKIP_REASON = (
+    "sglang is not installed; CI installs it in a venv: python3 -m venv --system-site-packages V && "
+    "V/bin/pip install --no-deps -r tools/sglang_cpu_requirements.txt"
+)
+HANDLER_MODULE = "sglang.srt.models.deepseek_common.attention_backend_handler"
+
+
+SGLANG_INSTALLED = importlib.util.find_spec("sglang") is not None  # no import at collection time
+
+
+# ---- fakes ------------------------------------------------------------------------------------------------
+class _FakeInterpolationMode(enum.Enum):
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
+
+
+class _FakeTorchvisionModule(types.ModuleType):
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name == "InterpolationMode":
+            return _FakeInterpolationMode
+
+        def _unavailable(*args: object, **kwargs: object) -> None:
+            raise RuntimeError(f"fake torchvision (CPU tests): {self.__name__}.{name} is not available")
+
+        _unavailable.__name__ = name
+        return _unavailable
+
+
+class _FakeTorchvisionFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _FakeTorchvisionModule(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+        module.__version__ = "0.0.0+fake"
+
+
+def ensure_torchvision_importable() -> str:
+    """Use the real torchvision if it imports, else install the fake one. Returns ``"real"`` or ``"fake"``.
+
+    Must run before transformers is imported: transformers probes for torchvision (finding the fake, with its
+    ``__version__``), and SGLang 0.5.17 registers image processors that transformers only accepts then.
+    """
+    if any(isinstance(f, _FakeTorchvisionFinder) for f in sys.meta_path):
+        return "fake"
+    try:
+        importlib.import_module("torchvision.transforms")
+        return "real"
+    except Exception:  # not installed, or the CUDA wheel failing against a +cpu torch
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+    sys.meta_path.insert(0, _FakeTorchvisionFinder())
+    return "fake"
+
+
+def import_sglang_on_cpu() -> str:
+    """Import SGLang's argument / plugin modules (with the torchvision fake where needed); return its kind.
+
+    Raises ImportError when SGLang or one of the CPU requirements is missing.
+    """
+    torchvision = ensure_torchvision_importable()
+    importlib.import_module("sglang.srt.server_args")
+    importlib.import_module("sglang.srt.plugins")
+    return torchvision
+
+
+def _runner(**overrides: object) -> types.SimpleNamespace:
+    """A fake SGLang ModelRunner with the attributes the factory reads; valid unless overridden."""
+    fields: dict[str, object] = {
+        "use_mla_backend": True,
+        "page_size": 64,
+        "kv_cache_dtype": torch.bfloat16,
+        "model_config": types.SimpleNamespace(kv_lora_rank=512, qk_rope_head_dim=64),
+    }
+    fields.update(overrides)
+    return types.SimpleNamespace(**fields)
+
+
+# ==== 1. No SGLang needed ===================================================================================
+def test_entry_point_is_declared_in_the_installed_metadata():
+    try:
+        importlib.metadata.distribution("flashmla_ops")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("flashmla_ops is not installed (running from a source tree): no entry-point metadata")
+    eps = [
+        ep for ep in importlib.metadata.entry_points(group="sglang.srt.plugins") if ep.name == BACKEND_NAME
+    ]
+    assert len(eps) == 1, eps
+    assert eps[0].value == "flashmla_ops.integration.sglang_plugin:register"
+    assert eps[0].load() is sglang_plugin.register
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"use_mla_backend": False}, "serves MLA models only"),
+        ({"page_size": 1}, r"needs a KV-cache page size of 64, got page_size=1: launch with --page-size 64"),
+        ({"page_size": 32}, r"got page_size=32: launch with --page-size 64"),
+        ({"page_size": None}, r"got page_size=None"),
+        ({"kv_cache_dtype": torch.float8_e4m3fn}, r"does not support an FP8 KV cache"),
+        ({"kv_cache_dtype": torch.float8_e5m2}, r"does not support an FP8 KV cache"),
+        ({"kv_cache_dtype": torch.float32}, r"does not support a torch.float32 KV cache"),
+        (
+            {"model_config": types.SimpleNamespace(kv_lora_rank=256, qk_rope_head_dim=64)},
+            r"got kv_lora_rank=256",
+        ),
+        (
+            {"model_config": types.SimpleNamespace(kv_lora_rank=512, qk_rope_head_dim=32)},
+            r"got qk_rope_head_dim=32",
+        ),
+        # the MLA check comes first: a non-MLA model with page size 1 is reported as non-MLA
+        ({"use_mla_backend": False, "page_size": 1}, "serves MLA models only"),
+    ],
+)
+def test_factory_rejects_unsupported_configurations(overrides, match):
+    runner = _runner(**overrides)
+    with pytest.raises(FlashMLAOpsSGLangError, match=match) as info:
+        sglang_plugin.create_backend(runner)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(FlashMLAOpsSGLangError, match=match):
+        sglang_plugin.check_runner(runner)
+
+
+def test_factory_accepts_a_valid_runner_description():
+    sglang_plugin.check_runner(_runner())
+    sglang_plugin.check_runner(_runner(kv_cache_dtype=torch.float16, model_config=None))
+
+
+def _args(inputs, meta, num_splits, scale: float) -> dict:
+    """SGLang's keyword call of flash_mla_with_kvcache (flashmla_backend.py, bf16 path)."""
+    return {
+        "q": inputs.q,
+        "k_cache": inputs.k_cache,
+        "block_table": inputs.block_table,
+        "cache_seqlens": inputs.cache_seqlens,
+        "head_dim_v": 512,
+        "tile_scheduler_metadata": meta,
+        "num_splits": num_splits,
+        "softmax_scale": scale,
+        "causal": True,
+    }
+
+
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_kernel_adapters_match_flashmla_ops(s_q):
+    inputs = make_inputs([3, 64, 130], s_q=s_q, h_q=16, seed=s_q)
+    meta, num_splits = sglang_backend.get_mla_metadata(
+        inputs.cache_seqlens, s_q * 16, 1, is_fp8_kvcache=False
+    )
+    ref_meta, ref_splits = flashmla_ops.get_mla_metadata(inputs.cache_seqlens, s_q * 16, 1)
+    assert torch.equal(meta, ref_meta) and torch.equal(num_splits, ref_splits)
+    out, lse = sglang_backend.flash_mla_with_kvcache(**_args(inputs, meta, num_splits, 0.125))
+    ref_out, ref_lse = flashmla_ops.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits, 0.125, True
+    )
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_kernel_adapters_reject_fp8_and_the_sched_meta_api():
+    inputs = make_inputs([10], h_q=16)
+    meta, num_splits = sglang_backend.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    ones = torch.ones(1)
+    for extra in ({"descale_q": ones, "descale_k": ones}, {"descale_k": ones}, {"is_fp8_kvcache": True}):
+        with pytest.raises(NotImplementedError, match="FP8 MLA decode"):
+            sglang_backend.flash_mla_with_kvcache(**_args(inputs, meta, num_splits, 0.1), **extra)
+    fp8 = _args(inputs, meta, num_splits, 0.1)
+    fp8["q"] = inputs.q.to(torch.float8_e4m3fn)
+    with pytest.raises(NotImplementedError, match="FP8 MLA decode"):
+        sglang_backend.flash_mla_with_kvcache(**fp8)
+    with pytest.raises(NotImplementedError, match="FP8 MLA decode"):
+        sglang_backend.get_mla_metadata(inputs.cache_seqlens, 16, 1, is_fp8_kvcache=True)
+    with pytest.raises(NotImplementedError, match="FlashMLASchedMeta"):
+        sglang_backend.get_mla_metadata()
+
+
+_FAKE_BACKEND_SOURCE = """
+def get_mla_metadata(*args, **kwargs):
+    raise AssertionError("builtin get_mla_metadata called")
+
+def flash_mla_with_kvcache(*args, **kwargs):
+    raise AssertionError("builtin flash_mla_with_kvcache called")
+
+class Parent:
+    def forward_extend(self, *args):
+        return "parent forward_extend"
+
+class FlashMLABackend(Parent):
+    def __init__(self, runner, fp8=False, dcp=1):
+        self.is_fp8_kvcache = fp8
+        self.dcp_world_size = dcp
+
+    def init_forward_metadata(self, seqlens, q_tokens):
+        self.meta = get_mla_metadata(seqlens, q_tokens, 1, is_fp8_kvcache=self.is_fp8_kvcache)
+
+    def forward_decode(self, inputs, scale):
+        return flash_mla_with_kvcache(
+            q=inputs.q, k_cache=inputs.k_cache, block_table=inputs.block_table,
+            cache_seqlens=inputs.cache_seqlens, head_dim_v=512, tile_scheduler_metadata=self.meta[0],
+            num_splits=self.meta[1], softmax_scale=scale, causal=True,
+        )
+
+    def forward_extend(self, mode, *args):
+        if mode == "extend":
+            return super().forward_extend(*args)
+        # a nested code object (a comprehension before Python 3.12) that loads a kernel global
+        return [flash_mla_with_kvcache(*args) for _ in range(1)][0]
+
+    def unrelated(self):
+        return "unrelated"
+"""
+
+
+def _fake_backend_module(monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    exec(compile(source, f"<{name}>", "exec"), vars(module))
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_rebinding_routes_the_kernels_and_leaves_the_base_class_alone(monkeypatch):
+    module = _fake_backend_module(monkeypatch, "fake_sglang_flashmla_backend", _FAKE_BACKEND_SOURCE)
+    base = module.FlashMLABackend
+    assert sglang_backend.kernel_users(base) == {
+        "init_forward_metadata": frozenset({"get_mla_metadata"}),
+        "forward_decode": frozenset({"flash_mla_with_kvcache"}),
+        "forward_extend": frozenset({"flash_mla_with_kvcache"}),
+    }
+    cls = sglang_backend.build_backend_class(base)
+    assert issubclass(cls, base) and cls.__name__ == "FlashMLAOpsBackend"
+    assert cls.rebound_methods == {"init_forward_metadata", "forward_decode", "forward_extend"}
+    assert cls.unrelated is base.unrelated  # only the kernel callers are copied
+
+    inputs = make_inputs([5, 100], h_q=16, seed=3)
+    backend = cls(_runner())
+    backend.init_forward_metadata(inputs.cache_seqlens, 16)
+    out, lse = backend.forward_decode(inputs, 0.1)
+    meta, num_splits = flashmla_ops.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    ref_out, ref_lse = flashmla_ops.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits, 0.1, True
+    )
+    assert torch.equal(backend.meta[0], meta) and torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert backend.forward_extend("extend") == "parent forward_extend"  # zero-argument super() still works
+    verify_out, _ = backend.forward_extend(
+        "verify", inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits
+    )
+    assert verify_out.shape == inputs.q.shape[:-1] + (512,)
+
+    # The base class and its module are untouched: they still call the "builtin" kernels.
+    assert module.flash_mla_with_kvcache.__module__ == module.__name__
+    builtin = base(_runner())
+    with pytest.raises(AssertionError, match="builtin get_mla_metadata called"):
+        builtin.init_forward_metadata(inputs.cache_seqlens, 16)
+    builtin.meta = (meta, num_splits)
+    with pytest.raises(AssertionError, match="builtin flash_mla_with_kvcache called"):
+        builtin.forward_decode(inputs, 0.1)
+
+
+def test_backend_init_rejects_unsupported_configurations(monkeypatch):
+    module = _fake_backend_module(monkeypatch, "fake_sglang_flashmla_backend", _FAKE_BACKEND_SOURCE)
+    cls = sglang_backend.build_backend_class(module.FlashMLABackend)
+    with pytest.raises(FlashMLAOpsSGLangError, match="--page-size 64"):
+        cls(_runner(page_size=16))
+    with pytest.raises(FlashMLAOpsSGLangError, match="FP8"):
+        cls(_runner(), fp8=True)
+    with pytest.raises(FlashMLAOpsSGLangError, match="decode context parallelism"):
+        cls(_runner(), dcp=2)
+
+
+@pytest.mark.parametrize(
+    "source,match",
+    [
+        # the kernels are no longer called from the class: an unsupported SGLang layout
+        ("class FlashMLABackend:\n    def forward_decode(self):\n        return 1\n", "does not call"),
+        # only one of the two is called
+        (
+            "def flash_mla_with_kvcache(): pass\n"
+            "class FlashMLABackend:\n"
+            "    def forward_decode(self):\n        return flash_mla_with_kvcache()\n",
+            "does not call",
+        ),
+        # a module-level helper calls a kernel: re-binding the methods would miss it
+        (
+            "def get_mla_metadata(): pass\ndef flash_mla_with_kvcache(): pass\n"
+            "def _run():\n    return flash_mla_with_kvcache()\n"
+            "class FlashMLABackend:\n"
+            "    def init_forward_metadata(self):\n        return get_mla_metadata()\n"
+            "    def forward_decode(self):\n        return flash_mla_with_kvcache()\n",
+            r"_run calls",
+        ),
+        # a kernel call in a static method cannot be re-bound as a plain function
+        (
+            "def get_mla_metadata(): pass\ndef flash_mla_with_kvcache(): pass\n"
+            "class FlashMLABackend:\n"
+            "    @staticmethod\n    def init_forward_metadata():\n        return get_mla_metadata()\n"
+            "    def forward_decode(self):\n        return flash_mla_with_kvcache()\n",
+            "only plain methods",
+        ),
+    ],
+)
+def test_rebinding_fails_loudly_on_unexpected_layouts(monkeypatch, source, match):
+    module = _fake_backend_module(monkeypatch, "fake_sglang_flashmla_backend_bad", source)
+    with pytest.raises(RuntimeError, match=match):
+        sglang_backend.build_backend_class(module.FlashMLABackend)
+
+
+def test_register_without_sglang_logs_every_failure_and_does_not_raise(monkeypatch, caplog):
+    # None in sys.modules makes `import sglang...` raise ImportError, also for modules already imported.
+    for name in [m for m in sys.modules if m == "sglang" or m.startswith("sglang.")] + ["sglang"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with caplog.at_level(logging.WARNING, logger=sglang_plugin.__name__):
+        status = sglang_plugin.register()
+    assert set(status) == {
+        "argparse_choices",
+        "chunked_prefix_cache",
+        "attention_backend_factory",
+        "deepseek_handler",
+        "page_size_hook",
+    }
+    for step in ("argparse_choices", "chunked_prefix_cache", "attention_backend_factory", "page_size_hook"):
+        assert status[step].startswith("failed: ") and "sglang" in status[step], status
+        assert any(repr(step) in r.getMessage() for r in caplog.records), step
+    assert status["deepseek_handler"].startswith("deferred")
+
+
+# ==== 2. The real sglang package ============================================================================
+@pytest.fixture(scope="module")
+def sglang_cpu() -> str:
+    """Import the CPU-importable part of SGLang, with a fake torchvision if the real one does not load."""
+    if not SGLANG_INSTALLED:
+        pytest.skip(SGLANG_SKIP_REASON)
+    try:
+        return import_sglang_on_cpu()
+    except ImportError as e:
+        pytest.fail(
+            f"sglang is installed but does not import on CPU ({e}); install the pinned CPU requirements: "
+            "pip install --no-deps -r tools/sglang_cpu_requirements.txt"
+        )
+
+
+_LAUNCHER_SCRIPT = textwrap.dedent(
+    """
+    import argparse, importlib.util, json, sys
+    sys.path.insert(0, sys.argv[1])  # tests/, for this test module and _helpers
+    spec = importlib.util.spec_from_file_location("sglang_plugin_tests", sys.argv[2])
+    tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tests)
+    result = {"torchvision": tests.import_sglang_on_cpu()}
+
+    import flashmla_ops.integration.sglang_plugin as plugin
+    calls, statuses = [], []
+    real_register = plugin.register
+    def counting_register():
+        calls.append(1)
+        statuses.append(real_register())
+    plugin.register = counting_register  # what the entry point resolves to when SGLang loads it
+
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    load_plugins()  # idempotent: SGLang loads plugins once per process
+    result["register_calls"] = len(calls)
+    result["status"] = statuses[0] if statuses else None
+    result["handler_module_imported"] = sys.modules.get(tests.HANDLER_MODULE) is not None
+
+    from sglang.srt.server_args import (
+        ATTENTION_BACKEND_CHOICES, CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS, ServerArgs,
+    )
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    result["choices"] = ATTENTION_BACKEND_CHOICES.count("flashmla_ops")
+    result["chunked"] = CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS.count("flashmla_ops")
+    factory = ATTENTION_BACKENDS.get("flashmla_ops")
+    result["factory"] = f"{factory.__module__}.{factory.__qualname__}" if factory else None
+    result["hook_applied"] = plugin.PAGE_SIZE_HOOK_TARGET in HookRegistry._patched
+
+    # The launcher's path: argparse (prepare_server_args), then the server-args resolution.
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.arg_groups.overrides import resolved_view
+    def resolve(backend_args):
+        argv = ["--model-path", sys.argv[3], "--skip-tokenizer-init", "--load-format", "dummy",
+                "--device", "cpu"] + backend_args
+        parser = argparse.ArgumentParser()
+        ServerArgs.add_cli_args(parser)
+        namespace = parser.parse_args(argv)
+        parsed = {k: getattr(namespace, k) for k in
+                  ("attention_backend", "decode_attention_backend", "prefill_attention_backend")}
+        args = prepare_server_args(argv)  # 0.5.17 resolves here (__post_init__), 0.5.23 in resolve_once()
+        if hasattr(args, "resolve_once"):  # 0.5.23: resolution is deferred; 0.5.17 resolves in __post_init__
+            args.resolve_once()
+            return parsed, resolved_view(args).page_size
+        return parsed, args.page_size
+    resolved = {}
+    for label, backend_args in [
+        ("flashmla_ops", ["--attention-backend", "flashmla_ops"]),
+        ("flashmla_ops_decode", ["--prefill-attention-backend", "triton",
+                                 "--decode-attention-backend", "flashmla_ops"]),
+        ("flashmla_ops_page_32", ["--attention-backend", "flashmla_ops", "--page-size", "32"]),
+        ("flashmla", ["--attention-backend", "flashmla"]),
+        ("triton", ["--attention-backend", "triton"]),
+    ]:
+        parsed, page_size = resolve(backend_args)
+        resolved[label] = {"parsed": parsed, "page_size": page_size}
+    result["resolved"] = resolved
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+
+def _write_tiny_deepseek_v2_config(path: Path) -> None:
+    """A config-only DeepSeek-V2 MLA model directory (kv_lora_rank 512, rope 64), enough to resolve args."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v2",
+        "vocab_size": 512,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": None,
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "topk_method": "greedy",
+        "scoring_func": "softmax",
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "torch_dtype": "bfloat16",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+
+
+@pytest.fixture(scope="module")
+def launcher_result(sglang_cpu, tmp_path_factory) -> dict:
+    """Run SGLang's plugin loading and argument handling in a fresh interpreter, as ``launch_server`` does."""
+    model = tmp_path_factory.mktemp("tiny_dsv2")
+    _write_tiny_deepseek_v2_config(model)
+    env = dict(os.environ, SGLANG_PLUGINS=BACKEND_NAME, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER_SCRIPT, str(Path(__file__).parent), __file__, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=model,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (
+        f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["log"] = proc.stderr + proc.stdout
+    return result
+
+
+def test_load_plugins_discovers_the_entry_point_and_calls_register_once(launcher_result):
+    assert launcher_result["register_calls"] == 1
+    status = launcher_result["status"]
+    assert status["argparse_choices"] == "registered"
+    assert status["chunked_prefix_cache"] == "registered"
+    assert status["attention_backend_factory"] == "registered"
+    assert status["page_size_hook"] == "registered"
+    assert launcher_result["choices"] == 1 and launcher_result["chunked"] == 1
+    assert launcher_result["factory"] == "flashmla_ops.integration.sglang_plugin.create_backend"
+    assert launcher_result["hook_applied"]
+
+
+def test_register_defers_the_cuda_touching_deepseek_handler_import(launcher_result):
+    assert launcher_result["status"]["deepseek_handler"].startswith("deferred")
+    assert not launcher_result["handler_module_imported"]
+
+
+def test_launcher_parses_the_backend_flags(launcher_result):
+    resolved = launcher_result["resolved"]
+    assert resolved["flashmla_ops"]["parsed"]["attention_backend"] == BACKEND_NAME
+    assert resolved["flashmla_ops_decode"]["parsed"] == {
+        "attention_backend": None,
+        "decode_attention_backend": BACKEND_NAME,
+        "prefill_attention_backend": "triton",
+    }
+
+
+def test_launcher_implies_page_size_64_like_the_builtin_flashmla(launcher_result):
+    resolved = launcher_result["resolved"]
+    assert resolved["flashmla"]["page_size"] == 64  # SGLang's own rule for its builtin backend
+    assert resolved["flashmla_ops"]["page_size"] == 64
+    assert resolved["flashmla_ops_decode"]["page_size"] == 64
+    assert resolved["flashmla_ops_page_32"]["page_size"] == 64
+    assert resolved["triton"]["page_size"] != 64  # the hook leaves other backends alone
+    assert "flashmla_ops attention backend only supports a page_size of 64" in launcher_result["log"]
+
+
+def test_register_is_idempotent(sglang_cpu):
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.server_args import (
+        ATTENTION_BACKEND_CHOICES,
+        CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS,
+    )
+
+    first = sglang_plugin.register()
+    assert not any(v.startswith("failed") for v in first.values()), first
+    for _ in range(3):
+        again = sglang_plugin.register()
+        assert again["argparse_choices"] == "already registered"
+        assert again["chunked_prefix_cache"] == "already registered"
+        assert again["attention_backend_factory"] == "already registered"
+        assert again["page_size_hook"] == "already registered"
+        assert again["deepseek_handler"] in (first["deepseek_handler"], "already registered")
+    assert ATTENTION_BACKEND_CHOICES.count(BACKEND_NAME) == 1
+    assert CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS.count(BACKEND_NAME) == 1
+    assert ATTENTION_BACKENDS[BACKEND_NAME] is sglang_plugin.create_backend
+    hooks = HookRegistry._hooks[sglang_plugin.PAGE_SIZE_HOOK_TARGET]
+    assert sum(hook is sglang_plugin._page_size_hook for _t, hook, *_s in hooks) == 1
+    assert (
+        "flashmla" in ATTENTION_BACKENDS
+        and ATTENTION_BACKENDS["flashmla"] is not ATTENTION_BACKENDS[BACKEND_NAME]
+    )
+
+
+def test_argparse_accepts_flashmla_ops_and_still_rejects_unknown_names(sglang_cpu, capsys):
+    from sglang.srt.server_args import ServerArgs
+
+    sglang_plugin.register()
+    parser = argparse.ArgumentParser(prog="sglang serve")
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(
+        ["--model-path", "m", "--attention-backend", BACKEND_NAME, "--decode-attention-backend", BACKEND_NAME]
+        + ["--prefill-attention-backend", BACKEND_NAME, "--page-size", "64"]
+    )
+    assert (args.attention_backend, args.decode_attention_backend, args.prefill_attention_backend) == (
+        (BACKEND_NAME,) * 3
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-path", "m", "--attention-backend", "flashmla_ops_not_registered"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+class _View:
+    """A fake ResolvedView: the given fields, None for every other one."""
+
+    def __init__(self, **fields: object) -> None:
+        self.__dict__.update(fields)
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        ({"attention_backend": BACKEND_NAME, "page_size": 1}, {"page_size": 64}),
+        ({"attention_backend": BACKEND_NAME, "page_size": None}, {"page_size": 64}),
+        ({"decode_attention_backend": BACKEND_NAME, "page_size": 16}, {"page_size": 64}),
+        ({"prefill_attention_backend": BACKEND_NAME, "page_size": 1}, {"page_size": 64}),
+        ({"attention_backend": BACKEND_NAME, "page_size": 64}, {}),
+        ({"attention_backend": "triton", "page_size": 1}, {}),
+        ({"attention_backend": "flashmla", "page_size": 1}, {"page_size": 64}),  # SGLang's own rule
+    ],
+)
+def test_page_size_hook_in_sglangs_resolution_pass(sglang_cpu, fields, expected):
+    sglang_plugin.register()
+    overrides = importlib.import_module("sglang.srt.arg_groups.overrides")
+    assert overrides._mla_backend_page_constraints(_View(**fields)) == expected
+    try:  # 0.5.23 runs the pass from attention_hook, which bound it with `from ... import`
+        attention_hook = importlib.import_module("sglang.srt.arg_groups.attention_hook")
+    except ImportError:
+        return
+    assert attention_hook._mla_backend_page_constraints is overrides._mla_backend_page_constraints
+
+
+def test_deepseek_handler_is_registered_like_builtin_flashmla(sglang_cpu):
+    assert sglang_plugin._register_deepseek_handler(import_module=True) in (
+        "registered",
+        "already registered",
+    )
+    handler = importlib.import_module(HANDLER_MODULE)
+    registry = handler.AttentionBackendRegistry
+    assert registry.get_handler(BACKEND_NAME) is handler.handle_attention_flashmla
+    assert registry.get_handler("flashmla") is handler.handle_attention_flashmla
+    assert registry.get_handler(BACKEND_NAME) is not registry.get_handler("triton")
+    assert sglang_plugin.register()["deepseek_handler"] == "already registered"
+
+
+# ==== 3. SGLang's real FlashMLABackend on CPU ===============================================================
+@pytest.fixture(scope="module")
+def flashmla_backend_module(sglang_cpu) -> types.ModuleType:
+    try:
+        return sglang_backend.import_flashmla_backend_module()
+    except ImportError as e:
+        if e.name != "sgl_kernel":
+            raise
+    # SGLang <= 0.5.22 (e.g. 0.5.17) imports the kernels from the sglang-kernel wheel (`sgl_kernel`), which is
+    # CUDA-only: an empty fake package lets `sgl_kernel.flash_mla` fail alone, as in a wheel without it.
+    fake = types.ModuleType("sgl_kernel", "fake sgl_kernel package (CPU tests)")
+    fake.__path__ = []
+    sys.modules["sgl_kernel"] = fake
+    return sglang_backend.import_flashmla_backend_module()
+
+
+def test_real_flashmla_backend_rebound_methods(flashmla_backend_module):
+    base = flashmla_backend_module.FlashMLABackend
+    users = sglang_backend.kernel_users(base)
+    assert set(users) == sglang_backend.EXPECTED_REBOUND_METHODS, users
+    cls = sglang_backend.get_backend_class()
+    assert cls is sglang_backend.get_backend_class()  # built once per process
+    assert issubclass(cls, base) and cls.rebound_methods == sglang_backend.EXPECTED_REBOUND_METHODS
+    for name in sglang_backend.EXPECTED_REBOUND_METHODS:
+        ours, builtin = getattr(cls, name), getattr(base, name)
+        assert ours is not builtin and ours.__code__ is builtin.__code__
+        assert ours.__globals__["flash_mla_with_kvcache"] is sglang_backend.flash_mla_with_kvcache
+        assert ours.__globals__["get_mla_metadata"] is sglang_backend.get_mla_metadata
+        # the builtin backend still uses SGLang's kernels (or the stand-in, where they are not installed)
+        assert builtin.__globals__ is vars(flashmla_backend_module)
+    assert flashmla_backend_module.flash_mla_with_kvcache is not sglang_backend.flash_mla_with_kvcache
+    for name in sglang_backend.KERNEL_GLOBALS:  # 0.5.17: sgl_kernel.flash_mla; 0.5.23: flash_mla_interface
+        assert getattr(flashmla_backend_module, name).__module__ in sglang_backend.KNOWN_KERNEL_MODULES
+
+
+def test_builtin_kernel_stand_in_raises_when_the_kernel_package_is_missing(flashmla_backend_module):
+    interface = sys.modules.get("sglang.kernels.ops.attention.flash_mla_interface") or sys.modules.get(
+        "sgl_kernel.flash_mla"
+    )
+    if not getattr(interface, "__flashmla_ops_standin__", False):
+        pytest.skip("SGLang's builtin FlashMLA kernels are installed here; no stand-in was needed")
+    with pytest.raises(RuntimeError, match="builtin FlashMLA kernels are not installed"):
+        flashmla_backend_module.flash_mla_with_kvcache()
+
+
+class _CpuKvIndicesKernel:
+    """``create_flashmla_kv_indices_triton[grid](...)`` on CPU: row i gets the page ids of request i."""
+
+    def __getitem__(self, grid: tuple[int, ...]):
+        def run(req_to_token, req_pool_indices, seq_lens, kv_start_idx, out, req_stride, out_stride):
+            assert kv_start_idx is None
+            for i in range(grid[0]):
+                pages = -(-int(seq_lens[i]) // 64)
+                req = int(req_pool_indices[i])
+                out[i, :pages] = (req_to_token[req, 0 : pages * 64 : 64] // 64).to(out.dtype)
+
+        return run
+
+
+class _KvPool:
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.kv = kv
+
+    def get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.kv
+
+
+def _dcp_disabled():
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    return parallel.override(dcp_enabled=False) if hasattr(parallel, "override") else contextlib.nullcontext()
+
+
+def _cpu_backend(cls: type, *, heads: int, draft_tokens: int | None, max_context: int, seed: int):
+    """An instance of ``cls`` with the attributes FlashMLABackend's metadata / forward code reads."""
+    gen = torch.Generator().manual_seed(seed)
+    max_bs = 8
+    pages_per_req = max_context // 64
+    num_pages = 1 + max_bs * pages_per_req  # page 0 is SGLang's padding page
+    req_to_token = torch.zeros(max_bs, max_context, dtype=torch.int32)
+    order = torch.randperm(num_pages - 1, generator=gen) + 1
+    for r in range(max_bs):
+        for p in range(pages_per_req):
+            page = int(order[r * pages_per_req + p])
+            req_to_token[r, p * 64 : (p + 1) * 64] = page * 64 + torch.arange(64, dtype=torch.int32)
+    kv = torch.randn(num_pages * 64, 1, 576, generator=gen).to(torch.bfloat16)  # [slots, 1, 576]
+    backend = object.__new__(cls)
+    backend.__dict__.update(
+        req_to_token=req_to_token,
+        num_q_heads=heads,
+        num_local_heads=heads,
+        num_draft_tokens=draft_tokens,
+        is_fp8_kvcache=False,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        kv_cache_dim=576,
+        max_context_len=max_context,
+        device=torch.device("cpu"),
+        page_size=64,
+        token_to_kv_pool=_KvPool(kv),
+        dcp_world_size=1,
+        kv_index_translator=types.SimpleNamespace(reads_are_translated=False),  # 0.5.23
+        forward_metadata=None,
+        _eager_kv_indices_buf=None,
+        # init_cuda_graph_state's buffers, sized as it sizes them (an H100 has 132 SMs)
+        cuda_graph_kv_indices=torch.full((max_bs, (max_context + 64) // 64), 1, dtype=torch.int32),
+        cuda_graph_mla_metadata=torch.empty(132, 8, dtype=torch.int32),
+        cuda_graph_num_splits=torch.empty(max_bs + 1, dtype=torch.int32),
+        cuda_graph_mla_metadata_view=None,
+        cuda_graph_num_splits_view=None,
+        cuda_graph_draft_extend_seq_lens_k=torch.ones(max_bs, dtype=torch.int32),
+    )
+    return backend, kv
+
+
+def _oracle(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor, lens: list[int], scale: float):
+    out, _ = loop_oracle(q, kv.view(-1, 64, 1, 576), block_table, lens, scale, causal=True)
+    return out
+
+
+@pytest.mark.parametrize("graph_buffers", [False, True], ids=["eager", "cuda_graph_buffers"])
+def test_real_backend_decode_on_cpu(flashmla_backend_module, graph_buffers):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    cls = sglang_backend.build_backend_class(
+        flashmla_backend_module.FlashMLABackend,
+        _extra_globals={"create_flashmla_kv_indices_triton": _CpuKvIndicesKernel()},
+    )
+    heads, lens, scale = 16, [5, 70, 130], 0.0721
+    backend, kv = _cpu_backend(cls, heads=heads, draft_tokens=None, max_context=256, seed=1)
+    seq_lens = torch.tensor(lens)
+    batch = types.SimpleNamespace(
+        batch_size=len(lens),
+        seq_lens=seq_lens,
+        seq_lens_cpu=seq_lens.clone(),
+        req_pool_indices=torch.tensor([2, 0, 5]),
+        forward_mode=ForwardMode.DECODE,
+        kv_loc_plan=None,
+        out_cache_loc=None,
+    )
+    if graph_buffers:
+        backend.init_forward_metadata_out_graph(batch)  # the capture / replay path
+    else:
+        backend.init_forward_metadata(batch)
+    meta = backend.forward_metadata
+    ref_meta, ref_splits = flashmla_ops.get_mla_metadata(seq_lens.int(), heads, 1)
+    assert torch.equal(meta.flashmla_metadata, ref_meta) and torch.equal(meta.num_splits, ref_splits)
+    if graph_buffers:  # our [num_sm_parts, 8] / [b + 1] results live in prefixes of the static buffers
+        assert meta.flashmla_metadata.data_ptr() == backend.cuda_graph_mla_metadata.data_ptr()
+        assert meta.flashmla_metadata.shape == (132, 8)  # 132 // 1 // ceil(16 / 64)
+        assert meta.num_splits.data_ptr() == backend.cuda_graph_num_splits.data_ptr()
+        assert meta.block_kv_indices.data_ptr() == backend.cuda_graph_kv_indices.data_ptr()
+
+    layer = types.SimpleNamespace(
+        tp_q_head_num=heads, head_dim=576, v_head_dim=512, scaling=scale, layer_id=0, k_scale=None
+    )
+    q = torch.randn(len(lens), heads * 576, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with _dcp_disabled():
+        out = backend.forward_decode(q, None, None, layer, batch, save_kv_cache=False)
+    assert out.shape == (len(lens), heads * 512) and out.dtype == torch.bfloat16
+    ref = _oracle(q.view(len(lens), 1, heads, 576), kv, meta.block_kv_indices, lens, scale)
+    torch.testing.assert_close(out.double(), ref.reshape(len(lens), -1), atol=1e-2, rtol=1e-2)
+
+
+def test_real_backend_mtp_target_verify_on_cpu(flashmla_backend_module):
+    """MTP verify (s_q = 2 draft tokens per request, causal): SGLang's graph metadata and forward_extend."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    cls = sglang_backend.build_backend_class(
+        flashmla_backend_module.FlashMLABackend,
+        _extra_globals={"create_flashmla_kv_indices_triton": _CpuKvIndicesKernel()},
+    )
+    heads, draft, lens, scale = 64, 2, [1, 63, 200], 0.05
+    backend, kv = _cpu_backend(cls, heads=heads, draft_tokens=draft, max_context=320, seed=4)
+    seq_lens = torch.tensor(lens)  # prefix lengths; the verify step adds the draft tokens
+    batch = types.SimpleNamespace(
+        batch_size=len(lens),
+        seq_lens=seq_lens,
+        seq_lens_cpu=seq_lens.clone(),
+        req_pool_indices=torch.tensor([1, 3, 7]),
+        forward_mode=ForwardMode.TARGET_VERIFY,
+        kv_loc_plan=None,
+        out_cache_loc=None,
+    )
+    backend.init_forward_metadata_out_graph(batch)
+    meta = backend.forward_metadata
+    kv_lens = [n + draft for n in lens]
+    # 132 SMs // ceil(2 * 64 / 64) = 66 partitions, within the [132, 8] buffer
+    assert meta.flashmla_metadata.shape == (66, 8)
+    ref_meta, _ = flashmla_ops.get_mla_metadata(torch.tensor(kv_lens, dtype=torch.int32), draft * heads, 1)
+    assert torch.equal(meta.flashmla_metadata, ref_meta)
+    layer = types.SimpleNamespace(
+        tp_q_head_num=heads, head_dim=576, v_head_dim=512, scaling=scale, layer_id=0, k_scale=None
+    )
+    q = torch.randn(len(lens) * draft, heads * 576, generator=torch.Generator().manual_seed(5))
+    out = backend.forward_extend(q.to(torch.bfloat16), None, None, layer, batch, save_kv_cache=False)
+    assert out.shape == (len(lens) * draft, heads * 512)
+    ref = _oracle(
+        q.to(torch.bfloat16).view(len(lens), draft, heads, 576), kv, meta.block_kv_indices, kv_lens, scale
+    )
+    torch.testing.assert_close(out.double(), ref.reshape(len(lens) * draft, -1), atol=1e-2, rtol=1e-2)
+
+
+def test_metadata_fits_sglangs_cuda_graph_buffer_for_deepseek_head_counts():
+    """SGLang preallocates [SM count, 8]; ours never needs more rows, for any TP head count and MTP depth."""
+    seqlens = torch.tensor([1, 1000], dtype=torch.int32)
+    for heads in (1, 8, 16, 32, 64, 128):
+        for s_q in (1, 2, 3, 4):
+            meta, num_splits = sglang_backend.get_mla_metadata(seqlens, s_q * heads, 1)
+            assert 1 <= meta.shape[0] <= 132 and meta.shape[1] == 8 and num_splits.shape == (3,)
+            assert meta.shape[0] == max(132 // math.ceil(s_q * heads / 64), 1)
