@@ -5,9 +5,10 @@
 // empty (l_s = -inf for every s) gets out 0 and lse +inf; NaN (a request the main kernel flagged as invalid)
 // propagates.
 //
-// One warp per (output row, quarter of the 512 columns); 8 rows per CTA, grid (b, ceil(rows / 8), 4). Each
-// lane owns 4 consecutive columns (one 16-byte load per split), and four splits are loaded before they are
-// summed, so a request split over many parts (small batches) is not a chain of dependent loads.
+// One warp per (output row, quarter of the 512 columns); 8 rows per CTA; grid (min(b, 2 * num_sm_parts),
+// ceil(rows / 8), 4), striding over the requests. Each lane owns 4 consecutive columns (one 16-byte load per
+// split), and four splits are loaded before they are summed, so a request split over many parts (small
+// batches) is not a chain of dependent loads.
 //
 // Launched with programmatic dependent launch (PDL): the grid may start launching while the main kernel is
 // still running; every CTA first waits (griddepcontrol.wait) for the main kernel to complete, then reads
@@ -38,18 +39,12 @@ struct Pack2<__half> {
   static __device__ type make(float a, float b) { return __floats2half2_rn(a, b); }
 };
 
+// Merges the n > 0 partials of request `req` for one (row, 4-column) slice.
 template <typename T>
-__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
-  // Every CTA waits for the main kernel before it may finish: if a CTA with nothing to merge returned
-  // first, a grid with no split request could complete while the main kernel still writes `out`, and stream
-  // order for the kernels after this one would then rest on the main kernel alone.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  const int req = blockIdx.x;
-  const int n = p.num_splits[req + 1] - p.num_splits[req];
-  if (n == 0) return;
+__device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.y * kCombineWarps + warp;  // in [0, h_kv * q_seq_per_hk)
-  if (row >= p.h_kv * p.q_seq_per_hk) return;
+  if (row >= p.h_kv * p.q_seq_per_hk) return;         // (warp-uniform; nothing after this synchronises)
   const int col = blockIdx.z * (kHeadDimV / 4) + lane * 4;
   const int h_k = row / p.q_seq_per_hk;
   const int grow = row % p.q_seq_per_hk;
@@ -121,12 +116,28 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   if (lane == 0 && blockIdx.z == 0) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
+  // Every CTA waits for the main kernel before it may finish: if a CTA with nothing to merge returned
+  // first, a grid with no split request could complete while the main kernel still writes `out`, and stream
+  // order for the kernels after this one would then rest on the main kernel alone.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  // Grid-stride over requests: the grid has at most 2 * num_sm_parts columns (no more requests can be
+  // split), so a large batch costs a short scan of num_splits per CTA, not b CTAs that exit at once.
+  for (int req = blockIdx.x; req < p.b; req += gridDim.x) {
+    const int n = p.num_splits[req + 1] - p.num_splits[req];
+    if (n != 0) combine_request<T>(p, req, n);
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t stream) {
   const int rows = params.h_kv * params.q_seq_per_hk;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(params.b, (rows + kCombineWarps - 1) / kCombineWarps, 4);
+  const int max_split_requests = 2 * params.num_sm_parts;
+  config.gridDim = dim3(params.b < max_split_requests ? params.b : max_split_requests,
+                        (rows + kCombineWarps - 1) / kCombineWarps, 4);
   config.blockDim = dim3(kCombineWarps * 32);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
