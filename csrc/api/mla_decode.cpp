@@ -165,14 +165,15 @@ void check_outputs(const Tensor& q, const Tensor& out, const Tensor& lse) {
 
 }  // namespace
 
-void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens,
-                         int64_t head_dim_v, Tensor meta, Tensor num_splits, double softmax_scale,
-                         bool causal, Tensor out, Tensor lse) {
-  const DType dtype = check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits);
-  check_outputs(q, out, lse);
+namespace {
+
+// Launches the kernels on already validated inputs and outputs, with q's device current. Both entry points
+// below validate exactly once and then come here, so the functional op does not check its inputs twice.
+void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_table,
+                const Tensor& cache_seqlens, const Tensor& meta, const Tensor& num_splits,
+                double softmax_scale, bool causal, DType dtype, const Tensor& out, const Tensor& lse) {
   const int device = q.get_device_index();
   check_sm90(device);
-  torch::stable::accelerator::DeviceGuard guard(device);
 
   const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2), h_kv = k_cache.size(2);
   const int64_t q_seq_per_hk = s_q * (h_q / h_kv);
@@ -240,17 +241,30 @@ void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor ca
   check_cuda(launch_combine(p, dtype, stream), "combine kernel launch");
 }
 
+}  // namespace
+
+void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens,
+                         int64_t head_dim_v, Tensor meta, Tensor num_splits, double softmax_scale,
+                         bool causal, Tensor out, Tensor lse) {
+  const DType dtype = check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits);
+  check_outputs(q, out, lse);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  run_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, softmax_scale, causal, dtype, out,
+             lse);
+}
+
 std::tuple<Tensor, Tensor> mla_decode_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens,
                                            int64_t head_dim_v, Tensor meta, Tensor num_splits,
                                            double softmax_scale, bool causal) {
-  // Validate before allocating so that a bad input reports its own error, not an allocation one.
-  check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits);
+  // Validate before allocating so that a bad input reports its own error, not an allocation one. The fresh
+  // outputs have the right shapes, dtypes and strides by construction: no output check is needed.
+  const DType dtype = check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits);
   const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   Tensor out = torch::stable::new_empty(q, {b, s_q, h_q, kHeadDimV});
   Tensor lse = torch::stable::new_empty(q, {b, h_q, s_q}, ScalarType::Float);
-  mla_decode_out_cuda(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits, softmax_scale,
-                      causal, out, lse);
+  run_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, softmax_scale, causal, dtype, out,
+             lse);
   return {out, lse};
 }
 
