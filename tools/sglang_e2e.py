@@ -534,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             run["plugin_registered_in_log"] = "flashmla_ops SGLang plugin:" in text
             run["flashmla_ops_backend_built_in_log"] = "built FlashMLAOpsBackend" in text
             results["runs"].append(run)
+            # Written after every server, so a run cut short (a time limit) still leaves its results.
+            Path(args.out).write_text(json.dumps(results | {"partial": True}, indent=1, default=str))
             if run["ok"]:
                 tput = run["throughput"]
                 print(
