@@ -47,8 +47,16 @@ CUDA-graph buffer compatibility (read from 0.5.17 and 0.5.23, the same in both)
   matches. This is the same formula as FlashMLA's legacy scheduler, so the shapes are exactly those the
   builtin backend produces. (Decode and target-verify graphs share the buffer with different ``n``; SGLang's
   warning then fires for the builtin backend as well.)
-* The block table passed to the kernel is ``cuda_graph_kv_indices[:bs, :max_pages]``: a row-strided view
-  with a contiguous last dimension, which flashmla_ops accepts; its padding (1 or -1) is never read.
+* The block table passed to the kernel is ``cuda_graph_kv_indices[:bs, :max_seqlen_pad]``, a row-strided
+  view of a ``[max_bs, (context_len + 64) // 64]`` buffer. ``max_seqlen_pad`` comes from the *capture*
+  batch's CPU lengths (the fill value 1), so the graph bakes a view **one column wide**, and every replay
+  then serves requests of many pages through it. FlashMLA's kernel indexes the table with the row stride and
+  never looks at the view's width, so that works for the builtin backend. flashmla_ops bounds every request
+  by ``block_table.size(1)`` (a request needing more pages gets NaN rows instead of an out-of-bounds read),
+  so the adapter below widens such a view to its full rows (:func:`widen_block_table`: the row stride, cut
+  to what the tensor's storage holds) before calling the kernel. It reads only strides and the storage
+  size, never values, so it is capture-safe and costs no sync. Found on the H100 end-to-end run: without
+  it every request longer than 64 tokens decoded NaN under CUDA graphs (eager mode was right).
   ``k_cache`` is ``[slots // 64, 64, 1, 576]`` (a view, or ``as_strided`` in 0.5.23), also accepted.
 
 Not supported (clear errors): FP8 KV cache (``descale_q`` / ``descale_k``), the ``FlashMLASchedMeta`` API
@@ -83,6 +91,7 @@ __all__ = [
     "get_mla_metadata",
     "import_flashmla_backend_module",
     "kernel_users",
+    "widen_block_table",
 ]
 
 logger = logging.getLogger(__name__)
@@ -170,7 +179,7 @@ def flash_mla_with_kvcache(
     return flashmla_ops.flash_mla_with_kvcache(
         q,
         k_cache,
-        block_table,
+        widen_block_table(block_table),
         cache_seqlens,
         head_dim_v,
         tile_scheduler_metadata,
@@ -180,6 +189,30 @@ def flash_mla_with_kvcache(
         False,
         indices,
     )
+
+
+def widen_block_table(block_table: torch.Tensor) -> torch.Tensor:
+    """``block_table`` widened to its full rows: ``[b, w]`` with ``w`` = the row stride, or fewer columns
+    where the tensor's storage ends sooner. Returned unchanged unless it is a 2-D int view with a contiguous
+    last dimension and a row stride larger than its width.
+
+    SGLang's FlashMLA backend hands the kernel a view whose width was fixed when a CUDA graph was captured
+    (one column, see the module docstring) while the real lengths need more; FlashMLA reads past the width
+    through the row stride. Widening the view gives flashmla_ops the same pages, and its bound check then
+    only refuses entries that lie outside the buffer. Reads strides and the storage size, never values.
+    """
+    if block_table.dim() != 2 or block_table.stride(1) != 1 or block_table.numel() == 0:
+        return block_table
+    b, cols = block_table.shape
+    row_stride = block_table.stride(0)
+    if row_stride <= cols:
+        return block_table
+    storage_elems = block_table.untyped_storage().nbytes() // block_table.element_size()
+    last_row_room = storage_elems - block_table.storage_offset() - (b - 1) * row_stride
+    width = min(row_stride, last_row_room)
+    if width <= cols:
+        return block_table
+    return block_table.as_strided((b, width), (row_stride, 1))
 
 
 _KERNELS: dict[str, Callable[..., Any]] = {

@@ -845,6 +845,64 @@ def test_real_backend_decode_on_cpu(flashmla_backend_module, graph_buffers):
     torch.testing.assert_close(out.double(), ref.reshape(len(lens), -1), atol=1e-2, rtol=1e-2)
 
 
+def test_cuda_graph_replay_through_the_capture_time_block_table_view(flashmla_backend_module):
+    """SGLang captures its decode graphs with the CPU lengths set to the fill value 1, so the block table the
+    graph bakes in is ``cuda_graph_kv_indices[:bs, :1]``; every replay then serves longer requests through
+    that one-column view (FlashMLA reads past it via the row stride). Emulated here: metadata for the
+    capture batch, then the replay's metadata refresh (same static buffers, real lengths, no CPU mirror), then
+    the forward with the capture-time views, as the graph would run it. On the H100 end-to-end run this was
+    NaN for every request longer than one page before the adapter widened the view."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    cls = sglang_backend.build_backend_class(
+        flashmla_backend_module.FlashMLABackend,
+        _extra_globals={"create_flashmla_kv_indices_triton": _CpuKvIndicesKernel()},
+    )
+    heads, lens, scale = 16, [2, 65, 200, 129], 0.0721
+    backend, kv = _cpu_backend(cls, heads=heads, draft_tokens=None, max_context=256, seed=7)
+    bs = len(lens)
+    seq_lens = torch.ones(bs, dtype=torch.int64)  # the graph runner's static buffer, filled with 1
+    batch = types.SimpleNamespace(
+        batch_size=bs,
+        seq_lens=seq_lens,
+        seq_lens_cpu=torch.ones(bs, dtype=torch.int64),
+        req_pool_indices=torch.tensor([3, 1, 4, 0]),
+        forward_mode=ForwardMode.DECODE,
+        kv_loc_plan=None,
+        out_cache_loc=None,
+    )
+    backend.init_forward_metadata_out_graph(batch, in_capture=True)
+    captured = backend.forward_metadata
+    assert captured.block_kv_indices.shape == (bs, 1)  # what the graph bakes in
+
+    seq_lens.copy_(torch.tensor(lens))  # replay: new lengths in the static buffer, no CPU mirror
+    batch.seq_lens_cpu = None
+    backend.init_forward_metadata_out_graph(batch)
+    backend.forward_metadata = captured  # the graph's kernels keep their capture-time arguments
+    layer = types.SimpleNamespace(
+        tp_q_head_num=heads, head_dim=576, v_head_dim=512, scaling=scale, layer_id=0, k_scale=None
+    )
+    q = torch.randn(bs, heads * 576, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    with _dcp_disabled():
+        out = backend.forward_decode(q, None, None, layer, batch, save_kv_cache=False)
+    full_table = backend.cuda_graph_kv_indices[:bs]
+    ref = _oracle(q.view(bs, 1, heads, 576), kv, full_table, lens, scale)
+    torch.testing.assert_close(out.double(), ref.reshape(bs, -1), atol=1e-2, rtol=1e-2)
+
+
+def test_widen_block_table():
+    buf = torch.arange(4 * 65, dtype=torch.int32).view(4, 65)
+    narrow = buf[:3, :1]
+    wide = sglang_backend.widen_block_table(narrow)
+    assert wide.shape == (3, 65) and wide.data_ptr() == buf.data_ptr() and torch.equal(wide, buf[:3])
+    # the last row of the buffer cannot grow past the storage
+    tail = buf.view(-1)[65 * 3 + 5 :].as_strided((1, 10), (65, 1))
+    assert sglang_backend.widen_block_table(tail).shape == (1, 60)
+    # unchanged: a full-width table, a transposed one, a 1-D tensor, an empty one
+    for t in (buf, buf.t(), buf.view(-1), buf[:0, :1]):
+        assert sglang_backend.widen_block_table(t) is t
+
+
 def test_real_backend_mtp_target_verify_on_cpu(flashmla_backend_module):
     """MTP verify (s_q = 2 draft tokens per request, causal): SGLang's graph metadata and forward_extend."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode

@@ -8,7 +8,7 @@
 #   bash tools/sglang_gpu_bundle.sh            # SGLANG_BUNDLE_FA3=1 keeps flash_ops.abi3.so (about +7 parts)
 # The package list is the minimal set found by importing sglang.launch_server, its --help, the HTTP server,
 # scheduler, model runner, deepseek_v2 and the flashmla / flashinfer_mla backends (CUDA faked) in a CPU venv
-# that has only what the GPU machine has. transformers 5.12.1 + tokenizers 0.22.2 deliberately shadow the
+# that has only what the GPU machine has (its `pip list` of 2026-11-22; it has no pydantic). transformers 5.12.1 + tokenizers 0.22.2 deliberately shadow the
 # machine's 5.17.0 / 0.23.2: sglang 0.5.17 pins transformers==5.12.1 and fails to import with 5.17
 # ("'qwen3_asr' is already used by a Transformers config"); 5.12.1 requires tokenizers<=0.23.0.
 set -euo pipefail
@@ -25,6 +25,7 @@ packages=(
   sglang==0.5.17 sglang-kernel==0.4.5 flashinfer-python==0.6.15.post1
   transformers==5.12.1 tokenizers==0.22.2
   apache-tvm-ffi==0.1.11 xgrammar==0.2.1 openai==2.6.1 soundfile==0.13.1
+  pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
   aiohappyeyeballs==2.7.1 aiohttp==3.14.5 aiosignal==1.4.0 attrs==26.1.0 cffi==2.1.1 charset-normalizer==3.5.2
   compressed-tensors==0.20.0 dill==0.4.1 distro==1.9.0 einops==0.8.2 fastapi==0.165.0 frozenlist==1.8.0
   gguf==0.19.0 ipython==9.18.1 jiter==0.19.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1
