@@ -32,7 +32,7 @@ else:
 
 from . import meta, reference  # noqa: E402, F401  (registrations: fakes, then CPU kernels)
 from ._validation import FlashMLAInputError  # noqa: E402
-from .ops import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from .ops import flash_mla_with_kvcache, get_mla_metadata, workspace_size  # noqa: E402
 
 try:
     from importlib.metadata import PackageNotFoundError, version
@@ -47,6 +47,7 @@ __all__ = [
     "cuda_extension_available",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
+    "workspace_size",
 ]
 
 

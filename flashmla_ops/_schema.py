@@ -30,11 +30,13 @@ SCHEMAS: dict[str, str] = {
         "Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal) "
         "-> (Tensor, Tensor)"
     ),
-    # Out-variant for CUDA-graph callers: writes the preallocated `out` and `lse`, returns nothing.
+    # Out-variant for CUDA-graph callers: writes the preallocated `out` and `lse`, returns nothing. With a
+    # preallocated float32 `workspace` (>= workspace_size(...) elements) for the split partials it allocates
+    # nothing; without one it takes a workspace from the caching allocator for the call.
     "mla_decode_out": (
         "mla_decode_out(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
         "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, "
-        "bool causal, Tensor(a!) out, Tensor(b!) lse) -> ()"
+        "bool causal, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? workspace=None) -> ()"
     ),
 }
 

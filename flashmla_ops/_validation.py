@@ -37,6 +37,7 @@ __all__ = [
     "check_mla_decode",
     "check_mla_decode_out",
     "check_positive_int",
+    "workspace_numel",
     "fmt_dtype",
     "fmt_shape",
 ]
@@ -72,10 +73,16 @@ MSG_LAST_DIM_CONTIGUOUS = "flashmla: {name} must have a contiguous last dimensio
 MSG_CONTIGUOUS = "flashmla: {name} must be contiguous, got shape {shape} and strides {strides}"
 MSG_OUT_DTYPE = "flashmla: out must have the same dtype as q ({q_dtype}), got {dtype}"
 MSG_LSE_DTYPE = "flashmla: lse must be float32, got {dtype}"
+MSG_WORKSPACE_DTYPE = "flashmla: workspace must be float32, got {dtype}"
+MSG_WORKSPACE_SIZE = (
+    "flashmla: workspace must have at least {need} elements (2 * num_sm_parts * h_kv * s_q * (h_q / h_kv) * "
+    "513), got {numel}"
+)
 MSG_POSITIVE_INT = "flashmla: {name} must be >= 1, got {value}"
 
 # Python-only (raised by the public wrappers in ops.py, never by an op):
 MSG_OUT_LSE_TOGETHER = "flashmla: out and lse must be given together (both or neither)"
+MSG_WORKSPACE_NEEDS_OUT = "flashmla: workspace is used by the out-variant only: give out and lse with it"
 
 # Value checks of the CPU reference (reference.py). The CUDA kernel does not read values on the host: it
 # writes NaN to out and lse for a request with such inputs instead of raising.
@@ -233,6 +240,13 @@ def check_mla_decode(
     return b, s_q, h_q, h_kv
 
 
+def workspace_numel(num_sm_parts: int, num_heads_k: int, num_q_tokens_per_head_k: int) -> int:
+    """float32 elements of the split-partials workspace of one decode call: ``2 * num_sm_parts`` slots (no
+    more pieces can exist, whatever the batch), each holding ``num_heads_k * num_q_tokens_per_head_k`` rows of
+    512 output partials plus one LSE. Mirrors ``run_decode`` in ``csrc/api/mla_decode.cpp``."""
+    return 2 * num_sm_parts * num_heads_k * num_q_tokens_per_head_k * (HEAD_DIM_V + 1)
+
+
 def check_mla_decode_out(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -243,6 +257,7 @@ def check_mla_decode_out(
     num_splits: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[int, int, int, int]:
     """Validate the arguments of ``flashmla::mla_decode_out``; return ``(b, s_q, h_q, h_kv)``."""
     b, s_q, h_q, h_kv = check_mla_decode(
@@ -269,4 +284,10 @@ def check_mla_decode_out(
     _check_device(out, "out", q.device)
     _check_device(lse, "lse", q.device)
     _check_last_dim_contiguous(out, "out")
+    if workspace is not None:
+        _require(workspace.dtype == torch.float32, MSG_WORKSPACE_DTYPE, dtype=fmt_dtype(workspace.dtype))
+        need = workspace_numel(tile_scheduler_metadata.size(0), h_kv, s_q * (h_q // h_kv))
+        _require(workspace.numel() >= need, MSG_WORKSPACE_SIZE, need=need, numel=workspace.numel())
+        _check_device(workspace, "workspace", q.device)
+        _check_contiguous(workspace, "workspace")
     return b, s_q, h_q, h_kv

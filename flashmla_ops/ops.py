@@ -11,9 +11,16 @@ import functools
 
 import torch
 
-from ._validation import HEAD_DIM_K, MSG_OUT_LSE_TOGETHER, FlashMLAInputError, check_positive_int
+from ._validation import (
+    HEAD_DIM_K,
+    MSG_OUT_LSE_TOGETHER,
+    MSG_WORKSPACE_NEEDS_OUT,
+    FlashMLAInputError,
+    check_positive_int,
+    workspace_numel,
+)
 
-__all__ = ["flash_mla_with_kvcache", "get_mla_metadata"]
+__all__ = ["flash_mla_with_kvcache", "get_mla_metadata", "workspace_size"]
 
 #: Rows of the kernel's query tile: ``ceil(num_q_tokens_per_head_k / 64)`` tiles per (request, kv head).
 _BLOCK_M = 64
@@ -107,6 +114,7 @@ def flash_mla_with_kvcache(
     *,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head latent attention (MLA) decode over a paged KV cache ("MQA mode", absorbed weights).
 
@@ -139,6 +147,11 @@ def flash_mla_with_kvcache(
             last dimension contiguous. Give ``out`` and ``lse`` together (e.g. for CUDA-graph capture):
             the kernel writes them in place and returns them.
         lse: optional preallocated float32 ``[batch_size, num_heads_q, seq_len_q]`` (any strides).
+        workspace: optional preallocated float32 scratch for the split partials, contiguous, at least
+            :func:`workspace_size` elements; only with ``out`` and ``lse``. Then the call allocates nothing
+            (without it, each call takes its scratch from PyTorch's caching allocator). One workspace may
+            serve every layer of a step (the calls run one after another on the stream); calls that may run
+            concurrently on different streams need their own.
 
     Returns:
         ``(out, softmax_lse)``:
@@ -170,6 +183,8 @@ def flash_mla_with_kvcache(
         # keeps the scale a plain float under torch.compile with dynamic shapes.
         softmax_scale = _DEFAULT_SOFTMAX_SCALE
     if out is None and lse is None:
+        if workspace is not None:
+            raise FlashMLAInputError(MSG_WORKSPACE_NEEDS_OUT)
         return torch.ops.flashmla.mla_decode(
             q,
             k_cache,
@@ -195,5 +210,31 @@ def flash_mla_with_kvcache(
         causal,
         out,
         lse,
+        workspace,
     )
     return out, lse
+
+
+def workspace_size(
+    tile_scheduler_metadata: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int
+) -> int:
+    """Number of float32 elements the ``workspace`` of :func:`flash_mla_with_kvcache` needs.
+
+    Arguments:
+        tile_scheduler_metadata: from :func:`get_mla_metadata` (only its number of rows is read).
+        num_q_tokens_per_head_k, num_heads_k: the values given to :func:`get_mla_metadata`
+            (``seq_len_q * num_heads_q // num_heads_k`` and ``num_heads_k``).
+
+    The size depends on the GPU's part count and the head geometry, never on the batch size or the
+    lengths, so one buffer serves every step of a serving loop::
+
+        meta, splits = flashmla_ops.get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
+        ws = torch.empty(flashmla_ops.workspace_size(meta, s_q * h_q // h_kv, h_kv),
+                         dtype=torch.float32, device="cuda")
+        flashmla_ops.flash_mla_with_kvcache(..., out=out, lse=lse, workspace=ws)
+
+    At h_q = 128, s_q = 1, h_kv = 1 on an H100 (66 parts) that is 8,667,648 elements (34.7 MB).
+    """
+    check_positive_int(num_q_tokens_per_head_k, "num_q_tokens_per_head_k")
+    check_positive_int(num_heads_k, "num_heads_k")
+    return workspace_numel(tile_scheduler_metadata.size(0), num_heads_k, num_q_tokens_per_head_k)

@@ -325,16 +325,28 @@ def mla_decode_out_reference(
     causal: bool,
     out: torch.Tensor,
     lse: torch.Tensor,
+    workspace: torch.Tensor | None = None,
 ) -> None:
+    # The reference needs no scratch: `workspace` is only validated (same rules as the CUDA kernel's).
     check_mla_decode_out(
-        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, out, lse
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        out,
+        lse,
+        workspace,
     )
     _decode_into(out, lse, q, k_cache, block_table, cache_seqlens, softmax_scale, causal)
 
 
 mla_decode_out_reference.__doc__ = (
     """Reference MLA decode, out-variant: writes ``out`` [b, s_q, h_q, 512] (q's dtype, last dim contiguous)
-    and ``lse`` float32 [b, h_q, s_q] in place and returns None.
+    and ``lse`` float32 [b, h_q, s_q] in place and returns None. ``workspace`` (optional, float32,
+    contiguous, at least :func:`flashmla_ops.workspace_size` elements) is validated and otherwise unused.
 """
     + _DECODE_DOC_ARGS
 )

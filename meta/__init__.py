@@ -11,7 +11,7 @@ Output shapes depend only on input shapes and int arguments:
   ``[b + 1]``.
 * ``mla_decode``: ``out`` ``[b, s_q, h_q, 512]`` in q's dtype and ``lse`` float32 ``[b, h_q, s_q]``, both
   contiguous.
-* ``mla_decode_out``: returns None (it writes its ``out`` / ``lse`` arguments).
+* ``mla_decode_out``: returns None (it writes its ``out`` / ``lse`` arguments; ``workspace`` is scratch).
 """
 
 from __future__ import annotations
@@ -69,8 +69,18 @@ def _mla_decode_out_fake(
     causal: bool,
     out: torch.Tensor,
     lse: torch.Tensor,
+    workspace: torch.Tensor | None = None,
 ) -> None:
     check_mla_decode_out(
-        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, out, lse
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        out,
+        lse,
+        workspace,
     )
     return None

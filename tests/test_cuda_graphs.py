@@ -249,7 +249,8 @@ def eager_decode(qs, k_caches, block_table, cache_seqlens):
 
 
 class CapturedDecode:
-    """Static inputs and outputs of a captured step: scheduler + every layer's decode via the out-variant."""
+    """Static inputs and outputs of a captured step: scheduler + every layer's decode via the out-variant,
+    all layers sharing one preallocated workspace."""
 
     def __init__(self, h_q: int, s_q: int, b: int = GRAPH_BATCH) -> None:
         self.h_q, self.s_q = h_q, s_q
@@ -260,6 +261,11 @@ class CapturedDecode:
         self.cache_seqlens = torch.zeros(b, dtype=torch.int32, device="cuda")
         self.out = [torch.empty(b, s_q, h_q, D_V, **kw) for _ in range(N_LAYERS)]
         self.lse = [torch.empty(b, h_q, s_q, dtype=torch.float32, device="cuda") for _ in range(N_LAYERS)]
+        # one split-partials workspace for every layer: the captured step allocates nothing for the decode
+        meta, _ = flashmla_ops.get_mla_metadata(self.cache_seqlens, s_q * h_q // H_KV, H_KV)
+        self.workspace = torch.empty(
+            flashmla_ops.workspace_size(meta, s_q * h_q // H_KV, H_KV), dtype=torch.float32, device="cuda"
+        )
         self.graph = torch.cuda.CUDAGraph()
 
     def _step(self):
@@ -277,6 +283,7 @@ class CapturedDecode:
                 causal=True,
                 out=out,
                 lse=lse,
+                workspace=self.workspace,
             )
         return meta, num_splits
 

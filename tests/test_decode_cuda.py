@@ -113,6 +113,55 @@ def test_functional_matches_out_variant_and_is_deterministic():
     assert torch.equal(out2, first[0]) and torch.equal(lse2, first[1])
 
 
+def test_out_variant_with_workspace_allocates_nothing():
+    """out + lse + a preallocated workspace: the call takes no memory from the allocator (issue rule: no
+    per-call allocation on the decode path), reuses one workspace across layers, and computes bit for bit
+    what the functional op computes."""
+    torch.manual_seed(5)
+    seqlens = make_seqlens(64, 2000, True)
+    q, k_cache, block_table = make_inputs(64, 2, 128, 1, seqlens, torch.bfloat16)
+    meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, 2 * 128, 1)
+    args = (q, k_cache, block_table, seqlens, 512, meta, num_splits)
+    want = flashmla_ops.flash_mla_with_kvcache(*args, causal=True)
+    out, lse = torch.full_like(want[0], float("nan")), torch.full_like(want[1], float("nan"))
+    workspace = torch.empty(flashmla_ops.workspace_size(meta, 2 * 128, 1), dtype=torch.float32, device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for _ in range(5):
+        flashmla_ops.flash_mla_with_kvcache(*args, causal=True, out=out, lse=lse, workspace=workspace)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    # without a workspace the out-variant takes one per call from the caching allocator
+    flashmla_ops.flash_mla_with_kvcache(*args, causal=True, out=out, lse=lse)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before + 1
+
+
+def test_cuda_workspace_errors_match_the_python_messages():
+    seqlens = torch.tensor([100, 7], dtype=torch.int32, device="cuda")
+    q, k_cache, block_table = make_inputs(2, 1, 16, 1, seqlens, torch.bfloat16)
+    meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, 16, 1)
+    need = flashmla_ops.workspace_size(meta, 16, 1)
+    out = torch.empty(2, 1, 16, 512, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(2, 16, 1, device="cuda")
+    bad = {
+        "dtype": torch.empty(need, dtype=torch.bfloat16, device="cuda"),
+        "size": torch.empty(need - 1, device="cuda"),
+        "not contiguous": torch.empty(2 * need, device="cuda")[::2],
+        "device": torch.empty(need),
+    }
+    for name, ws in bad.items():
+        args = [q, k_cache, block_table, seqlens, 512, meta, num_splits, 0.1, False, out, lse, ws]
+        with pytest.raises(RuntimeError) as cuda_err:
+            torch.ops.flashmla.mla_decode_out(*args)
+        if name == "device":
+            assert "workspace must be on the same device as q (cuda:0), got cpu" in str(cuda_err.value)
+            continue
+        with pytest.raises(RuntimeError) as cpu_err:
+            torch.ops.flashmla.mla_decode_out(*[x.cpu() if isinstance(x, torch.Tensor) else x for x in args])
+        assert str(cpu_err.value) in str(cuda_err.value), f"{name}: {cuda_err.value!r} vs {cpu_err.value!r}"
+
+
 def test_invalid_values_give_nan_not_memory_errors():
     """A request that needs more pages than block_table has, or names a page outside the cache, reads no
     memory out of bounds and gets NaN rows, while the other requests stay correct."""

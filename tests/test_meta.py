@@ -7,7 +7,7 @@ import torch
 from _helpers import D_V, make_inputs, schedule_args
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import flashmla_ops  # noqa: F401  (registers the ops)
+import flashmla_ops
 
 SCALE = 576**-0.5
 
@@ -96,3 +96,5 @@ def test_opcheck(seqlens, s_q, h_q, h_kv, dtype, causal, num_parts):
     out = torch.empty(b, s_q, h_q, D_V, dtype=dtype)
     lse = torch.empty(b, h_q, s_q)
     torch.library.opcheck(torch.ops.flashmla.mla_decode_out.default, (*args, out, lse))
+    workspace = torch.empty(flashmla_ops.workspace_size(meta, s_q * h_q // h_kv, h_kv))
+    torch.library.opcheck(torch.ops.flashmla.mla_decode_out.default, (*args, out, lse, workspace))

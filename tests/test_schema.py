@@ -28,7 +28,7 @@ class TestSchema(expecttest.TestCase):
     def test_mla_decode_out(self):
         self.assertExpectedInline(
             str(torch.ops.flashmla.mla_decode_out.default._schema),
-            """flashmla::mla_decode_out(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, Tensor(a!) out, Tensor(b!) lse) -> ()""",  # noqa: E501
+            """flashmla::mla_decode_out(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? workspace=None) -> ()""",  # noqa: E501
         )
 
     def test_op_set(self):
@@ -38,11 +38,11 @@ class TestSchema(expecttest.TestCase):
             self.assertEqual(getattr(torch.ops.flashmla, name).overloads(), ["default"])
 
     def test_mutation_annotations(self):
-        """Only the out-variant mutates, only out and lse, and nothing returns a mutated tensor."""
+        """Only the out-variant mutates (out, lse, its workspace); nothing returns a mutated tensor."""
         for name in _schema.SCHEMAS:
             schema = getattr(torch.ops.flashmla, name).default._schema
             mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-            self.assertEqual(mutated, ["out", "lse"] if name == "mla_decode_out" else [])
+            self.assertEqual(mutated, ["out", "lse", "workspace"] if name == "mla_decode_out" else [])
             self.assertTrue(all(r.alias_info is None for r in schema.returns))
 
     def test_kernels_registered(self):

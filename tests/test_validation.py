@@ -21,6 +21,7 @@ from flashmla_ops._validation import FlashMLAInputError
 
 SCALE = 576**-0.5
 OUT_ARGS = ("out", "lse")
+WORKSPACE_NUMEL = 2 * 8 * 1 * 32 * 513
 
 
 def base() -> dict:
@@ -37,6 +38,8 @@ def base() -> dict:
         "num_splits": num_splits,
         "out": torch.zeros(2, 2, 16, D_V, dtype=torch.bfloat16),
         "lse": torch.zeros(2, 16, 2),
+        # exactly workspace_size: 2 * 8 parts * 1 kv head * 32 rows * 513
+        "workspace": torch.zeros(WORKSPACE_NUMEL),
     }
 
 
@@ -282,6 +285,27 @@ OUT_CASES = [
         setter(lse=lambda d: d["lse"].to("meta")),
         "flashmla: lse must be on the same device as q (cpu), got meta",
     ),
+    (
+        "workspace-dtype",
+        setter(workspace=lambda d: d["workspace"].bfloat16()),
+        "flashmla: workspace must be float32, got bfloat16",
+    ),
+    (
+        "workspace-size",
+        setter(workspace=lambda d: d["workspace"][1:]),
+        f"flashmla: workspace must have at least {WORKSPACE_NUMEL} elements (2 * num_sm_parts * h_kv * s_q * "
+        f"(h_q / h_kv) * 513), got {WORKSPACE_NUMEL - 1}",
+    ),
+    (
+        "workspace-device",
+        setter(workspace=lambda d: d["workspace"].to("meta")),
+        "flashmla: workspace must be on the same device as q (cpu), got meta",
+    ),
+    (
+        "workspace-not-contiguous",
+        setter(workspace=lambda d: torch.zeros(2 * WORKSPACE_NUMEL)[::2]),
+        f"flashmla: workspace must be contiguous, got shape [{WORKSPACE_NUMEL}] and strides [2]",
+    ),
 ]
 
 
@@ -304,12 +328,12 @@ def _decode_positional(d: dict, with_out: bool) -> tuple:
         SCALE,
         True,
     )
-    return (*args, d["out"], d["lse"]) if with_out else args
+    return (*args, d["out"], d["lse"], d["workspace"]) if with_out else args
 
 
 def _run_route(route: str, d: dict, with_out: bool) -> None:
     if route == "api":
-        kwargs = {"out": d["out"], "lse": d["lse"]} if with_out else {}
+        kwargs = {"out": d["out"], "lse": d["lse"], "workspace": d["workspace"]} if with_out else {}
         flashmla_ops.flash_mla_with_kvcache(*_decode_positional(d, False)[:7], SCALE, True, **kwargs)
         return
     op = torch.ops.flashmla.mla_decode_out if with_out else torch.ops.flashmla.mla_decode
@@ -350,6 +374,23 @@ def test_api_out_and_lse_together(given):
         lambda: flashmla_ops.flash_mla_with_kvcache(*args, **{given: d[given]}),
         "flashmla: out and lse must be given together (both or neither)",
     )
+
+
+def test_api_workspace_needs_out():
+    d = base()
+    args = _decode_positional(d, False)[:7]
+    expect(
+        lambda: flashmla_ops.flash_mla_with_kvcache(*args, workspace=d["workspace"]),
+        "flashmla: workspace is used by the out-variant only: give out and lse with it",
+    )
+
+
+def test_workspace_size_matches_the_check():
+    d = base()
+    need = flashmla_ops.workspace_size(d["tile_scheduler_metadata"], 2 * 16, 1)
+    assert need == WORKSPACE_NUMEL
+    with pytest.raises(FlashMLAInputError, match="num_heads_k must be >= 1, got 0"):
+        flashmla_ops.workspace_size(d["tile_scheduler_metadata"], 32, 0)
 
 
 # ---- get_mla_metadata ------------------------------------------------------------------------------------

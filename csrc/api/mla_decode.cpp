@@ -4,6 +4,7 @@
 // tensor values and never syncs with the host.
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
@@ -163,6 +164,25 @@ void check_outputs(const Tensor& q, const Tensor& out, const Tensor& lse) {
   check_aligned(out, "out");
 }
 
+// float32 elements of the split-partials workspace: 2 * num_sm_parts slots (at most 2 * (num_sm_parts - 1)
+// pieces exist: each part boundary inside a request adds one piece and can create at most one split request),
+// each of h_kv * q_seq_per_hk rows of 512 O partials + 1 LSE. Bounded by the part count, not the batch size.
+// Mirrors workspace_numel in flashmla_ops/_validation.py.
+int64_t workspace_numel(int64_t num_sm_parts, int64_t h_kv, int64_t q_seq_per_hk) {
+  return 2 * num_sm_parts * h_kv * q_seq_per_hk * (kHeadDimV + 1);
+}
+
+void check_workspace(const Tensor& q, const Tensor& k_cache, const Tensor& meta, const Tensor& workspace) {
+  FLASHMLA_CHECK(workspace.scalar_type() == ScalarType::Float, "workspace must be float32, got ",
+                 dtype_name(workspace.scalar_type()));
+  const int64_t h_kv = k_cache.size(2), q_seq_per_hk = q.size(1) * (q.size(2) / h_kv);
+  const int64_t need = workspace_numel(meta.size(0), h_kv, q_seq_per_hk);
+  FLASHMLA_CHECK(workspace.numel() >= need, "workspace must have at least ", need,
+                 " elements (2 * num_sm_parts * h_kv * s_q * (h_q / h_kv) * 513), got ", workspace.numel());
+  check_device(workspace, "workspace", q);
+  check_contiguous(workspace, "workspace");
+}
+
 }  // namespace
 
 namespace {
@@ -171,7 +191,8 @@ namespace {
 // below validate exactly once and then come here, so the functional op does not check its inputs twice.
 void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_table,
                 const Tensor& cache_seqlens, const Tensor& meta, const Tensor& num_splits,
-                double softmax_scale, bool causal, DType dtype, const Tensor& out, const Tensor& lse) {
+                double softmax_scale, bool causal, DType dtype, const Tensor& out, const Tensor& lse,
+                const std::optional<Tensor>& workspace) {
   const int device = q.get_device_index();
   check_sm90(device);
 
@@ -226,13 +247,17 @@ void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_tabl
   p.meta = static_cast<const int32_t*>(meta.data_ptr());
   p.num_splits = static_cast<const int32_t*>(num_splits.data_ptr());
 
-  // Split accumulators: at most 2 * (num_sm_parts - 1) pieces exist (each part boundary inside a request
-  // adds one piece and can create at most one split request), so their size is bounded by the part count,
-  // not by the batch size. One allocation holds O partials then LSE partials.
-  const int64_t slots = 2 * num_sm_parts;
-  const int64_t rows = slots * h_kv * q_seq_per_hk;
-  Tensor workspace = torch::stable::new_empty(q, {rows * (kHeadDimV + 1)}, ScalarType::Float);
-  p.o_accum = static_cast<float*>(workspace.data_ptr());
+  // Split accumulators (see workspace_numel): O partials, then LSE partials. The caller's workspace (already
+  // validated) when given, so that the call allocates nothing; otherwise one from the caching allocator,
+  // released to it (stream-ordered) when this function returns.
+  const int64_t rows = 2 * num_sm_parts * h_kv * q_seq_per_hk;
+  std::optional<Tensor> own_workspace;
+  if (!workspace.has_value()) {
+    own_workspace =
+        torch::stable::new_empty(q, {workspace_numel(num_sm_parts, h_kv, q_seq_per_hk)}, ScalarType::Float);
+  }
+  const Tensor& ws = workspace.has_value() ? *workspace : *own_workspace;
+  p.o_accum = static_cast<float*>(ws.data_ptr());
   p.lse_accum = p.o_accum + rows * kHeadDimV;
 
   const cudaStream_t stream = current_stream(device);
@@ -245,12 +270,13 @@ void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_tabl
 
 void mla_decode_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens,
                          int64_t head_dim_v, Tensor meta, Tensor num_splits, double softmax_scale,
-                         bool causal, Tensor out, Tensor lse) {
+                         bool causal, Tensor out, Tensor lse, std::optional<Tensor> workspace) {
   const DType dtype = check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits);
   check_outputs(q, out, lse);
+  if (workspace.has_value()) check_workspace(q, k_cache, meta, *workspace);
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-  run_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, softmax_scale, causal, dtype, out,
-             lse);
+  run_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, softmax_scale, causal, dtype, out, lse,
+             workspace);
 }
 
 std::tuple<Tensor, Tensor> mla_decode_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens,
@@ -263,8 +289,8 @@ std::tuple<Tensor, Tensor> mla_decode_cuda(Tensor q, Tensor k_cache, Tensor bloc
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   Tensor out = torch::stable::new_empty(q, {b, s_q, h_q, kHeadDimV});
   Tensor lse = torch::stable::new_empty(q, {b, h_q, s_q}, ScalarType::Float);
-  run_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, softmax_scale, causal, dtype, out,
-             lse);
+  run_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, softmax_scale, causal, dtype, out, lse,
+             std::nullopt);
   return {out, lse};
 }
 
