@@ -189,6 +189,14 @@ class Server:
     def __init__(self, cmd: list[str], log_path: Path, workdir: Path, port: int) -> None:
         self.cmd, self.log_path, self.url = cmd, log_path, f"http://127.0.0.1:{port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        # NVLink multicast stays off unless the caller turned it on: shared multi-GPU hosts ask for that, a
+        # two-rank test does not need it.
+        for var, value in (
+            ("NCCL_NVLS_ENABLE", "0"),
+            ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+            ("NVSHMEM_DISABLE_NVLS", "1"),
+        ):
+            env.setdefault(var, value)
         self.log = open(log_path, "w")  # closed in stop()
         # cwd = workdir: never the repository root, whose flashmla_ops/ source folder (no compiled
         # extension) would shadow the installed package in the server's sys.path.
