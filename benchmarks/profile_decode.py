@@ -1,0 +1,67 @@
+"""One flashmla_ops decode call under Nsight Compute (or any profiler): fixed-length paged inputs, two warm-up
+calls, then the profiled call between cudaProfilerStart/Stop.
+
+  ncu --profile-from-start off --kernel-name regex:decode_kernel --section SpeedOfLight \\
+      --section WarpStateStats python benchmarks/profile_decode.py --b 128 --s-q 2 --h-q 128 --s-k 4096
+
+Prints the shape and the call's median time (10 runs, do_bench-free: CUDA events, L2 not flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import flashmla_ops
+
+PAGE = 64
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--b", type=int, default=128)
+    ap.add_argument("--s-q", type=int, default=1)
+    ap.add_argument("--h-q", type=int, default=128)
+    ap.add_argument("--s-k", type=int, default=4096)
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    pages_per_req = -(-args.s_k // PAGE)
+    num_pages = args.b * pages_per_req
+    k_cache = (torch.randn(num_pages, PAGE, 1, 576, device="cuda") / 10).to(dtype)
+    block_table = torch.randperm(num_pages, device="cuda", dtype=torch.int32).view(args.b, pages_per_req)
+    seqlens = torch.full((args.b,), args.s_k, dtype=torch.int32, device="cuda")
+    q = (torch.randn(args.b, args.s_q, args.h_q, 576, device="cuda") / 10).to(dtype)
+    meta, splits = flashmla_ops.get_mla_metadata(seqlens, args.s_q * args.h_q, 1)
+
+    def call():
+        return flashmla_ops.flash_mla_with_kvcache(
+            q, k_cache, block_table, seqlens, 512, meta, splits, causal=True
+        )
+
+    for _ in range(2):
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    times.sort()
+    flops = 2 * args.s_q * args.b * args.s_k * args.h_q * (576 + 512)
+    us = times[len(times) // 2]
+    shape = f"b={args.b} s_q={args.s_q} h_q={args.h_q} s_k={args.s_k} {args.dtype}"
+    print(f"{shape}: {us:.1f} us, {flops / us / 1e6:.0f} TF/s")
+
+
+if __name__ == "__main__":
+    main()
