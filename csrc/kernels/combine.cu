@@ -5,10 +5,13 @@
 // empty (l_s = -inf for every s) gets out 0 and lse +inf; NaN (a request the main kernel flagged as invalid)
 // propagates.
 //
-// One warp per (output row, quarter of the 512 columns); 8 rows per CTA; grid (min(b, 2 * num_sm_parts),
-// ceil(rows / 8), 4), striding over the requests. Each lane owns 4 consecutive columns (one 16-byte load per
-// split), and four splits are loaded before they are summed, so a request split over many parts (small
-// batches) is not a chain of dependent loads.
+// One warp per (output row, 512 / Z columns); 8 rows per CTA; grid (min(b, 2 * num_sm_parts), ceil(rows / 8),
+// Z), striding over the requests. Each lane owns kVec = 128 / Z consecutive columns (one 16- or 8-byte load
+// per split), and four splits are loaded before they are summed, so a request split over many parts (small
+// batches) is not a chain of dependent loads. Z = 4 normally; Z = 8 (kVec = 2) when the grid would give the
+// GPU fewer than two CTAs per SM (one to a few requests, each split over every part): the combine is then
+// latency-bound, and twice the warps keep twice the loads in flight (ncu at b = 1, h_q = 128: 64 CTAs, 4% of
+// issue slots busy).
 //
 // Launched with programmatic dependent launch (PDL): the grid may start launching while the main kernel is
 // still running; every CTA first waits (griddepcontrol.wait) for the main kernel to complete, then reads
@@ -40,12 +43,41 @@ struct Pack2<__half> {
 };
 
 // Merges the n > 0 partials of request `req` for one (row, 4-column) slice.
-template <typename T>
+template <int kVec>
+struct VecF;
+template <>
+struct VecF<4> {
+  using type = float4;
+  static __device__ float get(const float4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+  }
+};
+template <>
+struct VecF<2> {
+  using type = float2;
+  static __device__ float get(const float2& v, int i) { return i == 0 ? v.x : v.y; }
+};
+
+// Stores kVec values (pairs packed to T2) at `out` in one 8- or 4-byte store.
+template <typename T, int kVec>
+__device__ __forceinline__ void store_vec(T* out, const float (&v)[kVec]) {
+  using P2 = Pack2<T>;
+  typename P2::type packed[kVec / 2];
+#pragma unroll
+  for (int i = 0; i < kVec / 2; ++i) packed[i] = P2::make(v[2 * i], v[2 * i + 1]);
+  if constexpr (kVec == 4) {
+    *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(packed);
+  } else {
+    *reinterpret_cast<uint32_t*>(out) = *reinterpret_cast<const uint32_t*>(packed);
+  }
+}
+
+template <typename T, int kVec>
 __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.y * kCombineWarps + warp;  // in [0, h_kv * q_seq_per_hk)
   if (row >= p.h_kv * p.q_seq_per_hk) return;         // (warp-uniform; nothing after this synchronises)
-  const int col = blockIdx.z * (kHeadDimV / 4) + lane * 4;
+  const int col = blockIdx.z * (32 * kVec) + lane * kVec;
   const int h_k = row / p.q_seq_per_hk;
   const int grow = row % p.q_seq_per_hk;
   const int64_t slot0 = p.num_splits[req];
@@ -56,13 +88,13 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
   T* out =
       static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride + col;
   float* lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
-  using P2 = Pack2<T>;
   if (n < 0 || slot0 < 0 || slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts)) {
     // num_splits does not match the metadata (mixed-up calls): flag the request instead of reading garbage.
-    const float nan = __int_as_float(0x7fc00000);
-    typename P2::type packed[2] = {P2::make(nan, nan), P2::make(nan, nan)};
-    *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(packed);
-    if (lane == 0 && blockIdx.z == 0) *lse_out = nan;
+    float nan[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) nan[i] = __int_as_float(0x7fc00000);
+    store_vec<T, kVec>(out, nan);
+    if (lane == 0 && blockIdx.z == 0) *lse_out = nan[0];
     return;
   }
 
@@ -78,45 +110,43 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
   const bool empty = sum == 0.f;
   const float l = log2f(sum) + m_use;
 
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  using V = VecF<kVec>;
+  float acc[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
   if (!empty) {
     const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col;
     const int64_t piece_stride = rows_per_slot * kHeadDimV;
     constexpr int kUnroll = 4;
     int s = 0;
     for (; s + kUnroll <= n; s += kUnroll) {
-      float4 x[kUnroll];
+      typename V::type x[kUnroll];
       float w[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        x[u] = __ldcg(reinterpret_cast<const float4*>(o_acc + (s + u) * piece_stride));
+        x[u] = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + (s + u) * piece_stride));
         w[u] = __ldcg(lse_acc + (s + u) * rows_per_slot);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const float wu = exp2f(w[u] - l);
-        acc.x += wu * x[u].x;
-        acc.y += wu * x[u].y;
-        acc.z += wu * x[u].z;
-        acc.w += wu * x[u].w;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[i] += wu * V::get(x[u], i);
       }
     }
     for (; s < n; ++s) {
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(o_acc + s * piece_stride));
+      const typename V::type x = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + s * piece_stride));
       const float wu = exp2f(__ldcg(lse_acc + s * rows_per_slot) - l);
-      acc.x += wu * x.x;
-      acc.y += wu * x.y;
-      acc.z += wu * x.z;
-      acc.w += wu * x.w;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] += wu * V::get(x, i);
     }
   }
 
-  typename P2::type packed[2] = {P2::make(acc.x, acc.y), P2::make(acc.z, acc.w)};
-  *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(packed);
+  store_vec<T, kVec>(out, acc);
   if (lane == 0 && blockIdx.z == 0) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
 }
 
-template <typename T>
+template <typename T, int kVec>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
   // Every CTA waits for the main kernel before it may finish: if a CTA with nothing to merge returned
   // first, a grid with no split request could complete while the main kernel still writes `out`, and stream
@@ -126,7 +156,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   // split), so a large batch costs a short scan of num_splits per CTA, not b CTAs that exit at once.
   for (int req = blockIdx.x; req < p.b; req += gridDim.x) {
     const int n = p.num_splits[req + 1] - p.num_splits[req];
-    if (n != 0) combine_request<T>(p, req, n);
+    if (n != 0) combine_request<T, kVec>(p, req, n);
   }
 }
 
@@ -136,8 +166,12 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   const int rows = params.h_kv * params.q_seq_per_hk;
   cudaLaunchConfig_t config{};
   const int max_split_requests = 2 * params.num_sm_parts;
-  config.gridDim = dim3(params.b < max_split_requests ? params.b : max_split_requests,
-                        (rows + kCombineWarps - 1) / kCombineWarps, 4);
+  const int grid_x = params.b < max_split_requests ? params.b : max_split_requests;
+  const int grid_y = (rows + kCombineWarps - 1) / kCombineWarps;
+  // The scheduler made num_sm_parts = SMs / (h_kv * m-blocks) parts, so this is the SM count it assumed.
+  const int64_t sms = static_cast<int64_t>(params.num_sm_parts) * params.h_kv * params.num_m_blocks;
+  const bool narrow = static_cast<int64_t>(grid_x) * grid_y * 4 < 2 * sms;  // see the top of this file
+  config.gridDim = dim3(grid_x, grid_y, narrow ? 8 : 4);
   config.blockDim = dim3(kCombineWarps * 32);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
@@ -147,8 +181,12 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  if (dtype == DType::kBF16) return cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, params);
-  return cudaLaunchKernelEx(&config, combine_kernel<__half>, params);
+  if (dtype == DType::kBF16) {
+    return narrow ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, 2>, params)
+                  : cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, 4>, params);
+  }
+  return narrow ? cudaLaunchKernelEx(&config, combine_kernel<__half, 2>, params)
+                : cudaLaunchKernelEx(&config, combine_kernel<__half, 4>, params);
 }
 
 }  // namespace flashmla
