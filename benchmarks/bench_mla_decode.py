@@ -7,7 +7,7 @@ FlashMLA's own benchmark. FLOPs and bytes use FlashMLA's formulas:
   FLOPs = 2 * s_q * sum(seqlens) * h_q * (576 + 512)
   bytes = 2 * (sum(seqlens) * h_kv * 576 + b * s_q * h_q * 576 + b * s_q * h_q * 512)
 
-  python benchmarks/bench_mla_decode.py [--quick] [--json out.json] [--png out.png] [--no-torch]
+  python benchmarks/bench_mla_decode.py [--quick | --small] [--json out.json] [--png out.png] [--no-torch]
 
 Peers are used when importable: `flash_mla` (pip sgl-flash-mla==1.0.0, called with use_legacy=True) and
 `flashinfer` (pip flashinfer-python==0.7.2.post1, BatchMLAPagedAttentionWrapper, backend="fa3", page 64).
@@ -226,6 +226,7 @@ def workspace_report(dtype):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8 representative rows instead of the full sweep")
+    ap.add_argument("--small", action="store_true", help="only the sweep's small-batch rows (b <= 32)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
     ap.add_argument("--no-torch", action="store_true")
@@ -250,7 +251,8 @@ def main():
     )
     print(json.dumps(info))
     results = []
-    for b, s_q, h_q, s_k, varlen in QUICK if args.quick else SWEEP:
+    rows = QUICK if args.quick else [r for r in SWEEP if r[0] <= 32] if args.small else SWEEP
+    for b, s_q, h_q, s_k, varlen in rows:
         causal = True
         q, k_cache, block_table, seqlens, nblk = make_case(b, s_q, h_q, s_k, varlen, dtype)
         total = int(seqlens.sum())
