@@ -147,9 +147,10 @@ def flash_mla_with_kvcache(
             last dimension contiguous. Give ``out`` and ``lse`` together (e.g. for CUDA-graph capture):
             the kernel writes them in place and returns them.
         lse: optional preallocated float32 ``[batch_size, num_heads_q, seq_len_q]`` (any strides).
-        workspace: optional preallocated float32 scratch for the split partials, contiguous, at least
-            :func:`workspace_size` elements; only with ``out`` and ``lse``. Then the call allocates nothing
-            (without it, each call takes its scratch from PyTorch's caching allocator). One workspace may
+        workspace: optional preallocated float32 scratch for the split partials, contiguous, 16-byte
+            aligned on CUDA, at least :func:`workspace_size` elements; only with ``out`` and ``lse``. Then
+            the call allocates nothing (without it, each call takes its scratch from PyTorch's caching
+            allocator). One workspace may
             serve every layer of a step (the calls run one after another on the stream); calls that may run
             concurrently on different streams need their own.
 

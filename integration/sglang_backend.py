@@ -199,7 +199,11 @@ def widen_block_table(block_table: torch.Tensor) -> torch.Tensor:
     SGLang's FlashMLA backend hands the kernel a view whose width was fixed when a CUDA graph was captured
     (one column, see the module docstring) while the real lengths need more; FlashMLA reads past the width
     through the row stride. Widening the view gives flashmla_ops the same pages, and its bound check then
-    only refuses entries that lie outside the buffer. Reads strides and the storage size, never values.
+    only refuses entries that lie outside the buffer. Reads strides and the storage size, never values, so
+    it is safe under CUDA-graph capture; under ``torch.compile`` the storage-size query is a graph break
+    (SGLang's default CUDA-graph path does not compile the backend). The cost of matching FlashMLA: a request
+    that needs more pages than the view is wide reads what follows in the buffer's row, as FlashMLA does,
+    instead of getting NaN rows.
     """
     if block_table.dim() != 2 or block_table.stride(1) != 1 or block_table.numel() == 0:
         return block_table

@@ -149,6 +149,7 @@ def test_cuda_workspace_errors_match_the_python_messages():
         "size": lambda dev: torch.empty(need - 1, device=dev),
         "not contiguous": lambda dev: torch.empty(2 * need, device=dev)[::2],
         "device": lambda dev: torch.empty(need),
+        "misaligned": lambda dev: torch.empty(need + 2, device=dev)[2:],  # 8 bytes off
     }
     for name, make in bad.items():
         args = [q, k_cache, block_table, seqlens, 512, meta, num_splits, 0.1, False, out, lse]
@@ -156,6 +157,11 @@ def test_cuda_workspace_errors_match_the_python_messages():
             torch.ops.flashmla.mla_decode_out(*args, make("cuda"))
         if name == "device":
             assert "workspace must be on the same device as q (cuda:0), got cpu" in str(cuda_err.value)
+            continue
+        if name == "misaligned":  # only the CUDA kernels need alignment: the CPU reference accepts it
+            assert "workspace must be 16-byte aligned (its data pointer), got an offset of 8 bytes" in str(
+                cuda_err.value
+            )
             continue
         cpu_args = [x.cpu() if isinstance(x, torch.Tensor) else x for x in args]
         with pytest.raises(RuntimeError) as cpu_err:

@@ -895,9 +895,14 @@ def test_widen_block_table():
     narrow = buf[:3, :1]
     wide = sglang_backend.widen_block_table(narrow)
     assert wide.shape == (3, 65) and wide.data_ptr() == buf.data_ptr() and torch.equal(wide, buf[:3])
-    # the last row of the buffer cannot grow past the storage
+    # the last row of the buffer cannot grow past the storage (and every row gets that width)
     tail = buf.view(-1)[65 * 3 + 5 :].as_strided((1, 10), (65, 1))
     assert sglang_backend.widen_block_table(tail).shape == (1, 60)
+    three = buf.view(-1).as_strided((3, 2), (65, 1), 10)  # rows start at 10, 75, 140; storage ends at 260
+    wide3 = sglang_backend.widen_block_table(three)
+    assert wide3.shape == (3, 65) and torch.equal(wide3[2], buf.view(-1)[140:205])
+    short = buf.view(-1).as_strided((3, 2), (65, 1), 70)  # last row starts at 200: 60 elements left
+    assert sglang_backend.widen_block_table(short).shape == (3, 60)
     # unchanged: a full-width table, a transposed one, a 1-D tensor, an empty one
     for t in (buf, buf.t(), buf.view(-1), buf[:0, :1]):
         assert sglang_backend.widen_block_table(t) is t

@@ -181,6 +181,12 @@ void check_workspace(const Tensor& q, const Tensor& k_cache, const Tensor& meta,
                  " elements (2 * num_sm_parts * h_kv * s_q * (h_q / h_kv) * 513), got ", workspace.numel());
   check_device(workspace, "workspace", q);
   check_contiguous(workspace, "workspace");
+  // The main kernel stores partials as float2 and the combine reads them as float4: a contiguous slice at an
+  // odd offset (e.g. a carved-up scratch pool) would fault with a misaligned address, which kills the
+  // context.
+  FLASHMLA_CHECK(reinterpret_cast<uintptr_t>(workspace.data_ptr()) % 16 == 0,
+                 "workspace must be 16-byte aligned (its data pointer), got an offset of ",
+                 static_cast<int64_t>(reinterpret_cast<uintptr_t>(workspace.data_ptr()) % 16), " bytes");
 }
 
 }  // namespace
