@@ -150,9 +150,8 @@ def flash_mla_with_kvcache(
         workspace: optional preallocated float32 scratch for the split partials, contiguous, 16-byte
             aligned on CUDA, at least :func:`workspace_size` elements; only with ``out`` and ``lse``. Then
             the call allocates nothing (without it, each call takes its scratch from PyTorch's caching
-            allocator). One workspace may
-            serve every layer of a step (the calls run one after another on the stream); calls that may run
-            concurrently on different streams need their own.
+            allocator). One workspace may serve every layer of a step (the calls run one after another on
+            the stream); calls that may run concurrently on different streams need their own.
 
     Returns:
         ``(out, softmax_lse)``:
