@@ -1,21 +1,39 @@
-// Split-KV MLA decode main kernel for Hopper (sm_90a): wgmma on the tensor cores, TMA page pipeline.
+// Split-KV MLA decode main kernel for Hopper (sm_90a): wgmma on the tensor cores, TMA page pipeline,
+// "seesaw" schedule across two warpgroups.
 //
 // Work: CTA (m_block, h_k, part) processes the 64 query rows [m_block*64, m_block*64 + 64) of kv head h_k
 // (rows pack MTP tokens and the query heads sharing the kv head: row = s_idx * (h_q/h_kv) + head) for every
 // (request, block) range the scheduler gave `part`. One 64-token page is one N tile, so paging costs nothing
 // inside a tile: the page id is looked up once per tile and becomes the 4th TMA coordinate.
 //
-// Roles (256 threads = 2 warpgroups, 1 CTA per SM):
-//   thread 0     issues the TMA copies of a page (nine 64x64 boxes, one mbarrier per K buffer); two pages are
-//                in flight, and a buffer is refilled as soon as both warpgroups finished reading it;
-//   warpgroup 0  S = Q K^T (64x64x576 wgmma, both operands K-major in 128B-swizzled smem), mask, online
-//                softmax in the log2 domain, writes P (bf16/fp16) and the per-row rescale factor to smem;
-//   both WGs     O[:, half] = O[:, half] * scale + P V[:, half]: each warpgroup owns one 64x256 fp32 half of
-//                O (128 registers per thread; the whole 64x512 O would be half the register file), and reads
-//                V as an MN-major view of the same smem K tile (V = the first 512 columns of K), so the cache
-//                is read from HBM once for both GEMMs.
-//   Software pipelining: warpgroup 0 issues Q K^T of page j+1 right behind its P V of page j, so the tensor
-//   cores run P V(j) and Q K^T(j+1) back to back; only the softmax of j+1 leaves them idle.
+// Output ownership: O is 64 x 512 fp32, half the register file, so it is split by columns: warpgroup 0 owns
+// O_L (columns 0..255), warpgroup 1 owns O_R (256..511), 128 registers per thread each. V is the first 512
+// columns of the K tile (an MN-major view of the same smem), so every page is read from HBM once.
+//
+// Seesaw schedule. Pages go in pairs (A, B) through two smem buffers (A in buffer 0, B in buffer 1). Each
+// warpgroup computes one S = Q K^T per pair (WG0 for A, WG1 for B) and the P V products of both pages for its
+// own half of O. The running row max is handed from one warpgroup to the other through smem, so each softmax
+// sees the max of every earlier page:
+//     WG0: softmax(S_A) against m -> m_A, s_A = exp(m - m_A);  O_L = O_L s_A + P_A V_A[L]      (P_A in regs)
+//     WG1: softmax(S_B) against m_A -> m_B, s_B;  O_R = O_R s_A s_B + P_B V_B[R]               (P_B in regs)
+//     WG0: O_L = O_L s_B;  P_A = P_A s_B -> smem;   WG1: P_B -> smem
+//     WG0: O_L += P_B V_B[L]  (P_B from smem);      WG1: O_R += P_A V_A[R]  (P_A from smem)
+// Each warpgroup issues the same tensor work per pair (one 64x64x576 + two 64x256x64 products), and while
+// one runs its softmax on the CUDA cores the other has wgmmas in flight, so the tensor cores stay fed with a
+// single O tile (a second O tile, as in FA3's ping-pong, would not fit in registers).
+//
+// Shared memory: Q (72 KB) + two page buffers (72 KB each) + row statistics = 218 KB. P of a page is stored
+// in that page's own RoPE tile (columns 512..575 of its buffer), which is free once Q K^T of the page is done
+// and is not reloaded before the last P V of the page: no separate P buffer.
+//
+// TMA: a page is nine 64x64 boxes (8 KB each). Each buffer has two mbarriers, one per group of boxes, and a
+// group is refilled with the next page as soon as its last reader is done, by the warpgroup that read it last:
+//     buffer 0 (A): boxes 0-3 (V_L)          after WG0's P_A V_A[L]        (WG0)
+//                   boxes 4-8 (V_R, P_A)     after WG1's P_A V_A[R]        (WG1)
+//     buffer 1 (B): boxes 4-7 (V_R)          after WG1's P_B V_B[R]        (WG1)
+//                   boxes 0-3, 8 (V_L, P_B)  after WG0's P_B V_B[L]        (WG0)
+// Q K^T of the next page consumes the boxes in the order they were refilled, so its first wgmmas start while
+// the rest of the page is still landing.
 //
 // Correctness rules this file keeps (see docs/architecture.md):
 //   * V rows past seqlen (the tail of a request's last page, where stale data or NaN may sit) are zeroed in
@@ -25,8 +43,9 @@
 //   * masked logits are -inf and the running max is guarded, so a row with no visible key ends with L = 0 and
 //     writes out 0 / lse +inf (or an empty partial with lse -inf);
 //   * shared memory written by ordinary stores (P, zero fill, cp.async'd Q) and read by wgmma (async proxy)
-//   is
-//     fenced with fence.proxy.async before the barrier that publishes it;
+//     is fenced with fence.proxy.async before the barrier that publishes it;
+//   * no accumulator register is touched while a wgmma that writes it may be in flight, and every branch
+//     around wgmma code ends with nothing in flight: otherwise ptxas serialises the wgmmas (C7515);
 //   * a request whose seqlen is negative, needs more pages than block_table has columns, or names a page id
 //     outside the cache is never dereferenced out of bounds: its output rows become NaN instead.
 #pragma once
@@ -34,6 +53,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <type_traits>
 
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
@@ -45,8 +65,27 @@ namespace flashmla::sm90 {
 
 using namespace cute;
 
+// The kernel's helpers are lambdas over its register state; they must inline (a real call would move the
+// accumulators through a stack frame).
+#define FMLA_INLINE __attribute__((always_inline))
+
 constexpr int kThreads = 256;
 constexpr int kChunksPerRow = kHeadDimK / 8;  // 16-byte chunks per 576-wide row
+constexpr int kBoxCols = 64;                  // columns of one TMA box / one 128B-swizzled column tile
+constexpr int kBoxElems = kPageSize * kBoxCols;
+constexpr int kNumBoxes = kHeadDimK / kBoxCols;  // 9: boxes 0-7 hold V (and K's first 512 columns), 8 RoPE
+constexpr int kPBox = kNumBoxes - 1;             // where a page's P goes once its Q K^T is done
+
+// Named barriers (0 is __syncthreads). The handoffs between the warpgroups are producer/consumer pairs:
+// 128 threads arrive (bar.arrive) and 128 wait (bar.sync), 256 in all.
+enum NamedBarrier : int {
+  kBarAReady = 1,    // WG0 -> WG1: m_A and s_A of the pair are in smem
+  kBarBReady = 2,    // WG1 -> WG0: m_B and s_B are in smem
+  kBarPaStored = 3,  // WG0 -> WG1: P_A is in buffer 0's P box, and A's V tail is zeroed
+  kBarPbStored = 4,  // WG1 -> WG0: P_B is in buffer 1's P box, and B's V tail is zeroed
+  kBarWg0 = 5,       // warpgroup-local (128 threads): WG0's own zero fill is visible to its wgmmas
+  kBarWg1 = 6,       // same for WG1
+};
 
 template <typename T>
 struct Traits {
@@ -56,12 +95,18 @@ struct Traits {
   // V^T (512 x 64) viewed on the same bytes as K (64 x 576): element (d, t) is K(t, d).
   using SmemLayoutVt = decltype(composition(
       SmemLayoutQK{}, make_layout(Shape<Int<kHeadDimV>, Int<kPageSize>>{}, Stride<Int<kPageSize>, _1>{})));
+  // One 64x64 column tile, the same layout as one box of SmemLayoutQK (so P can live in box 8).
   using SmemLayoutP =
       decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kPageSize>>{}));
   using MmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kPageSize>, Int<kHeadDimK>>>()));
+  // P V with P from smem (the other warpgroup's page) ...
   using MmaPV = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHeadDimV / 2>, Int<kPageSize>>,
+                           GMMA::Major::K, GMMA::Major::MN>()));
+  // ... and from registers (the warpgroup's own page, straight from its softmax).
+  using MmaPVrs = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHeadDimV / 2>, Int<kPageSize>>,
                            GMMA::Major::K, GMMA::Major::MN>()));
 };
 
@@ -69,11 +114,12 @@ template <typename T>
 struct alignas(1024) SharedStorage {
   alignas(1024) T q[kBlockM * kHeadDimK];
   alignas(1024) T k[2][kPageSize * kHeadDimK];
-  alignas(1024) T p[kBlockM * kPageSize];
-  float scale[kBlockM];    // per-row rescale of O for the current page (WG0 -> WG1)
-  float row_max[kBlockM];  // final running max (log2 domain) per row
-  float row_sum[kBlockM];  // final softmax denominator per row
-  uint64_t kbar[2];        // one mbarrier per K buffer: completes when that buffer's page has landed
+  float m_a[kBlockM];         // running max (log2 domain) after page A of the pair (WG0 -> WG1)
+  float s_a[kBlockM];         // rescale of earlier state by page A
+  float m_b[kBlockM];         // running max after page B (WG1 -> WG0)
+  float s_b[kBlockM];         // rescale by page B
+  float row_sum[2][kBlockM];  // per-warpgroup softmax denominators, summed in the epilogue
+  uint64_t kbar[2][2];        // [buffer][box group]: completes when that group of the buffer's page landed
 };
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
@@ -155,22 +201,36 @@ __device__ __forceinline__ int block_page(const DecodeParams& p, int req, int bl
   return page;
 }
 
-// Thread 0: copy `page` (kv head h_k) into a K buffer with nine 64x64 TMA boxes completing on `bar`, or, for
-// page < 0, just complete the barrier's phase (the consumer zero-fills the buffer's V rows instead).
-__device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uint64_t* bar, int h_k,
-                                           int page) {
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Box `i` of group `grp` of buffer `buf` (see the refill table at the top of this file). Buffer 1's groups
+// are in the order Q K^T of page B reads them: 4-7 first (refilled first), then 0-3 and 8.
+__device__ __forceinline__ int group_box(int buf, int grp, int i) {
+  if (buf == 0) return grp == 0 ? i : 4 + i;
+  return grp == 0 ? 4 + i : (i < 4 ? i : kPBox);
+}
+__device__ __forceinline__ int group_boxes(int grp) { return grp == 0 ? 4 : 5; }
+
+// One thread: copy one box group of `page` (kv head h_k) into buffer `buf` with TMA, completing on the
+// group's mbarrier, or, for page < 0, just complete the barrier's phase (nothing to read; the consumer
+// zero-fills the V rows instead).
+__device__ __forceinline__ void issue_group(const DecodeParams& p, void* buf_base, uint64_t* bar, int buf,
+                                            int grp, int h_k, int page) {
   if (page < 0) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
     return;
   }
-  constexpr int kTileBytes = kPageSize * 64 * 2;
-  mbar_arrive_expect_tx(bar, kTileBytes * (kHeadDimK / 64));
-#pragma unroll
-  for (int j = 0; j < kHeadDimK / 64; ++j) {
+  constexpr int kTileBytes = kBoxElems * 2;
+  const int n = group_boxes(grp);
+  mbar_arrive_expect_tx(bar, kTileBytes * n);
+  for (int i = 0; i < n; ++i) {
+    const int box = group_box(buf, grp, i);
     asm volatile(
         "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
-        "%5}], [%6];\n" ::"r"(smem_u32(static_cast<char*>(dst) + j * kTileBytes)),
-        "l"(&p.tma_k), "r"(j * 64), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
+        "%5}], [%6];\n" ::"r"(smem_u32(static_cast<char*>(buf_base) + box * kTileBytes)),
+        "l"(&p.tma_k), "r"(box * kBoxCols), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
         : "memory");
   }
 }
@@ -201,6 +261,7 @@ struct Pack2<cutlass::half_t> {
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = Traits<T>;
+  using P2 = typename Pack2<T>::type;
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage<T>& smem = *reinterpret_cast<SharedStorage<T>*>(smem_raw);
 
@@ -223,47 +284,136 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   const int quad_col = 2 * (lane % 4);
   // The wgmma accumulator gives each thread rows r0 and r0 + 8 of the 64-row tile; value index
   // c + 2 * r + 4 * j holds (row r0 + 8 r, column 8 j + quad_col + c) (checked against CuTe's partition_C).
+  // Both warpgroups use the same thread -> row map, so row statistics pass between thread t of one
+  // warpgroup and thread t of the other.
   const int r0 = (wtid / 32) * 16 + lane / 4;
 
   if (threadIdx.x == 0) {
-    mbar_init(&smem.kbar[0], 1);
-    mbar_init(&smem.kbar[1], 1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mbar_init(&smem.kbar[i / 2][i % 2], 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k) : "memory");
   }
   __syncthreads();
-  uint32_t kphase = 0;  // bit b: parity of the next phase of kbar[b] this thread waits for
+  // Bit 2 * buf + grp: parity of the next phase of kbar[buf][grp] this thread waits for. Each warpgroup waits
+  // once for every fill of each group it reads, so its parities stay in step with the fills.
+  uint32_t kphase = 0;
+  auto wait_group = [&](int buf, int grp) FMLA_INLINE {
+    const int bit = 2 * buf + grp;
+    mbar_wait(&smem.kbar[buf][grp], (kphase >> bit) & 1);
+    kphase ^= 1u << bit;
+  };
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Tr::SmemLayoutQK{});
-  Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Tr::SmemLayoutP{});
   Tensor sK0 = make_tensor(make_smem_ptr(smem.k[0]), typename Tr::SmemLayoutQK{});
   Tensor sK1 = make_tensor(make_smem_ptr(smem.k[1]), typename Tr::SmemLayoutQK{});
   const auto v_tile = Shape<Int<kHeadDimV / 2>, Int<kPageSize>>{};
 
   typename Tr::MmaQK mma_qk;
   typename Tr::MmaPV mma_pv;
+  typename Tr::MmaPVrs mma_pv_rs;
   auto thr_qk = mma_qk.get_thread_slice(wtid);
   auto thr_pv = mma_pv.get_thread_slice(wtid);
-  Tensor tSsP = thr_qk.partition_C(sP);  // where this thread's S/P values live in sP
+  auto thr_pv_rs = mma_pv_rs.get_thread_slice(wtid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
-  Tensor tOrP = thr_pv.partition_fragment_A(sP);
-  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDimV / 2>>{});
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kPageSize>>{});
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDimV / 2>>{});
+  // P of the warpgroup's own page as the register A operand of P V. Its value order is the accumulator's
+  // (for 16-bit types the m64k16 A fragment holds the same (row, column) pairs as two 8-column groups of the
+  // m64n64 accumulator), so the conversion is element-wise.
+  Tensor tOrPrs = thr_pv_rs.partition_fragment_A(
+      make_tensor(make_smem_ptr(smem.k[0] + kPBox * kBoxElems), typename Tr::SmemLayoutP{}));
+  static_assert(decltype(size(tOrPrs))::value == decltype(size(tSrS))::value);
 
-  // S = Q K^T for the page in buffer `buf` (warpgroup 0), committed as one wgmma group, not waited for.
-  auto issue_qk = [&](int buf) {
-    warpgroup_fence_operand(tSrS);
-    warpgroup_arrive();
+  auto p_box = [&](int buf) FMLA_INLINE {
+    return make_tensor(make_smem_ptr(smem.k[buf] + kPBox * kBoxElems), typename Tr::SmemLayoutP{});
+  };
+  // S (+)= Q K^T over boxes [kFirst, kFirst + kN) of buffer `buf`, committed as one wgmma group.
+  auto issue_qk = [&](int buf, auto first_c, auto n_c, auto zero_c) FMLA_INLINE {
+    constexpr int kFirst = decltype(first_c)::value, kN = decltype(n_c)::value;
+    constexpr bool kZero = decltype(zero_c)::value;
     // A runtime buffer pointer only changes the descriptors' start address: no branch around the wgmmas.
     Tensor tSrK =
         thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{}));
-    mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
 #pragma unroll
-    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+    for (int kb = 4 * kFirst; kb < 4 * (kFirst + kN); ++kb) {
+      mma_qk.accumulate_ = (kZero && kb == 4 * kFirst) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
       cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
-      mma_qk.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
+  };
+  // Q K^T of a whole page, each box group waited for just before its first wgmma (WG0 reads buffer 0 in box
+  // order; WG1 reads buffer 1 in the order its groups are refilled). Ends with nothing in flight.
+  auto qk_page = [&](int buf) FMLA_INLINE {
+    if (buf == 0) {
+      wait_group(0, 0);
+      issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
+      wait_group(0, 1);
+      issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
+    } else {
+      wait_group(1, 0);
+      issue_qk(1, Int<4>{}, Int<4>{}, std::true_type{});
+      wait_group(1, 1);
+      issue_qk(1, Int<0>{}, Int<4>{}, std::false_type{});
+      issue_qk(1, Int<8>{}, Int<1>{}, std::false_type{});
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+  };
+  // O[:, this warpgroup's half] += P V of buffer `buf`; P from registers (own page) or from the buffer's P box
+  // (the other warpgroup's page). Committed as one group, not waited for.
+  auto issue_pv_rs = [&](int buf) FMLA_INLINE {
+    Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
+    Tensor tOrV = thr_pv_rs.partition_fragment_B(local_tile(sVt, v_tile, make_coord(wg, _0{})));
+    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(tOrPrs);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tOrPrs); ++kb) {
+      cute::gemm(mma_pv_rs, tOrPrs(_, _, kb), tOrV(_, _, kb), tOrO);
+    }
+    warpgroup_commit_batch();
+  };
+  auto issue_pv_ss = [&](int buf) FMLA_INLINE {
+    Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
+    Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, v_tile, make_coord(wg, _0{})));
+    Tensor tOrP = thr_pv.partition_fragment_A(p_box(buf));
+    warpgroup_fence_operand(tOrO);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+      cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
+    }
+    warpgroup_commit_batch();
+  };
+  // P (fp32 in tSrS) -> the register A operand / -> the P box of buffer `buf` (32-bit pairs: values c = 0, 1
+  // are adjacent columns of one row, and the swizzle moves whole 16-byte chunks).
+  auto p_to_regs = [&]() FMLA_INLINE {
+    P2* d = reinterpret_cast<P2*>(raw_pointer_cast(tOrPrs.data()));
+#pragma unroll
+    for (int i = 0; i < size(tSrS); i += 2) d[i / 2] = Pack2<T>::make(tSrS(i), tSrS(i + 1));
+  };
+  auto store_p = [&](int buf) FMLA_INLINE {
+    Tensor tSsP = thr_qk.partition_C(p_box(buf));
+#pragma unroll
+    for (int i = 0; i < size(tSrS); i += 2) {
+      *reinterpret_cast<P2*>(&tSsP(i)) = Pack2<T>::make(tSrS(i), tSrS(i + 1));
+    }
+  };
+  // O *= per-row scale. Once the running max settles most pages leave it unchanged (scale == 1): skip the
+  // 128 multiplies per thread when that holds for the whole warp (a warp-uniform branch).
+  auto rescale_o = [&](float s0, float s1) FMLA_INLINE {
+    if (!__all_sync(0xffffffffu, s0 == 1.f && s1 == 1.f)) {
+#pragma unroll
+      for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+        tOrO(4 * j) *= s0;
+        tOrO(1 + 4 * j) *= s0;
+        tOrO(2 + 4 * j) *= s1;
+        tOrO(3 + 4 * j) *= s1;
+      }
+    }
   };
 
   for (int req = begin_req; req <= end_req; ++req) {
@@ -288,10 +438,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     }
 
     // Prologue: the first two pages go in flight, then Q (cp.async, all threads).
-    if (threadIdx.x == 0) {
-      issue_page(p, smem.k[0], &smem.kbar[0], h_k, block_page(p, req, blk_begin, seqlen_safe, bad));
+    if (threadIdx.x == 0 && blk_begin < blk_end) {
+      const int pa = block_page(p, req, blk_begin, seqlen_safe, bad);
+      issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, pa);
+      issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, pa);
       if (blk_begin + 1 < blk_end) {
-        issue_page(p, smem.k[1], &smem.kbar[1], h_k, block_page(p, req, blk_begin + 1, seqlen_safe, bad));
+        const int pb = block_page(p, req, blk_begin + 1, seqlen_safe, bad);
+        issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, pb);
+        issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, pb);
       }
     }
     load_q<T>(p, sQ, req, h_k, m_block);
@@ -300,147 +454,214 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     fence_async_proxy();
     __syncthreads();
 
-    float m_run[2] = {-INFINITY, -INFINITY};
-    float l_run[2] = {0.f, 0.f};
+    float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 domain) of every page seen so far
+    float l_run[2] = {0.f, 0.f};              // this thread's share of the softmax denominator
     clear(tOrO);
-    if (wg == 0) {
-      mbar_wait(&smem.kbar[0], kphase & 1);
-      kphase ^= 1;
-      issue_qk(0);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
+    if (wg == 0 && blk_begin < blk_end) {
+      qk_page(0);
+    } else if (wg == 1 && blk_begin + 1 < blk_end) {
+      qk_page(1);
     }
 
-    for (int blk = blk_begin; blk < blk_end; ++blk) {
-      const int buf = (blk - blk_begin) & 1;
-      const bool has_next = blk + 1 < blk_end;
-      // Thread 0 looks the page id of block blk+2 up now, so it is in a register when the buffer frees.
-      int next_page = -1;
-      if (threadIdx.x == 0 && blk + 2 < blk_end) next_page = block_page(p, req, blk + 2, seqlen_safe, bad);
-
-      if (wg == 0) {
-        const int col0 = blk * kPageSize;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int lim = limit[r] - col0;  // columns < lim are visible
-          float mx = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < kPageSize / 8; ++j) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int idx = c + 2 * r + 4 * j;
-              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
-              tSrS(idx) = v;
-              mx = fmaxf(mx, v);
-            }
-          }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m_run[r], mx);
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
-          const float sc = exp2f(m_run[r] - m_use);
-          m_run[r] = m_new;
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < kPageSize / 8; ++j) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int idx = c + 2 * r + 4 * j;
-              const float e = exp2f(tSrS(idx) - m_use);
-              tSrS(idx) = e;
-              sum += e;
-            }
-          }
-          l_run[r] = l_run[r] * sc + sum;
-          if (lane % 4 == 0) smem.scale[r0 + 8 * r] = sc;
-        }
-        // Values c = 0, 1 of a pair are adjacent columns of one row (the swizzle moves whole 16-byte chunks),
-        // so P goes to smem as 32-bit pairs.
-#pragma unroll
-        for (int i = 0; i < size(tSrS); i += 2) {
-          *reinterpret_cast<typename Pack2<T>::type*>(&tSsP(i)) = Pack2<T>::make(tSrS(i), tSrS(i + 1));
-        }
-        // Rows past seqlen of this page hold stale data or NaN: zero their V part before P V reads it.
-        // Warpgroup 0 does it, after its Q K^T of this page completed (no wgmma reads the buffer now).
-        const int valid = bad ? 0 : block_tokens(seqlen_safe, blk);
-        if (valid < kPageSize) {
-          if (buf == 0) {
-            zero_v_tail(sK0, valid, wtid);
-          } else {
-            zero_v_tail(sK1, valid, wtid);
-          }
-        }
-        fence_async_proxy();  // P and the zero fill were written by ordinary stores and are read by wgmma
-      }
-      __syncthreads();  // P, the scales and this page's V are published
-
-      {
-        // Once the running max settles, most pages leave it unchanged (scale == 1): skip the 128 multiplies
-        // per thread when that holds for the whole warp (a warp-uniform branch, no divergence).
-        const float sc0 = smem.scale[r0], sc1 = smem.scale[r0 + 8];
-        if (!__all_sync(0xffffffffu, sc0 == 1.f && sc1 == 1.f)) {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float sc = r == 0 ? sc0 : sc1;
-#pragma unroll
-            for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
-              tOrO(2 * r + 4 * j) *= sc;
-              tOrO(1 + 2 * r + 4 * j) *= sc;
-            }
-          }
-        }
-      }
-      if (wg == 1) {
-        // The copy's completion is observed by warpgroup 1 too before its wgmma reads the buffer.
-        mbar_wait(&smem.kbar[buf], (kphase >> buf) & 1);
-        kphase ^= 1u << buf;
-      }
-      Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
-      Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, v_tile, make_coord(wg, _0{})));
-      warpgroup_fence_operand(tOrO);
-      warpgroup_arrive();
-#pragma unroll
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
-      }
-      warpgroup_commit_batch();
-      // Each branch below is straight-line wgmma code ending with nothing in flight, so ptxas can see that
-      // no accumulator is touched while a wgmma may still write it (otherwise it serialises them, C7515).
-      if (wg == 0 && has_next) {
-        // Q K^T of the next page goes to the tensor cores right behind this P V.
-        mbar_wait(&smem.kbar[buf ^ 1], (kphase >> (buf ^ 1)) & 1);
-        kphase ^= 1u << (buf ^ 1);
-        issue_qk(buf ^ 1);
-        warpgroup_wait<1>();  // this page's P V is done; the next Q K^T may still run
-        warpgroup_fence_operand(tOrO);
-        named_barrier_sync(1, kThreads);  // both P V done: sP and this K buffer may be overwritten
-        if (threadIdx.x == 0 && blk + 2 < blk_end)
-          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tSrS);
-      } else {
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tOrO);
-        named_barrier_sync(1, kThreads);
-        if (threadIdx.x == 0 && blk + 2 < blk_end)
-          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
-      }
-    }
-    // Thread 0 may have flagged an invalid page id while looking pages up: share the flag.
-    bad = __syncthreads_or(bad ? 1 : 0) != 0;
-
-    // ---- epilogue: WG0 owns the softmax statistics; share them with WG1 through smem.
-    if (wg == 0) {
+    // Masks, scales and exponentiates S of block `blk` in place against the running max m (updated to include
+    // this page); returns the per-row rescale of earlier state in sc and this thread's row sums in sum.
+    auto softmax = [&](int blk, float (&m)[2], float (&sc)[2], float (&sum)[2]) FMLA_INLINE {
+      const int col0 = blk * kPageSize;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int lim = limit[r] - col0;  // columns < lim are visible
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int idx = c + 2 * r + 4 * j;
+            const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
+            tSrS(idx) = v;
+            mx = fmaxf(mx, v);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[r], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
+        sc[r] = exp2f(m[r] - m_use);
+        m[r] = m_new;
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int idx = c + 2 * r + 4 * j;
+            const float e = exp2f(tSrS(idx) - m_use);
+            tSrS(idx) = e;
+            s += e;
+          }
+        }
+        sum[r] = s;
+      }
+    };
+
+    // One pair of pages: A = block blk in buffer 0, B = block blk + 1 in buffer 1 (kHasB: B exists). On entry
+    // S_A (WG0) and S_B (WG1) are computed; on exit the next pair's S_A / S_B are, and nothing is in flight.
+    auto pair = [&](int blk, auto has_b_c) FMLA_INLINE {
+      constexpr bool kHasB = decltype(has_b_c)::value;
+      const bool next_a = kHasB && blk + 2 < blk_end;
+      const bool next_b = kHasB && blk + 3 < blk_end;
+      // The refilling threads (thread 0 of each warpgroup) look the next page ids up now, so they are in a
+      // register when the buffers free.
+      int page_a = -1, page_b = -1;
+      if (wtid == 0) {
+        if (next_a) page_a = block_page(p, req, blk + 2, seqlen_safe, bad);
+        if (next_b) page_b = block_page(p, req, blk + 3, seqlen_safe, bad);
+      }
+      float sc[2], sum[2];
+      if (wg == 0) {
+        // Rows past seqlen of this page hold stale data or NaN: zero their V part before any P V reads it.
+        const int valid = bad ? 0 : block_tokens(seqlen_safe, blk);
+        if (valid < kPageSize) {
+          zero_v_tail(sK0, valid, wtid);
+          fence_async_proxy();
+          named_barrier_sync(kBarWg0, 128);
+        }
+        softmax(blk, m_run, sc, sum);
         if (lane % 4 == 0) {
-          smem.row_sum[r0 + 8 * r] = l;
-          smem.row_max[r0 + 8 * r] = m_run[r];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            smem.m_a[r0 + 8 * r] = m_run[r];
+            smem.s_a[r0 + 8 * r] = sc[r];
+          }
+        }
+        named_barrier_arrive(kBarAReady, kThreads);
+        rescale_o(sc[0], sc[1]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
+        p_to_regs();
+        issue_pv_rs(0);
+        float sb[2] = {1.f, 1.f};
+        if constexpr (kHasB) {
+          named_barrier_sync(kBarBReady, kThreads);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            sb[r] = smem.s_b[r0 + 8 * r];
+            m_run[r] = smem.m_b[r0 + 8 * r];
+          }
+        }
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        // V_L of A is consumed: boxes 0-3 of buffer 0 take the next A.
+        if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, page_a);
+        if constexpr (kHasB) {
+          // Bring O_L, the denominator and P_A (still to be used for O_R) to the max after B.
+          rescale_o(sb[0], sb[1]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) l_run[r] *= sb[r];
+#pragma unroll
+          for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= sb[(i / 2) % 2];
+        }
+        store_p(0);
+        fence_async_proxy();
+        named_barrier_arrive(kBarPaStored, kThreads);
+        if constexpr (kHasB) {
+          named_barrier_sync(kBarPbStored, kThreads);
+          wait_group(1, 1);
+          issue_pv_ss(1);
+          if (next_a) {
+            // Q K^T of the next A starts on its first boxes (refilled above) while P_B V_B[L] runs.
+            wait_group(0, 0);
+            issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
+            warpgroup_wait<1>();
+            warpgroup_fence_operand(tOrO);
+            if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
+            wait_group(0, 1);
+            issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
+            warpgroup_wait<0>();
+            warpgroup_fence_operand(tSrS);
+          } else {
+            warpgroup_wait<0>();
+            warpgroup_fence_operand(tOrO);
+          }
+        }
+      } else {
+        float sa[2];
+        if constexpr (kHasB) {
+          const int valid = bad ? 0 : block_tokens(seqlen_safe, blk + 1);
+          if (valid < kPageSize) {
+            zero_v_tail(sK1, valid, wtid);
+            fence_async_proxy();
+            named_barrier_sync(kBarWg1, 128);
+          }
+          named_barrier_sync(kBarAReady, kThreads);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            sa[r] = smem.s_a[r0 + 8 * r];
+            m_run[r] = smem.m_a[r0 + 8 * r];
+          }
+          softmax(blk + 1, m_run, sc, sum);
+          if (lane % 4 == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              smem.m_b[r0 + 8 * r] = m_run[r];
+              smem.s_b[r0 + 8 * r] = sc[r];
+            }
+          }
+          named_barrier_arrive(kBarBReady, kThreads);
+          rescale_o(sa[0] * sc[0], sa[1] * sc[1]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sa[r] * sc[r] + sum[r];
+          p_to_regs();
+          issue_pv_rs(1);
+          store_p(1);
+          fence_async_proxy();
+          named_barrier_arrive(kBarPbStored, kThreads);
+          named_barrier_sync(kBarPaStored, kThreads);
+          wait_group(0, 1);
+          issue_pv_ss(0);
+          warpgroup_wait<1>();
+          warpgroup_fence_operand(tOrO);
+          // V_R of B is consumed: boxes 4-7 of buffer 1 take the next B.
+          if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrO);
+          // V_R and P of A are consumed: boxes 4-8 of buffer 0 take the next A.
+          if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
+          if (next_b) qk_page(1);
+        } else {
+          // No page B: only bring O_R to the max after A and add P_A V_A[R].
+          named_barrier_sync(kBarAReady, kThreads);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            sa[r] = smem.s_a[r0 + 8 * r];
+            m_run[r] = smem.m_a[r0 + 8 * r];
+          }
+          rescale_o(sa[0], sa[1]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) l_run[r] *= sa[r];
+          named_barrier_sync(kBarPaStored, kThreads);
+          wait_group(0, 1);
+          issue_pv_ss(0);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrO);
         }
       }
+    };
+    for (int blk = blk_begin; blk < blk_end; blk += 2) {
+      if (blk + 1 < blk_end) {
+        pair(blk, std::true_type{});
+      } else {
+        pair(blk, std::false_type{});
+      }
+    }
+    // The refilling threads may have flagged an invalid page id while looking pages up: share the flag.
+    bad = __syncthreads_or(bad ? 1 : 0) != 0;
+
+    // ---- epilogue: both warpgroups end with the same running max; add their denominators through smem.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = l_run[r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      if (lane % 4 == 0) smem.row_sum[wg][r0 + 8 * r] = l;
     }
     __syncthreads();
 
@@ -453,8 +674,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       const int row = r0 + 8 * r;
       const int grow = m_block * kBlockM + row;
       if (grow >= p.q_seq_per_hk) continue;
-      const float l = smem.row_sum[row];
-      const float m = smem.row_max[row];
+      const float l = smem.row_sum[0][row] + smem.row_sum[1][row];
+      const float m = m_run[r];
       // l == 0: no visible key. A NaN l (NaN in q or in visible cache rows) must stay NaN, not become
       // "empty": it propagates to out and lse like the reference's.
       const bool empty = l == 0.f;
@@ -470,7 +691,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
           const float a = bad ? nan : tOrO(2 * r + 4 * j) * inv;
           const float b = bad ? nan : tOrO(1 + 2 * r + 4 * j) * inv;
-          *reinterpret_cast<typename Pack2<T>::type*>(out + 8 * j) = Pack2<T>::make(a, b);
+          *reinterpret_cast<P2*>(out + 8 * j) = Pack2<T>::make(a, b);
         }
         if (wg == 0 && lane % 4 == 0) {
           p.lse[req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride] =
