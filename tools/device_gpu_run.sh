@@ -37,14 +37,14 @@ for st in $stages; do
       grep -c "Function :" "$OUT/sass.txt"
       ;;
     test-quick)
-      (cd /tmp && python3 -m pytest --rootdir="$REPO" "$REPO/tests/test_sched_cuda.py" "$REPO/tests/test_decode_cuda.py" -q -x -k "not grid or (b1 and 4096)" -p no:cacheprovider) 2>&1 | tee "$OUT/pytest_quick.log" | tail -25
+      (cd /tmp && timeout 300 python3 -m pytest --rootdir="$REPO" "$REPO/tests/test_sched_cuda.py" "$REPO/tests/test_decode_cuda.py" -q -x -k "not grid or (b1 and 4096)" -p no:cacheprovider) 2>&1 | tee "$OUT/pytest_quick.log" | tail -25
       ;;
     test)
-      (cd /tmp && python3 -m pytest --rootdir="$REPO" "$REPO/tests" -q -p no:cacheprovider --junitxml="$OUT/junit.xml") 2>&1 | tee "$OUT/pytest.log" | tail -30
+      (cd /tmp && timeout 480 python3 -m pytest --rootdir="$REPO" "$REPO/tests" -q -p no:cacheprovider --junitxml="$OUT/junit.xml") 2>&1 | tee "$OUT/pytest.log" | tail -30
       ;;
     sanitize)
       for tool in memcheck racecheck; do
-        compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/sanitizer_cases.py > "$OUT/sanitizer_$tool.log" 2>&1
+        timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/sanitizer_cases.py > "$OUT/sanitizer_$tool.log" 2>&1
         echo "compute-sanitizer $tool exit $?"; tail -4 "$OUT/sanitizer_$tool.log"
       done
       ;;

@@ -518,7 +518,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       float sc[2], sum[2];
       if (wg == 0) {
         // Rows past seqlen of this page hold stale data or NaN: zero their V part before any P V reads it.
-        const int valid = bad ? 0 : block_tokens(seqlen_safe, blk);
+        // `valid` must be warpgroup-uniform (a barrier follows): it depends on seqlen only, never on the
+        // thread-local `bad` flag of the page-lookup thread (a bad page's output becomes NaN anyway).
+        const int valid = block_tokens(seqlen_safe, blk);
         if (valid < kPageSize) {
           zero_v_tail(sK0, valid, wtid);
           fence_async_proxy();
@@ -585,7 +587,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       } else {
         float sa[2];
         if constexpr (kHasB) {
-          const int valid = bad ? 0 : block_tokens(seqlen_safe, blk + 1);
+          const int valid = block_tokens(seqlen_safe, blk + 1);  // uniform, see WG0
           if (valid < kPageSize) {
             zero_v_tail(sK1, valid, wtid);
             fence_async_proxy();
