@@ -25,6 +25,15 @@ def main() -> None:
     ap.add_argument("--h-q", type=int, default=128)
     ap.add_argument("--s-k", type=int, default=4096)
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    ap.add_argument(
+        "--l2-pages",
+        type=int,
+        default=0,
+        help="fold every block-table entry onto the first N pages (L2-resident cache; 0 = all pages distinct)",
+    )
+    ap.add_argument(
+        "--impl", choices=["ours", "flashmla"], default="ours", help="flashmla: the sgl-flash-mla peer"
+    )
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -32,6 +41,8 @@ def main() -> None:
     num_pages = args.b * pages_per_req
     k_cache = (torch.randn(num_pages, PAGE, 1, 576, device="cuda") / 10).to(dtype)
     block_table = torch.randperm(num_pages, device="cuda", dtype=torch.int32).view(args.b, pages_per_req)
+    if args.l2_pages:
+        block_table = block_table % args.l2_pages
     seqlens = torch.full((args.b,), args.s_k, dtype=torch.int32, device="cuda")
     q = (torch.randn(args.b, args.s_q, args.h_q, 576, device="cuda") / 10).to(dtype)
     meta, splits = flashmla_ops.get_mla_metadata(seqlens, args.s_q * args.h_q, 1)
@@ -40,6 +51,16 @@ def main() -> None:
         return flashmla_ops.flash_mla_with_kvcache(
             q, k_cache, block_table, seqlens, 512, meta, splits, causal=True
         )
+
+    if args.impl == "flashmla":
+        import flash_mla
+
+        fm_meta, _ = flash_mla.get_mla_metadata()
+
+        def call():  # noqa: F811 (the peer replaces ours)
+            return flash_mla.flash_mla_with_kvcache(
+                q, k_cache, block_table, seqlens, 512, fm_meta, None, causal=True, use_legacy=True
+            )
 
     for _ in range(2):
         call()
@@ -59,7 +80,7 @@ def main() -> None:
     times.sort()
     flops = 2 * args.s_q * args.b * args.s_k * args.h_q * (576 + 512)
     us = times[len(times) // 2]
-    shape = f"b={args.b} s_q={args.s_q} h_q={args.h_q} s_k={args.s_k} {args.dtype}"
+    shape = f"{args.impl} b={args.b} s_q={args.s_q} h_q={args.h_q} s_k={args.s_k} {args.dtype} l2_pages={args.l2_pages}"
     print(f"{shape}: {us:.1f} us, {flops / us / 1e6:.0f} TF/s")
 
 
