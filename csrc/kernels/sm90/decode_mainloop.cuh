@@ -13,16 +13,14 @@
 // Seesaw schedule. Pages go in pairs (A, B) through two smem buffers (A in buffer 0, B in buffer 1). Each
 // warpgroup computes one S = Q K^T per pair (WG0 for A, WG1 for B) and the P V products of both pages for its
 // own half of O. The running row max is handed from one warpgroup to the other through smem, so each softmax
-// sees the max of every earlier page (m_A = max(m, rowmax S_A), s_A = exp(m - m_A); likewise m_B, s_B):
-//     WG0: softmax(S_A); O_L = O_L s_A + P_A V_A[L]  (P_A from registers); P_A -> smem      -> WG1
-//     WG1: O_R = O_R s_A + P_A V_A[R]  (P_A from smem), while it runs softmax(S_B) against m_A; P_B -> smem -> WG0
-//     WG0: O_L = O_L s_B + P_B V_B[L]  (P_B from smem)
-//     WG1: O_R = O_R s_B + P_B V_B[R]  (P_B from registers)
+// sees the max of every earlier page:
+//     WG0: softmax(S_A) against m -> m_A, s_A = exp(m - m_A);  O_L = O_L s_A + P_A V_A[L]      (P_A in regs)
+//     WG1: softmax(S_B) against m_A -> m_B, s_B;  O_R = O_R s_A s_B + P_B V_B[R]               (P_B in regs)
+//     WG0: O_L = O_L s_B;  P_A = P_A s_B -> smem;   WG1: P_B -> smem
+//     WG0: O_L += P_B V_B[L]  (P_B from smem);      WG1: O_R += P_A V_A[R]  (P_A from smem)
 // Each warpgroup issues the same tensor work per pair (one 64x64x576 + two 64x256x64 products), and while
 // one runs its softmax on the CUDA cores the other has wgmmas in flight, so the tensor cores stay fed with a
-// single O tile (a second O tile, as in FA3's ping-pong, would not fit in registers). Page A is consumed in
-// the first half of the pair, so its buffer is refilled early; WG0's Q K^T of the next A is issued ahead of
-// WG1's Q K^T of the next B, and the next softmax of A runs under the latter.
+// single O tile (a second O tile, as in FA3's ping-pong, would not fit in registers).
 //
 // Shared memory: Q (72 KB) + two page buffers (72 KB each) + row statistics = 218 KB. P of a page is stored
 // in that page's own RoPE tile (columns 512..575 of its buffer), which is free once Q K^T of the page is done
@@ -30,10 +28,10 @@
 //
 // TMA: a page is nine 64x64 boxes (8 KB each). Each buffer has two mbarriers, one per group of boxes, and a
 // group is refilled with the next page as soon as its last reader is done, by the warpgroup that read it last:
-//     buffer 0 (A): boxes 0-3 (V_L)          after WG0's P_A V_A[L]        (WG0, first half of the pair)
-//                   boxes 4-8 (V_R, P_A)     after WG1's P_A V_A[R]        (WG1, first half)
-//     buffer 1 (B): boxes 4-7 (V_R)          after WG1's P_B V_B[R]        (WG1, end of the pair)
-//                   boxes 0-3, 8 (V_L, P_B)  after WG0's P_B V_B[L]        (WG0, end)
+//     buffer 0 (A): boxes 0-3 (V_L)          after WG0's P_A V_A[L]        (WG0)
+//                   boxes 4-8 (V_R, P_A)     after WG1's P_A V_A[R]        (WG1)
+//     buffer 1 (B): boxes 4-7 (V_R)          after WG1's P_B V_B[R]        (WG1)
+//                   boxes 0-3, 8 (V_L, P_B)  after WG0's P_B V_B[L]        (WG0)
 // Q K^T of the next page consumes the boxes in the order they were refilled, so its first wgmmas start while
 // the rest of the page is still landing.
 //
@@ -81,10 +79,12 @@ constexpr int kPBox = kNumBoxes - 1;             // where a page's P goes once i
 // Named barriers (0 is __syncthreads). The handoffs between the warpgroups are producer/consumer pairs:
 // 128 threads arrive (bar.arrive) and 128 wait (bar.sync), 256 in all.
 enum NamedBarrier : int {
-  kBarAReady = 1,  // WG0 -> WG1: P_A is in buffer 0's P box, m_A and s_A in smem, A's V tail zeroed
-  kBarBReady = 2,  // WG1 -> WG0: the same for B (buffer 1)
-  kBarWg0 = 3,     // warpgroup-local (128 threads): WG0's own zero fill is visible to its wgmmas
-  kBarWg1 = 4,     // same for WG1
+  kBarAReady = 1,    // WG0 -> WG1: m_A and s_A of the pair are in smem
+  kBarBReady = 2,    // WG1 -> WG0: m_B and s_B are in smem
+  kBarPaStored = 3,  // WG0 -> WG1: P_A is in buffer 0's P box, and A's V tail is zeroed
+  kBarPbStored = 4,  // WG1 -> WG0: P_B is in buffer 1's P box, and B's V tail is zeroed
+  kBarWg0 = 5,       // warpgroup-local (128 threads): WG0's own zero fill is visible to its wgmmas
+  kBarWg1 = 6,       // same for WG1
 };
 
 template <typename T>
@@ -199,6 +199,13 @@ __device__ __forceinline__ int block_page(const DecodeParams& p, int req, int bl
     return -1;
   }
   return page;
+}
+
+// 2^x with subnormal results flushed to zero (one MUFU.EX2; -inf -> 0, NaN -> NaN).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
@@ -464,28 +471,44 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     }
 
     // Masks, scales and exponentiates S of block `blk` in place against the running max m (updated to include
-    // this page); returns the per-row rescale of earlier state in sc and this thread's row sums in sum.
+    // this page); returns the per-row rescale of earlier state in sc and this thread's row sums in sum. It runs
+    // twice per pair on the critical path (WG1's softmax waits for WG0's max), so it is kept short: the
+    // per-element mask only where some row of the warp ends inside this page (the sequence end, causal MTP),
+    // and ex2.approx.ftz (exp2f adds denormal handling to every element; p < 2^-126 flushing to 0 is harmless).
     auto softmax = [&](int blk, float (&m)[2], float (&sc)[2], float (&sum)[2]) FMLA_INLINE {
       const int col0 = blk * kPageSize;
+      const bool need_mask = __any_sync(0xffffffffu, col0 + kPageSize > min(limit[0], limit[1]));
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int lim = limit[r] - col0;  // columns < lim are visible
         float mx = -INFINITY;
+        if (need_mask) {
+          const int lim = limit[r] - col0;  // columns < lim are visible
 #pragma unroll
-        for (int j = 0; j < kPageSize / 8; ++j) {
+          for (int j = 0; j < kPageSize / 8; ++j) {
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int idx = c + 2 * r + 4 * j;
-            const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
-            tSrS(idx) = v;
-            mx = fmaxf(mx, v);
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
+              tSrS(idx) = v;
+              mx = fmaxf(mx, v);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              tSrS(idx) *= p.scale_log2;
+              mx = fmaxf(mx, tSrS(idx));
+            }
           }
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[r], mx);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
-        sc[r] = exp2f(m[r] - m_use);
+        sc[r] = exp2_ftz(m[r] - m_use);
         m[r] = m_new;
         float s = 0.f;
 #pragma unroll
@@ -493,7 +516,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int idx = c + 2 * r + 4 * j;
-            const float e = exp2f(tSrS(idx) - m_use);
+            const float e = exp2_ftz(tSrS(idx) - m_use);
             tSrS(idx) = e;
             s += e;
           }
@@ -527,13 +550,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
           named_barrier_sync(kBarWg0, 128);
         }
         softmax(blk, m_run, sc, sum);
-        rescale_o(sc[0], sc[1]);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
-        p_to_regs();
-        issue_pv_rs(0);
-        // Hand P_A (relative to m_A) and the row statistics to WG1, which starts its P_A V_A[R] with them.
-        store_p(0);
         if (lane % 4 == 0) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
@@ -541,8 +557,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
             smem.s_a[r0 + 8 * r] = sc[r];
           }
         }
-        fence_async_proxy();
         named_barrier_arrive(kBarAReady, kThreads);
+        rescale_o(sc[0], sc[1]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
+        p_to_regs();
+        issue_pv_rs(0);
         float sb[2] = {1.f, 1.f};
         if constexpr (kHasB) {
           named_barrier_sync(kBarBReady, kThreads);
@@ -557,20 +577,26 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         // V_L of A is consumed: boxes 0-3 of buffer 0 take the next A.
         if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, page_a);
         if constexpr (kHasB) {
-          // O_L and the denominator move to the max after B, then P_B V_B[L] with P_B from smem.
+          // Bring O_L, the denominator and P_A (still to be used for O_R) to the max after B.
           rescale_o(sb[0], sb[1]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] *= sb[r];
+#pragma unroll
+          for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= sb[(i / 2) % 2];
+        }
+        store_p(0);
+        fence_async_proxy();
+        named_barrier_arrive(kBarPaStored, kThreads);
+        if constexpr (kHasB) {
+          named_barrier_sync(kBarPbStored, kThreads);
           wait_group(1, 1);
           issue_pv_ss(1);
           if (next_a) {
-            // Q K^T of the next A goes to the tensor cores right behind P_B V_B[L], ahead of WG1's Q K^T of
-            // the next B, so its softmax can run under that one.
+            // Q K^T of the next A starts on its first boxes (refilled above) while P_B V_B[L] runs.
             wait_group(0, 0);
             issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
             warpgroup_wait<1>();
             warpgroup_fence_operand(tOrO);
-            // V_L and P of B are consumed: boxes 0-3 and 8 of buffer 1 take the next B.
             if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
             wait_group(0, 1);
             issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
@@ -584,29 +610,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       } else {
         float sa[2];
         if constexpr (kHasB) {
-          const int valid = block_tokens(seqlen_safe, blk + 1);  // warpgroup-uniform, see WG0
+          const int valid = block_tokens(seqlen_safe, blk + 1);  // uniform, see WG0
           if (valid < kPageSize) {
             zero_v_tail(sK1, valid, wtid);
             fence_async_proxy();
             named_barrier_sync(kBarWg1, 128);
           }
-        }
-        // O_R moves to the max after A and takes P_A V_A[R] first: buffer 0 is then free early in the pair.
-        named_barrier_sync(kBarAReady, kThreads);
+          named_barrier_sync(kBarAReady, kThreads);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          sa[r] = smem.s_a[r0 + 8 * r];
-          m_run[r] = smem.m_a[r0 + 8 * r];
-        }
-        rescale_o(sa[0], sa[1]);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) l_run[r] *= sa[r];
-        wait_group(0, 1);
-        issue_pv_ss(0);
-        if constexpr (kHasB) {
-          // The softmax of B runs while P_A V_A[L] and P_A V_A[R] are on the tensor cores.
+          for (int r = 0; r < 2; ++r) {
+            sa[r] = smem.s_a[r0 + 8 * r];
+            m_run[r] = smem.m_a[r0 + 8 * r];
+          }
           softmax(blk + 1, m_run, sc, sum);
-          store_p(1);
           if (lane % 4 == 0) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
@@ -614,23 +630,41 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
               smem.s_b[r0 + 8 * r] = sc[r];
             }
           }
-          fence_async_proxy();
           named_barrier_arrive(kBarBReady, kThreads);
+          rescale_o(sa[0] * sc[0], sa[1] * sc[1]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sa[r] * sc[r] + sum[r];
+          p_to_regs();
+          issue_pv_rs(1);
+          store_p(1);
+          fence_async_proxy();
+          named_barrier_arrive(kBarPbStored, kThreads);
+          named_barrier_sync(kBarPaStored, kThreads);
+          wait_group(0, 1);
+          issue_pv_ss(0);
+          warpgroup_wait<1>();
+          warpgroup_fence_operand(tOrO);
+          // V_R of B is consumed: boxes 4-7 of buffer 1 take the next B.
+          if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
           // V_R and P of A are consumed: boxes 4-8 of buffer 0 take the next A.
           if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
-          rescale_o(sc[0], sc[1]);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
-          p_to_regs();
-          issue_pv_rs(1);
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tOrO);
-          // V_R of B is consumed: boxes 4-7 of buffer 1 take the next B.
-          if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
           if (next_b) qk_page(1);
         } else {
+          // No page B: only bring O_R to the max after A and add P_A V_A[R].
+          named_barrier_sync(kBarAReady, kThreads);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            sa[r] = smem.s_a[r0 + 8 * r];
+            m_run[r] = smem.m_a[r0 + 8 * r];
+          }
+          rescale_o(sa[0], sa[1]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) l_run[r] *= sa[r];
+          named_barrier_sync(kBarPaStored, kThreads);
+          wait_group(0, 1);
+          issue_pv_ss(0);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
         }
