@@ -76,15 +76,15 @@ constexpr int kBoxElems = kPageSize * kBoxCols;
 constexpr int kNumBoxes = kHeadDimK / kBoxCols;  // 9: boxes 0-7 hold V (and K's first 512 columns), 8 RoPE
 constexpr int kPBox = kNumBoxes - 1;             // where a page's P goes once its Q K^T is done
 
-// Named barriers (0 is __syncthreads). The handoffs between the warpgroups are producer/consumer pairs:
-// 128 threads arrive (bar.arrive) and 128 wait (bar.sync), 256 in all.
+// Named barriers (0 is __syncthreads). Each handoff between the warpgroups is a bar.sync of all 256 threads
+// (both sides wait), in the same order in both warpgroups; the producer side is, by construction, the later
+// arrival (measured), so the wait costs it nothing.
 enum NamedBarrier : int {
-  kBarAReady = 1,    // WG0 -> WG1: m_A and s_A of the pair are in smem
-  kBarBReady = 2,    // WG1 -> WG0: m_B and s_B are in smem
-  kBarPaStored = 3,  // WG0 -> WG1: P_A is in buffer 0's P box, and A's V tail is zeroed
-  kBarPbStored = 4,  // WG1 -> WG0: P_B is in buffer 1's P box, and B's V tail is zeroed
-  kBarWg0 = 5,       // warpgroup-local (128 threads): WG0's own zero fill is visible to its wgmmas
-  kBarWg1 = 6,       // same for WG1
+  kBarAReady = 1,   // m_A and s_A of the pair are in smem (WG0 -> WG1)
+  kBarBReady = 2,   // m_B and s_B are in smem (WG1 -> WG0)
+  kBarPStored = 3,  // P_A and P_B are in their buffers' P boxes and both V tails are zeroed (both ways)
+  kBarWg0 = 4,      // warpgroup-local (128 threads): WG0's own zero fill is visible to its wgmmas
+  kBarWg1 = 5,      // same for WG1
 };
 
 template <typename T>
@@ -206,10 +206,6 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
-}
-
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // Box `i` of group `grp` of buffer `buf` (see the refill table at the top of this file). Buffer 1's groups
@@ -557,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
             smem.s_a[r0 + 8 * r] = sc[r];
           }
         }
-        named_barrier_arrive(kBarAReady, kThreads);
+        named_barrier_sync(kBarAReady, kThreads);
         rescale_o(sc[0], sc[1]);
 #pragma unroll
         for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
@@ -584,13 +580,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         }
         store_p(0);
         fence_async_proxy();
-        named_barrier_arrive(kBarPaStored, kThreads);
+        named_barrier_sync(kBarPStored, kThreads);
         // V_L of A is consumed: boxes 0-3 of buffer 0 take the next A. Issued after P_A is published: the
         // issue costs the thread hundreds of cycles (measured) that WG1 would otherwise wait for P_A, and the
         // boxes are not needed before the next pair.
         if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, page_a);
         if constexpr (kHasB) {
-          named_barrier_sync(kBarPbStored, kThreads);
           wait_group(1, 1);
           issue_pv_ss(1);
           if (next_a) {
@@ -632,7 +627,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
               smem.s_b[r0 + 8 * r] = sc[r];
             }
           }
-          named_barrier_arrive(kBarBReady, kThreads);
+          named_barrier_sync(kBarBReady, kThreads);
           rescale_o(sa[0] * sc[0], sa[1] * sc[1]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sa[r] * sc[r] + sum[r];
@@ -640,8 +635,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
           issue_pv_rs(1);
           store_p(1);
           fence_async_proxy();
-          named_barrier_arrive(kBarPbStored, kThreads);
-          named_barrier_sync(kBarPaStored, kThreads);
+          named_barrier_sync(kBarPStored, kThreads);
           wait_group(0, 1);
           issue_pv_ss(0);
           warpgroup_wait<1>();
@@ -664,7 +658,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
           rescale_o(sa[0], sa[1]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] *= sa[r];
-          named_barrier_sync(kBarPaStored, kThreads);
+          named_barrier_sync(kBarPStored, kThreads);
           wait_group(0, 1);
           issue_pv_ss(0);
           warpgroup_wait<0>();
