@@ -82,9 +82,8 @@ constexpr int kPBox = kNumBoxes - 1;             // where a page's P goes once i
 enum NamedBarrier : int {
   kBarAReady = 1,   // m_A and s_A of the pair are in smem (WG0 -> WG1)
   kBarBReady = 2,   // m_B and s_B are in smem (WG1 -> WG0)
-  kBarPStored = 3,  // P_A and P_B are in their buffers' P boxes and both V tails are zeroed (both ways)
-  kBarWg0 = 4,      // warpgroup-local (128 threads): WG0's own zero fill is visible to its wgmmas
-  kBarWg1 = 5,      // same for WG1
+  kBarPStored = 3,  // P_A and P_B are in their buffers' P boxes (both ways)
+  kBarZero = 4,     // the V tails of the pair's pages are zeroed (only on a request's last pages)
 };
 
 template <typename T>
@@ -534,17 +533,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         if (next_a) page_a = block_page(p, req, blk + 2, seqlen_safe, bad);
         if (next_b) page_b = block_page(p, req, blk + 3, seqlen_safe, bad);
       }
+      // Rows past seqlen of a page hold stale data or NaN: zero their V part before any P V reads it (WG0 for
+      // A, WG1 for B; both Q K^T are done). The lengths depend on seqlen only, never on the lookup thread's
+      // `bad` flag, so the test is CTA-uniform and the barrier after it is reached by every thread.
+      const int valid_a = block_tokens(seqlen_safe, blk);
+      const int valid_b = kHasB ? block_tokens(seqlen_safe, blk + 1) : kPageSize;
+      if (valid_a < kPageSize || valid_b < kPageSize) {
+        if (wg == 0 && valid_a < kPageSize) zero_v_tail(sK0, valid_a, wtid);
+        if (wg == 1 && valid_b < kPageSize) zero_v_tail(sK1, valid_b, wtid);
+        fence_async_proxy();
+        named_barrier_sync(kBarZero, kThreads);
+      }
       float sc[2], sum[2];
       if (wg == 0) {
-        // Rows past seqlen of this page hold stale data or NaN: zero their V part before any P V reads it.
-        // `valid` must be warpgroup-uniform (a barrier follows): it depends on seqlen only, never on the
-        // thread-local `bad` flag of the page-lookup thread (a bad page's output becomes NaN anyway).
-        const int valid = block_tokens(seqlen_safe, blk);
-        if (valid < kPageSize) {
-          zero_v_tail(sK0, valid, wtid);
-          fence_async_proxy();
-          named_barrier_sync(kBarWg0, 128);
-        }
         softmax(blk, m_run, sc, sum);
         if (lane % 4 == 0) {
 #pragma unroll
@@ -607,12 +608,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       } else {
         float sa[2];
         if constexpr (kHasB) {
-          const int valid = block_tokens(seqlen_safe, blk + 1);  // uniform, see WG0
-          if (valid < kPageSize) {
-            zero_v_tail(sK1, valid, wtid);
-            fence_async_proxy();
-            named_barrier_sync(kBarWg1, 128);
-          }
           named_barrier_sync(kBarAReady, kThreads);
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
