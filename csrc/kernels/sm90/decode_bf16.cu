@@ -1,5 +1,5 @@
-// Instantiation of the sm_90a decode kernel for bf16 (one translation unit per dtype keeps compiles short).
-#include "kernels/sm90/decode_mainloop.cuh"
+// Instantiation of the sm_90a decode kernels for bf16 (one translation unit per dtype keeps compiles short).
+#include "kernels/sm90/decode_dispatch.cuh"
 
 namespace flashmla {
 

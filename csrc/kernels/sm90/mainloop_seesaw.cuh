@@ -27,7 +27,8 @@
 // and is not reloaded before the last P V of the page: no separate P buffer.
 //
 // TMA: a page is nine 64x64 boxes (8 KB each). Each buffer has two mbarriers, one per group of boxes, and a
-// group is refilled with the next page as soon as its last reader is done, by the warpgroup that read it last:
+// group is refilled with the next page as soon as its last reader is done, by the warpgroup that read it
+// last:
 //     buffer 0 (A): boxes 0-3 (V_L)          after WG0's P_A V_A[L]        (WG0)
 //                   boxes 4-8 (V_R, P_A)     after WG1's P_A V_A[R]        (WG1)
 //     buffer 1 (B): boxes 4-7 (V_R)          after WG1's P_B V_B[R]        (WG1)
@@ -50,31 +51,9 @@
 //     outside the cache is never dereferenced out of bounds: its output rows become NaN instead.
 #pragma once
 
-#include <cuda_runtime.h>
-
-#include <atomic>
-#include <type_traits>
-
-#include <cute/atom/mma_traits_sm90_gmma.hpp>
-#include <cute/tensor.hpp>
-#include <cutlass/numeric_types.h>
-
-#include "kernels/launch.h"
+#include "kernels/sm90/common.cuh"
 
 namespace flashmla::sm90 {
-
-using namespace cute;
-
-// The kernel's helpers are lambdas over its register state; they must inline (a real call would move the
-// accumulators through a stack frame).
-#define FMLA_INLINE __attribute__((always_inline))
-
-constexpr int kThreads = 256;
-constexpr int kChunksPerRow = kHeadDimK / 8;  // 16-byte chunks per 576-wide row
-constexpr int kBoxCols = 64;                  // columns of one TMA box / one 128B-swizzled column tile
-constexpr int kBoxElems = kPageSize * kBoxCols;
-constexpr int kNumBoxes = kHeadDimK / kBoxCols;  // 9: boxes 0-7 hold V (and K's first 512 columns), 8 RoPE
-constexpr int kPBox = kNumBoxes - 1;             // where a page's P goes once its Q K^T is done
 
 // Named barriers (0 is __syncthreads). Each handoff between the warpgroups is a bar.sync of all 256 threads
 // (both sides wait), in the same order in both warpgroups; the producer side is, by construction, the later
@@ -87,30 +66,7 @@ enum NamedBarrier : int {
 };
 
 template <typename T>
-struct Traits {
-  // 64 x 576, K-major, 128B swizzle: nine 64x64 column tiles of 8 KB each.
-  using SmemLayoutQK =
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kHeadDimK>>{}));
-  // V^T (512 x 64) viewed on the same bytes as K (64 x 576): element (d, t) is K(t, d).
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutQK{}, make_layout(Shape<Int<kHeadDimV>, Int<kPageSize>>{}, Stride<Int<kPageSize>, _1>{})));
-  // One 64x64 column tile, the same layout as one box of SmemLayoutQK (so P can live in box 8).
-  using SmemLayoutP =
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kPageSize>>{}));
-  using MmaQK = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kPageSize>, Int<kHeadDimK>>>()));
-  // P V with P from smem (the other warpgroup's page) ...
-  using MmaPV = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHeadDimV / 2>, Int<kPageSize>>,
-                           GMMA::Major::K, GMMA::Major::MN>()));
-  // ... and from registers (the warpgroup's own page, straight from its softmax).
-  using MmaPVrs = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHeadDimV / 2>, Int<kPageSize>>,
-                           GMMA::Major::K, GMMA::Major::MN>()));
-};
-
-template <typename T>
-struct alignas(1024) SharedStorage {
+struct alignas(1024) SeesawStorage {
   alignas(1024) T q[kBlockM * kHeadDimK];
   alignas(1024) T k[2][kPageSize * kHeadDimK];
   float m_a[kBlockM];         // running max (log2 domain) after page A of the pair (WG0 -> WG1)
@@ -121,99 +77,15 @@ struct alignas(1024) SharedStorage {
   uint64_t kbar[2][2];        // [buffer][box group]: completes when that group of the buffer's page landed
 };
 
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  // .cg: cache in L2 only; src_bytes == 0 zero-fills the 16 bytes without reading global memory.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-// A CTA barrier that may be reached from different (warpgroup-uniform) branches.
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void fence_async_proxy() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-// Q rows of (req, h_k, m_block) -> sQ; rows past q_seq_per_hk are zero.
-template <typename T, class SQ>
-__device__ __forceinline__ void load_q(const DecodeParams& p, SQ& sQ, int req, int h_k, int m_block) {
-  const T* q = static_cast<const T*>(p.q);
-  for (int i = threadIdx.x; i < kBlockM * kChunksPerRow; i += kThreads) {
-    const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
-    const int grow = m_block * kBlockM + r;
-    void* dst = &sQ(r, ch * 8);
-    if (grow < p.q_seq_per_hk) {
-      const int s_idx = grow / p.q_heads_per_hk;
-      const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
-      const T* src = q + req * p.q_batch_stride + s_idx * p.q_seq_stride + head * p.q_head_stride + ch * 8;
-      cp_async_16(dst, src, 16);
-    } else {
-      cp_async_16(dst, q, 0);
-    }
-  }
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n"
-      "}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
-
-// Valid tokens of block `blk` (0..64); 0 for blocks past the end.
-__device__ __forceinline__ int block_tokens(int seqlen, int blk) {
-  const int v = seqlen - blk * kPageSize;
-  return v < 0 ? 0 : (v > kPageSize ? kPageSize : v);
-}
-
-// Page id of block `blk`, or -1 when nothing must be read (no valid token, or an id outside the cache; the
-// caller flags the latter as a bad request). block_table is read only for blocks holding valid tokens.
-__device__ __forceinline__ int block_page(const DecodeParams& p, int req, int blk, int seqlen, bool& bad) {
-  if (block_tokens(seqlen, blk) == 0) return -1;
-  const int page = p.block_table[req * p.block_table_batch_stride + blk];
-  if (page < 0 || page >= p.num_pages) {
-    bad = true;
-    return -1;
-  }
-  return page;
-}
-
-// 2^x with subnormal results flushed to zero (one MUFU.EX2; -inf -> 0, NaN -> NaN).
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Box `i` of group `grp` of buffer `buf` (see the refill table at the top of this file). Buffer 1's groups
 // are in the order Q K^T of page B reads them: 4-7 first (refilled first), then 0-3 and 8.
 __device__ __forceinline__ int group_box(int buf, int grp, int i) {
   if (buf == 0) return grp == 0 ? i : 4 + i;
   return grp == 0 ? 4 + i : (i < 4 ? i : kPBox);
 }
-__device__ __forceinline__ int group_boxes(int grp) { return grp == 0 ? 4 : 5; }
+__device__ __forceinline__ int group_boxes(int grp) {
+  return grp == 0 ? 4 : 5;
+}
 
 // One thread: copy one box group of `page` (kv head h_k) into buffer `buf` with TMA, completing on the
 // group's mbarrier, or, for page < 0, just complete the barrier's phase (nothing to read; the consumer
@@ -237,35 +109,12 @@ __device__ __forceinline__ void issue_group(const DecodeParams& p, void* buf_bas
   }
 }
 
-// Zero the V part (columns 0..511) of rows [valid, 64) of a K buffer, by the 128 threads of one warpgroup.
-template <class SK>
-__device__ __forceinline__ void zero_v_tail(SK& sK, int valid, int wtid) {
-  const uint4 z = make_uint4(0, 0, 0, 0);
-  for (int i = valid * (kHeadDimV / 8) + wtid; i < kPageSize * (kHeadDimV / 8); i += 128) {
-    const int t = i / (kHeadDimV / 8), ch = i % (kHeadDimV / 8);
-    *reinterpret_cast<uint4*>(&sK(t, ch * 8)) = z;
-  }
-}
-
 template <typename T>
-struct Pack2;
-template <>
-struct Pack2<cutlass::bfloat16_t> {
-  using type = __nv_bfloat162;
-  static __device__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
-};
-template <>
-struct Pack2<cutlass::half_t> {
-  using type = __half2;
-  static __device__ type make(float a, float b) { return __floats2half2_rn(a, b); }
-};
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = Traits<T>;
   using P2 = typename Pack2<T>::type;
   extern __shared__ __align__(1024) char smem_raw[];
-  SharedStorage<T>& smem = *reinterpret_cast<SharedStorage<T>*>(smem_raw);
+  SeesawStorage<T>& smem = *reinterpret_cast<SeesawStorage<T>*>(smem_raw);
 
   const int m_block = blockIdx.x, h_k = blockIdx.y, part = blockIdx.z;
   const int* rec = p.meta + part * kMetaSize;
@@ -364,8 +213,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
   };
-  // O[:, this warpgroup's half] += P V of buffer `buf`; P from registers (own page) or from the buffer's P box
-  // (the other warpgroup's page). Committed as one group, not waited for.
+  // O[:, this warpgroup's half] += P V of buffer `buf`; P from registers (own page) or from the buffer's P
+  // box (the other warpgroup's page). Committed as one group, not waited for.
   auto issue_pv_rs = [&](int buf) FMLA_INLINE {
     Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
     Tensor tOrV = thr_pv_rs.partition_fragment_B(local_tile(sVt, v_tile, make_coord(wg, _0{})));
@@ -466,10 +315,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     }
 
     // Masks, scales and exponentiates S of block `blk` in place against the running max m (updated to include
-    // this page); returns the per-row rescale of earlier state in sc and this thread's row sums in sum. It runs
-    // twice per pair on the critical path (WG1's softmax waits for WG0's max), so it is kept short: the
+    // this page); returns the per-row rescale of earlier state in sc and this thread's row sums in sum. It
+    // runs twice per pair on the critical path (WG1's softmax waits for WG0's max), so it is kept short: the
     // per-element mask only where some row of the warp ends inside this page (the sequence end, causal MTP),
-    // and ex2.approx.ftz (exp2f adds denormal handling to every element; p < 2^-126 flushing to 0 is harmless).
+    // and ex2.approx.ftz (exp2f adds denormal handling to every element; p < 2^-126 flushing to 0 is
+    // harmless).
     auto softmax = [&](int blk, float (&m)[2], float (&sc)[2], float (&sum)[2]) FMLA_INLINE {
       const int col0 = blk * kPageSize;
       const bool need_mask = __any_sync(0xffffffffu, col0 + kPageSize > min(limit[0], limit[1]));
@@ -730,27 +580,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     }
     __syncthreads();  // smem (Q, statistics) is reused by the next request
   }
-}
-
-template <typename T>
-cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  constexpr int smem_bytes = static_cast<int>(sizeof(SharedStorage<T>));
-  auto kernel = decode_kernel<T>;
-  // The shared-memory opt-in is a per-device attribute of the function: set it once per device, not on every
-  // decode call (it is host work on the latency-critical small-batch path).
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> configured[kMaxDevices];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 0 || device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (err != cudaSuccess) return err;
-    if (device >= 0 && device < kMaxDevices) configured[device].store(true, std::memory_order_release);
-  }
-  const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
-  return cudaGetLastError();
 }
 
 }  // namespace flashmla::sm90

@@ -1,0 +1,33 @@
+// Host-side launch of the sm_90a decode main kernel for one dtype: picks the main loop by the number of
+// 64-row tiles per kv head (a shape property, so the choice never depends on tensor values).
+#pragma once
+
+#include "kernels/sm90/mainloop_serial.cuh"
+#include "kernels/sm90/mainloop_seesaw.cuh"
+
+namespace flashmla::sm90 {
+
+template <typename T>
+cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  constexpr int kMaxDevices = 64;
+  const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
+  if (p.num_m_blocks >= 2) {
+    // Two or more tiles per kv head (h_q * s_q / h_kv > 64): tensor-bound, the seesaw loop keeps the tensor
+    // cores busy while a warpgroup runs its softmax.
+    constexpr int smem_bytes = static_cast<int>(sizeof(SeesawStorage<T>));
+    static std::atomic<bool> configured[kMaxDevices];
+    const cudaError_t err = configure_smem_once(decode_seesaw_kernel<T>, smem_bytes, configured, kMaxDevices);
+    if (err != cudaSuccess) return err;
+    decode_seesaw_kernel<T><<<grid, kThreads, smem_bytes, stream>>>(p);
+  } else {
+    // One tile: memory-bound, the serial loop's deeper page prefetch wins.
+    constexpr int smem_bytes = static_cast<int>(sizeof(SerialStorage<T>));
+    static std::atomic<bool> configured[kMaxDevices];
+    const cudaError_t err = configure_smem_once(decode_serial_kernel<T>, smem_bytes, configured, kMaxDevices);
+    if (err != cudaSuccess) return err;
+    decode_serial_kernel<T><<<grid, kThreads, smem_bytes, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace flashmla::sm90

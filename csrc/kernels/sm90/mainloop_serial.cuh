@@ -1,0 +1,369 @@
+// Split-KV MLA decode main kernel for Hopper (sm_90a), serial-softmax variant: wgmma on the tensor cores, TMA
+// page pipeline. Used when the request has one 64-row tile per kv head (h_q * s_q / h_kv <= 64: the
+// memory-bound shapes), where it keeps one page more in flight than the seesaw loop (mainloop_seesaw.cuh) and
+// measured ~3 % faster; with two or more tiles the seesaw loop is faster (benchmarks/NOTES.md, v3.3).
+//
+// Work: CTA (m_block, h_k, part) processes the 64 query rows [m_block*64, m_block*64 + 64) of kv head h_k
+// (rows pack MTP tokens and the query heads sharing the kv head: row = s_idx * (h_q/h_kv) + head) for every
+// (request, block) range the scheduler gave `part`. One 64-token page is one N tile, so paging costs nothing
+// inside a tile: the page id is looked up once per tile and becomes the 4th TMA coordinate.
+//
+// Roles (256 threads = 2 warpgroups, 1 CTA per SM):
+//   thread 0     issues the TMA copies of a page (nine 64x64 boxes, one mbarrier per K buffer); two pages are
+//                in flight, and a buffer is refilled as soon as both warpgroups finished reading it;
+//   warpgroup 0  S = Q K^T (64x64x576 wgmma, both operands K-major in 128B-swizzled smem), mask, online
+//                softmax in the log2 domain, writes P (bf16/fp16) and the per-row rescale factor to smem;
+//   both WGs     O[:, half] = O[:, half] * scale + P V[:, half]: each warpgroup owns one 64x256 fp32 half of
+//                O (128 registers per thread; the whole 64x512 O would be half the register file), and reads
+//                V as an MN-major view of the same smem K tile (V = the first 512 columns of K), so the cache
+//                is read from HBM once for both GEMMs.
+//   Software pipelining: warpgroup 0 issues Q K^T of page j+1 right behind its P V of page j, so the tensor
+//   cores run P V(j) and Q K^T(j+1) back to back; only the softmax of j+1 leaves them idle.
+//
+// Correctness rules this file keeps (see docs/architecture.md):
+//   * V rows past seqlen (the tail of a request's last page, where stale data or NaN may sit) are zeroed in
+//     smem after the copy lands: P = 0 there does not help, because 0 * NaN = NaN in the MMA. Their logits
+//     are masked by index, never by value. Pages past the end are never copied and block_table entries past
+//     the last page are never read;
+//   * masked logits are -inf and the running max is guarded, so a row with no visible key ends with L = 0 and
+//     writes out 0 / lse +inf (or an empty partial with lse -inf);
+//   * shared memory written by ordinary stores (P, zero fill, cp.async'd Q) and read by wgmma (async proxy)
+//   is
+//     fenced with fence.proxy.async before the barrier that publishes it;
+//   * a request whose seqlen is negative, needs more pages than block_table has columns, or names a page id
+//     outside the cache is never dereferenced out of bounds: its output rows become NaN instead.
+#pragma once
+
+#include "kernels/sm90/common.cuh"
+
+namespace flashmla::sm90 {
+
+template <typename T>
+struct alignas(1024) SerialStorage {
+  alignas(1024) T q[kBlockM * kHeadDimK];
+  alignas(1024) T k[2][kPageSize * kHeadDimK];
+  alignas(1024) T p[kBlockM * kPageSize];
+  float scale[kBlockM];    // per-row rescale of O for the current page (WG0 -> WG1)
+  float row_max[kBlockM];  // final running max (log2 domain) per row
+  float row_sum[kBlockM];  // final softmax denominator per row
+  uint64_t kbar[2];        // one mbarrier per K buffer: completes when that buffer's page has landed
+};
+
+// Thread 0: copy `page` (kv head h_k) into a K buffer with nine 64x64 TMA boxes completing on `bar`, or, for
+// page < 0, just complete the barrier's phase (the consumer zero-fills the buffer's V rows instead).
+__device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uint64_t* bar, int h_k,
+                                           int page) {
+  if (page < 0) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+    return;
+  }
+  constexpr int kTileBytes = kPageSize * 64 * 2;
+  mbar_arrive_expect_tx(bar, kTileBytes * (kHeadDimK / 64));
+#pragma unroll
+  for (int j = 0; j < kHeadDimK / 64; ++j) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+        "%5}], [%6];\n" ::"r"(smem_u32(static_cast<char*>(dst) + j * kTileBytes)),
+        "l"(&p.tma_k), "r"(j * 64), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
+        : "memory");
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid_constant__ DecodeParams p) {
+  using Tr = Traits<T>;
+  extern __shared__ __align__(1024) char smem_raw[];
+  SerialStorage<T>& smem = *reinterpret_cast<SerialStorage<T>*>(smem_raw);
+
+  const int m_block = blockIdx.x, h_k = blockIdx.y, part = blockIdx.z;
+  const int* rec = p.meta + part * kMetaSize;
+  // Clamped so metadata computed for a larger (padded) batch never indexes past this one.
+  const int begin_req = rec[kMetaBeginReq], end_req = min(rec[kMetaEndReq], p.b - 1);
+  // Let the combine kernel (launched with PDL) start launching now; it waits (griddepcontrol.wait) for this
+  // grid to complete before it reads any partial result.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  if (end_req < begin_req) return;  // a part with no work
+  const int begin_blk = rec[kMetaBeginBlock], end_blk = rec[kMetaEndBlock];
+  const int begin_split = rec[kMetaBeginSplit];
+
+  // Broadcast from lane 0 so the compiler knows the warpgroup index is warp-uniform; otherwise it treats the
+  // role branches as divergent and serialises every wgmma (ptxas C7518).
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
+  const int wtid = threadIdx.x % 128;
+  const int lane = threadIdx.x % 32;
+  const int quad_col = 2 * (lane % 4);
+  // The wgmma accumulator gives each thread rows r0 and r0 + 8 of the 64-row tile; value index
+  // c + 2 * r + 4 * j holds (row r0 + 8 r, column 8 j + quad_col + c) (checked against CuTe's partition_C).
+  const int r0 = (wtid / 32) * 16 + lane / 4;
+
+  if (threadIdx.x == 0) {
+    mbar_init(&smem.kbar[0], 1);
+    mbar_init(&smem.kbar[1], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k) : "memory");
+  }
+  __syncthreads();
+  uint32_t kphase = 0;  // bit b: parity of the next phase of kbar[b] this thread waits for
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Tr::SmemLayoutQK{});
+  Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Tr::SmemLayoutP{});
+  Tensor sK0 = make_tensor(make_smem_ptr(smem.k[0]), typename Tr::SmemLayoutQK{});
+  Tensor sK1 = make_tensor(make_smem_ptr(smem.k[1]), typename Tr::SmemLayoutQK{});
+  const auto v_tile = Shape<Int<kHeadDimV / 2>, Int<kPageSize>>{};
+
+  typename Tr::MmaQK mma_qk;
+  typename Tr::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(wtid);
+  auto thr_pv = mma_pv.get_thread_slice(wtid);
+  Tensor tSsP = thr_qk.partition_C(sP);  // where this thread's S/P values live in sP
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+  Tensor tOrP = thr_pv.partition_fragment_A(sP);
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDimV / 2>>{});
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kPageSize>>{});
+
+  // S = Q K^T for the page in buffer `buf` (warpgroup 0), committed as one wgmma group, not waited for.
+  auto issue_qk = [&](int buf) {
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
+    // A runtime buffer pointer only changes the descriptors' start address: no branch around the wgmmas.
+    Tensor tSrK =
+        thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{}));
+    mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+      mma_qk.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+  };
+
+  for (int req = begin_req; req <= end_req; ++req) {
+    const int seqlen = p.seqlens[req];
+    // ceil(seqlen / 64) without forming seqlen + 63, which overflows int32 near INT32_MAX.
+    const int pages = seqlen / kPageSize + (seqlen % kPageSize > 0 ? 1 : 0);
+    const int nblk = seqlen > 0 ? pages : 1;
+    bool bad = seqlen < 0 || pages > p.max_blocks_per_seq;
+    const int blk_begin = req == begin_req ? begin_blk : 0;
+    const int blk_end = req == end_req ? end_blk : nblk;
+    const int split_idx = req == begin_req ? begin_split : 0;
+    const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
+    const int seqlen_safe = bad ? 0 : seqlen;
+
+    // Visible-key limit of this thread's two rows (bottom-right causal mask for MTP).
+    int limit[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int grow = m_block * kBlockM + r0 + 8 * r;
+      const int s_idx = grow < p.q_seq_per_hk ? grow / p.q_heads_per_hk : p.s_q - 1;
+      limit[r] = seqlen_safe - (p.causal ? (p.s_q - 1 - s_idx) : 0);
+    }
+
+    // Prologue: the first two pages go in flight, then Q (cp.async, all threads).
+    if (threadIdx.x == 0) {
+      issue_page(p, smem.k[0], &smem.kbar[0], h_k, block_page(p, req, blk_begin, seqlen_safe, bad));
+      if (blk_begin + 1 < blk_end) {
+        issue_page(p, smem.k[1], &smem.kbar[1], h_k, block_page(p, req, blk_begin + 1, seqlen_safe, bad));
+      }
+    }
+    load_q<T>(p, sQ, req, h_k, m_block);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_proxy();
+    __syncthreads();
+
+    float m_run[2] = {-INFINITY, -INFINITY};
+    float l_run[2] = {0.f, 0.f};
+    clear(tOrO);
+    if (wg == 0) {
+      mbar_wait(&smem.kbar[0], kphase & 1);
+      kphase ^= 1;
+      issue_qk(0);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+    }
+
+    for (int blk = blk_begin; blk < blk_end; ++blk) {
+      const int buf = (blk - blk_begin) & 1;
+      const bool has_next = blk + 1 < blk_end;
+      // Thread 0 looks the page id of block blk+2 up now, so it is in a register when the buffer frees.
+      int next_page = -1;
+      if (threadIdx.x == 0 && blk + 2 < blk_end) next_page = block_page(p, req, blk + 2, seqlen_safe, bad);
+
+      if (wg == 0) {
+        const int col0 = blk * kPageSize;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int lim = limit[r] - col0;  // columns < lim are visible
+          float mx = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
+              tSrS(idx) = v;
+              mx = fmaxf(mx, v);
+            }
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m_run[r], mx);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
+          const float sc = exp2f(m_run[r] - m_use);
+          m_run[r] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              const float e = exp2f(tSrS(idx) - m_use);
+              tSrS(idx) = e;
+              sum += e;
+            }
+          }
+          l_run[r] = l_run[r] * sc + sum;
+          if (lane % 4 == 0) smem.scale[r0 + 8 * r] = sc;
+        }
+        // Values c = 0, 1 of a pair are adjacent columns of one row (the swizzle moves whole 16-byte chunks),
+        // so P goes to smem as 32-bit pairs.
+#pragma unroll
+        for (int i = 0; i < size(tSrS); i += 2) {
+          *reinterpret_cast<typename Pack2<T>::type*>(&tSsP(i)) = Pack2<T>::make(tSrS(i), tSrS(i + 1));
+        }
+        // Rows past seqlen of this page hold stale data or NaN: zero their V part before P V reads it.
+        // Warpgroup 0 does it, after its Q K^T of this page completed (no wgmma reads the buffer now).
+        const int valid = bad ? 0 : block_tokens(seqlen_safe, blk);
+        if (valid < kPageSize) {
+          if (buf == 0) {
+            zero_v_tail(sK0, valid, wtid);
+          } else {
+            zero_v_tail(sK1, valid, wtid);
+          }
+        }
+        fence_async_proxy();  // P and the zero fill were written by ordinary stores and are read by wgmma
+      }
+      __syncthreads();  // P, the scales and this page's V are published
+
+      {
+        // Once the running max settles, most pages leave it unchanged (scale == 1): skip the 128 multiplies
+        // per thread when that holds for the whole warp (a warp-uniform branch, no divergence).
+        const float sc0 = smem.scale[r0], sc1 = smem.scale[r0 + 8];
+        if (!__all_sync(0xffffffffu, sc0 == 1.f && sc1 == 1.f)) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float sc = r == 0 ? sc0 : sc1;
+#pragma unroll
+            for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+              tOrO(2 * r + 4 * j) *= sc;
+              tOrO(1 + 2 * r + 4 * j) *= sc;
+            }
+          }
+        }
+      }
+      if (wg == 1) {
+        // The copy's completion is observed by warpgroup 1 too before its wgmma reads the buffer.
+        mbar_wait(&smem.kbar[buf], (kphase >> buf) & 1);
+        kphase ^= 1u << buf;
+      }
+      Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
+      Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, v_tile, make_coord(wg, _0{})));
+      warpgroup_fence_operand(tOrO);
+      warpgroup_arrive();
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
+      }
+      warpgroup_commit_batch();
+      // Each branch below is straight-line wgmma code ending with nothing in flight, so ptxas can see that
+      // no accumulator is touched while a wgmma may still write it (otherwise it serialises them, C7515).
+      if (wg == 0 && has_next) {
+        // Q K^T of the next page goes to the tensor cores right behind this P V.
+        mbar_wait(&smem.kbar[buf ^ 1], (kphase >> (buf ^ 1)) & 1);
+        kphase ^= 1u << (buf ^ 1);
+        issue_qk(buf ^ 1);
+        warpgroup_wait<1>();  // this page's P V is done; the next Q K^T may still run
+        warpgroup_fence_operand(tOrO);
+        named_barrier_sync(1, kThreads);  // both P V done: sP and this K buffer may be overwritten
+        if (threadIdx.x == 0 && blk + 2 < blk_end)
+          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tSrS);
+      } else {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        named_barrier_sync(1, kThreads);
+        if (threadIdx.x == 0 && blk + 2 < blk_end)
+          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
+      }
+    }
+    // Thread 0 may have flagged an invalid page id while looking pages up: share the flag.
+    bad = __syncthreads_or(bad ? 1 : 0) != 0;
+
+    // ---- epilogue: WG0 owns the softmax statistics; share them with WG1 through smem.
+    if (wg == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        if (lane % 4 == 0) {
+          smem.row_sum[r0 + 8 * r] = l;
+          smem.row_max[r0 + 8 * r] = m_run[r];
+        }
+      }
+    }
+    __syncthreads();
+
+    const int64_t slot = static_cast<int64_t>(p.num_splits[req]) + split_idx;
+    // Metadata and num_splits from different calls could name a slot past the workspace (2 * num_sm_parts
+    // pieces): never write there (the combine kernel flags such a request with NaN).
+    const bool slot_ok = slot >= 0 && slot < 2 * static_cast<int64_t>(p.num_sm_parts);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = r0 + 8 * r;
+      const int grow = m_block * kBlockM + row;
+      if (grow >= p.q_seq_per_hk) continue;
+      const float l = smem.row_sum[row];
+      const float m = smem.row_max[row];
+      // l == 0: no visible key. A NaN l (NaN in q or in visible cache rows) must stay NaN, not become
+      // "empty": it propagates to out and lse like the reference's.
+      const bool empty = l == 0.f;
+      const float inv = empty ? 0.f : 1.f / l;
+      const float nan = __int_as_float(0x7fc00000);
+      const int col_base = wg * (kHeadDimV / 2) + quad_col;
+      if (n_pieces == 0) {
+        const int s_idx = grow / p.q_heads_per_hk;
+        const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
+        T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride +
+                 head * p.o_head_stride + col_base;
+#pragma unroll
+        for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+          const float a = bad ? nan : tOrO(2 * r + 4 * j) * inv;
+          const float b = bad ? nan : tOrO(1 + 2 * r + 4 * j) * inv;
+          *reinterpret_cast<typename Pack2<T>::type*>(out + 8 * j) = Pack2<T>::make(a, b);
+        }
+        if (wg == 0 && lane % 4 == 0) {
+          p.lse[req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride] =
+              bad ? nan : (empty ? INFINITY : (log2f(l) + m) * 0.69314718055994530942f);
+        }
+      } else if (slot_ok) {
+        const int64_t acc_row = (slot * p.h_kv + h_k) * p.q_seq_per_hk + grow;
+        float* o_acc = p.o_accum + acc_row * kHeadDimV + col_base;
+#pragma unroll
+        for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+          float2 v;
+          v.x = bad ? nan : tOrO(2 * r + 4 * j) * inv;
+          v.y = bad ? nan : tOrO(1 + 2 * r + 4 * j) * inv;
+          *reinterpret_cast<float2*>(o_acc + 8 * j) = v;
+        }
+        if (wg == 0 && lane % 4 == 0) {
+          p.lse_accum[acc_row] = bad ? nan : (empty ? -INFINITY : log2f(l) + m);
+        }
+      }
+    }
+    __syncthreads();  // smem (Q, statistics) is reused by the next request
+  }
+}
+
+}  // namespace flashmla::sm90
