@@ -1,7 +1,7 @@
 """One flashmla_ops decode call under Nsight Compute (or any profiler): fixed-length paged inputs, two warm-up
 calls, then the profiled call between cudaProfilerStart/Stop.
 
-  ncu --profile-from-start off --kernel-name regex:decode_kernel --section SpeedOfLight \\
+  ncu --profile-from-start off --kernel-name regex:decode_ --section SpeedOfLight \\
       --section WarpStateStats python benchmarks/profile_decode.py --b 128 --s-q 2 --h-q 128 --s-k 4096
 
 Prints the shape and the call's median time (10 runs, do_bench-free: CUDA events, L2 not flushed).
@@ -29,7 +29,7 @@ def main() -> None:
         "--l2-pages",
         type=int,
         default=0,
-        help="fold every block-table entry onto the first N pages (L2-resident cache; 0 = all pages distinct)",
+        help="fold every block-table entry onto the first N pages (an L2-resident cache; 0: all distinct)",
     )
     ap.add_argument(
         "--impl", choices=["ours", "flashmla"], default="ours", help="flashmla: the sgl-flash-mla peer"
@@ -80,7 +80,8 @@ def main() -> None:
     times.sort()
     flops = 2 * args.s_q * args.b * args.s_k * args.h_q * (576 + 512)
     us = times[len(times) // 2]
-    shape = f"{args.impl} b={args.b} s_q={args.s_q} h_q={args.h_q} s_k={args.s_k} {args.dtype} l2_pages={args.l2_pages}"
+    shape = f"{args.impl} b={args.b} s_q={args.s_q} h_q={args.h_q} s_k={args.s_k} {args.dtype}"
+    shape += f" l2_pages={args.l2_pages}"
     print(f"{shape}: {us:.1f} us, {flops / us / 1e6:.0f} TF/s")
 
 

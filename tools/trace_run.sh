@@ -1,3 +1,8 @@
+#!/usr/bin/env bash
+# Diagnostic, for the lent GPU machine: builds flashmla_ops with -DFMLA_TRACE into build/trace and prints the
+# per-pair clock trace of the seesaw loop for b = 128, s_q = 1, h_q = 128, s_k = 8192 (HBM and L2-resident
+# pages). Needs the trace instrumentation applied first (benchmarks/trace/README.md); without it the build is
+# the normal one and nothing is traced.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/nvidia_cutlass-*.whl .carry/expecttest-*.whl
 export PYTHONPATH=/tmp/site
