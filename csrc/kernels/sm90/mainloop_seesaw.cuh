@@ -18,9 +18,9 @@
 //     WG1: softmax(S_B) against m_A -> m_B, s_B;  O_R = O_R s_A s_B + P_B V_B[R]               (P_B in regs)
 //     WG0: O_L = O_L s_B;  P_A = P_A s_B -> smem;   WG1: P_B -> smem
 //     WG0: O_L += P_B V_B[L]  (P_B from smem);      WG1: O_R += P_A V_A[R]  (P_A from smem)
-// Each warpgroup issues the same tensor work per pair (one 64x64x576 + two 64x256x64 products), and while
-// one runs its softmax on the CUDA cores the other has wgmmas in flight, so the tensor cores stay fed with a
-// single O tile (a second O tile, as in FA3's ping-pong, would not fit in registers).
+// Each warpgroup issues the same tensor work per full pair (one 64x64x576 + two 64x256x64 products), and
+// while one runs its softmax on the CUDA cores the other has wgmmas in flight, so the tensor cores stay fed
+// with a single O tile (a second O tile, as in FA3's ping-pong, would not fit in registers).
 //
 // Shared memory: Q (72 KB) + two page buffers (72 KB each) + row statistics = 218 KB. P of a page is stored
 // in that page's own RoPE tile (columns 512..575 of its buffer), which is free once Q K^T of the page is done
@@ -56,13 +56,14 @@
 namespace flashmla::sm90 {
 
 // Named barriers (0 is __syncthreads). Each handoff between the warpgroups is a bar.sync of all 256 threads
-// (both sides wait), in the same order in both warpgroups; the producer side is, by construction, the later
-// arrival (measured), so the wait costs it nothing.
+// (both sides wait), in the same order in both warpgroups; the producer side was measured to be the later
+// arrival, so the wait costs it nothing. (Warpgroup-local barriers are avoided: with them compute-sanitizer's
+// racecheck reported hazards on these handoffs.)
 enum NamedBarrier : int {
   kBarAReady = 1,   // m_A and s_A of the pair are in smem (WG0 -> WG1)
   kBarBReady = 2,   // m_B and s_B are in smem (WG1 -> WG0)
-  kBarPStored = 3,  // P_A and P_B are in their buffers' P boxes (both ways)
-  kBarZero = 4,     // the V tails of the pair's pages are zeroed (only on a request's last pages)
+  kBarPStored = 3,  // P_A (and P_B, if the pair has a page B) are in their buffers' P boxes
+  kBarZero = 4,     // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
 };
 
 template <typename T>
@@ -78,7 +79,7 @@ struct alignas(1024) SeesawStorage {
 };
 
 // Box `i` of group `grp` of buffer `buf` (see the refill table at the top of this file). Buffer 1's groups
-// are in the order Q K^T of page B reads them: 4-7 first (refilled first), then 0-3 and 8.
+// are in the order Q K^T of page B waits for them: 4-7 first (usually refilled first), then 0-3 and 8.
 __device__ __forceinline__ int group_box(int buf, int grp, int i) {
   if (buf == 0) return grp == 0 ? i : 4 + i;
   return grp == 0 ? 4 + i : (i < 4 ? i : kPBox);
@@ -371,7 +372,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     };
 
     // One pair of pages: A = block blk in buffer 0, B = block blk + 1 in buffer 1 (kHasB: B exists). On entry
-    // S_A (WG0) and S_B (WG1) are computed; on exit the next pair's S_A / S_B are, and nothing is in flight.
+    // S_A (WG0) and S_B (WG1, if B exists) are computed; on exit the next pair's are, and nothing is in
+    // flight.
     auto pair = [&](int blk, auto has_b_c) FMLA_INLINE {
       constexpr bool kHasB = decltype(has_b_c)::value;
       const bool next_a = kHasB && blk + 2 < blk_end;
@@ -384,8 +386,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         if (next_b) page_b = block_page(p, req, blk + 3, seqlen_safe, bad);
       }
       // Rows past seqlen of a page hold stale data or NaN: zero their V part before any P V reads it (WG0 for
-      // A, WG1 for B; both Q K^T are done). The lengths depend on seqlen only, never on the lookup thread's
-      // `bad` flag, so the test is CTA-uniform and the barrier after it is reached by every thread.
+      // A, WG1 for B; both Q K^T are done). The lengths depend on seqlen_safe only, never on the lookup
+      // thread's `bad` flag, so the test is CTA-uniform and the barrier after it is reached by every thread.
       const int valid_a = block_tokens(seqlen_safe, blk);
       const int valid_b = kHasB ? block_tokens(seqlen_safe, blk + 1) : kPageSize;
       if (valid_a < kPageSize || valid_b < kPageSize) {
@@ -434,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         named_barrier_sync(kBarPStored, kThreads);
         // V_L of A is consumed: boxes 0-3 of buffer 0 take the next A. Issued after P_A is published: the
         // issue costs the thread hundreds of cycles (measured) that WG1 would otherwise wait for P_A, and the
-        // boxes are not needed before the next pair.
+        // boxes are needed only by the next A's Q K^T at the tail of this pair.
         if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, page_a);
         if constexpr (kHasB) {
           wait_group(1, 1);
