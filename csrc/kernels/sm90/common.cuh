@@ -161,6 +161,100 @@ struct Pack2<cutlass::half_t> {
   static __device__ type make(float a, float b) { return __floats2half2_rn(a, b); }
 };
 
+// One request's share of a part, as the main loops see it (scheduler contract: kernels/params.h).
+struct RequestWork {
+  int seqlen_safe;  // seqlen, or 0 for a request flagged bad (then nothing is read for it)
+  int blk_begin;    // first 64-token block of the request this part processes
+  int blk_end;      // one past its last
+  int split_idx;    // which piece of the request this part computes
+  int n_pieces;     // 0: this part writes the final output; else the number of fp32 partials
+  bool bad;         // negative seqlen, or more pages than block_table has columns: output becomes NaN
+};
+__device__ __forceinline__ RequestWork request_work(const DecodeParams& p, int req, int begin_req,
+                                                    int end_req, int begin_blk, int end_blk,
+                                                    int begin_split) {
+  RequestWork w;
+  const int seqlen = p.seqlens[req];
+  // ceil(seqlen / 64) without forming seqlen + 63, which overflows int32 near INT32_MAX.
+  const int pages = seqlen / kPageSize + (seqlen % kPageSize > 0 ? 1 : 0);
+  const int nblk = seqlen > 0 ? pages : 1;
+  w.bad = seqlen < 0 || pages > p.max_blocks_per_seq;
+  w.blk_begin = req == begin_req ? begin_blk : 0;
+  w.blk_end = req == end_req ? end_blk : nblk;
+  w.split_idx = req == begin_req ? begin_split : 0;
+  w.n_pieces = p.num_splits[req + 1] - p.num_splits[req];
+  w.seqlen_safe = w.bad ? 0 : seqlen;
+  return w;
+}
+
+// Visible-key limit of a thread's two rows r0 and r0 + 8 (bottom-right causal mask for MTP).
+__device__ __forceinline__ void row_limits(const DecodeParams& p, int seqlen_safe, int m_block, int r0,
+                                           int (&limit)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int grow = m_block * kBlockM + r0 + 8 * r;
+    const int s_idx = grow < p.q_seq_per_hk ? grow / p.q_heads_per_hk : p.s_q - 1;
+    limit[r] = seqlen_safe - (p.causal ? (p.s_q - 1 - s_idx) : 0);
+  }
+}
+
+// Epilogue of one request: this thread's rows r0, r0 + 8 of its warpgroup's 256-column half of O, divided by
+// the softmax denominator l (row max m, log2 domain), go to out/lse (the request is not split) or to the fp32
+// partials o_accum/lse_accum (it is). `l` and `m` are read by the caller once the rows' statistics are final.
+template <typename T, class TensorO>
+__device__ __forceinline__ void write_rows(const DecodeParams& p, const TensorO& tOrO, const RequestWork& w,
+                                           int req, int h_k, int m_block, int r0, int wg, int quad_col,
+                                           int lane, const float (&l_row)[2], const float (&m_row)[2],
+                                           bool bad) {
+  const int64_t slot = static_cast<int64_t>(p.num_splits[req]) + w.split_idx;
+  // Metadata and num_splits from different calls could name a slot past the workspace (2 * num_sm_parts
+  // pieces): never write there (the combine kernel flags such a request with NaN).
+  const bool slot_ok = slot >= 0 && slot < 2 * static_cast<int64_t>(p.num_sm_parts);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + 8 * r;
+    const int grow = m_block * kBlockM + row;
+    if (grow >= p.q_seq_per_hk) continue;
+    const float l = l_row[r];
+    const float m = m_row[r];
+    // l == 0: no visible key. A NaN l (NaN in q or in visible cache rows) must stay NaN, not become
+    // "empty": it propagates to out and lse like the reference's.
+    const bool empty = l == 0.f;
+    const float inv = empty ? 0.f : 1.f / l;
+    const float nan = __int_as_float(0x7fc00000);
+    const int col_base = wg * (kHeadDimV / 2) + quad_col;
+    if (w.n_pieces == 0) {
+      const int s_idx = grow / p.q_heads_per_hk;
+      const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
+      T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride +
+               head * p.o_head_stride + col_base;
+#pragma unroll
+      for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+        const float a = bad ? nan : tOrO(2 * r + 4 * j) * inv;
+        const float b = bad ? nan : tOrO(1 + 2 * r + 4 * j) * inv;
+        *reinterpret_cast<typename Pack2<T>::type*>(out + 8 * j) = Pack2<T>::make(a, b);
+      }
+      if (wg == 0 && lane % 4 == 0) {
+        p.lse[req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride] =
+            bad ? nan : (empty ? INFINITY : (log2f(l) + m) * 0.69314718055994530942f);
+      }
+    } else if (slot_ok) {
+      const int64_t acc_row = (slot * p.h_kv + h_k) * p.q_seq_per_hk + grow;
+      float* o_acc = p.o_accum + acc_row * kHeadDimV + col_base;
+#pragma unroll
+      for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
+        float2 v;
+        v.x = bad ? nan : tOrO(2 * r + 4 * j) * inv;
+        v.y = bad ? nan : tOrO(1 + 2 * r + 4 * j) * inv;
+        *reinterpret_cast<float2*>(o_acc + 8 * j) = v;
+      }
+      if (wg == 0 && lane % 4 == 0) {
+        p.lse_accum[acc_row] = bad ? nan : (empty ? -INFINITY : log2f(l) + m);
+      }
+    }
+  }
+}
+
 // The dynamic shared-memory opt-in is a per-device attribute of a kernel function: set it once per device
 // and kernel, not on every decode call (it is host work on the latency-critical small-batch path).
 template <class Kernel>

@@ -269,33 +269,18 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   };
 
   for (int req = begin_req; req <= end_req; ++req) {
-    const int seqlen = p.seqlens[req];
-    // ceil(seqlen / 64) without forming seqlen + 63, which overflows int32 near INT32_MAX.
-    const int pages = seqlen / kPageSize + (seqlen % kPageSize > 0 ? 1 : 0);
-    const int nblk = seqlen > 0 ? pages : 1;
-    bool bad = seqlen < 0 || pages > p.max_blocks_per_seq;
-    const int blk_begin = req == begin_req ? begin_blk : 0;
-    const int blk_end = req == end_req ? end_blk : nblk;
-    const int split_idx = req == begin_req ? begin_split : 0;
-    const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
-    const int seqlen_safe = bad ? 0 : seqlen;
-
-    // Visible-key limit of this thread's two rows (bottom-right causal mask for MTP).
+    const RequestWork w = request_work(p, req, begin_req, end_req, begin_blk, end_blk, begin_split);
+    bool bad = w.bad;  // may also be set by the page lookups below
     int limit[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int grow = m_block * kBlockM + r0 + 8 * r;
-      const int s_idx = grow < p.q_seq_per_hk ? grow / p.q_heads_per_hk : p.s_q - 1;
-      limit[r] = seqlen_safe - (p.causal ? (p.s_q - 1 - s_idx) : 0);
-    }
+    row_limits(p, w.seqlen_safe, m_block, r0, limit);
 
     // Prologue: the first two pages go in flight, then Q (cp.async, all threads).
-    if (threadIdx.x == 0 && blk_begin < blk_end) {
-      const int pa = block_page(p, req, blk_begin, seqlen_safe, bad);
+    if (threadIdx.x == 0 && w.blk_begin < w.blk_end) {
+      const int pa = block_page(p, req, w.blk_begin, w.seqlen_safe, bad);
       issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, pa);
       issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, pa);
-      if (blk_begin + 1 < blk_end) {
-        const int pb = block_page(p, req, blk_begin + 1, seqlen_safe, bad);
+      if (w.blk_begin + 1 < w.blk_end) {
+        const int pb = block_page(p, req, w.blk_begin + 1, w.seqlen_safe, bad);
         issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, pb);
         issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, pb);
       }
@@ -309,9 +294,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 domain) of every page seen so far
     float l_run[2] = {0.f, 0.f};              // this thread's share of the softmax denominator
     clear(tOrO);
-    if (wg == 0 && blk_begin < blk_end) {
+    if (wg == 0 && w.blk_begin < w.blk_end) {
       qk_page(0);
-    } else if (wg == 1 && blk_begin + 1 < blk_end) {
+    } else if (wg == 1 && w.blk_begin + 1 < w.blk_end) {
       qk_page(1);
     }
 
@@ -376,20 +361,20 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     // flight.
     auto pair = [&](int blk, auto has_b_c) FMLA_INLINE {
       constexpr bool kHasB = decltype(has_b_c)::value;
-      const bool next_a = kHasB && blk + 2 < blk_end;
-      const bool next_b = kHasB && blk + 3 < blk_end;
+      const bool next_a = kHasB && blk + 2 < w.blk_end;
+      const bool next_b = kHasB && blk + 3 < w.blk_end;
       // The refilling threads (thread 0 of each warpgroup) look the next page ids up now, so they are in a
       // register when the buffers free.
       int page_a = -1, page_b = -1;
       if (wtid == 0) {
-        if (next_a) page_a = block_page(p, req, blk + 2, seqlen_safe, bad);
-        if (next_b) page_b = block_page(p, req, blk + 3, seqlen_safe, bad);
+        if (next_a) page_a = block_page(p, req, blk + 2, w.seqlen_safe, bad);
+        if (next_b) page_b = block_page(p, req, blk + 3, w.seqlen_safe, bad);
       }
       // Rows past seqlen of a page hold stale data or NaN: zero their V part before any P V reads it (WG0 for
-      // A, WG1 for B; both Q K^T are done). The lengths depend on seqlen_safe only, never on the lookup
+      // A, WG1 for B; both Q K^T are done). The lengths depend on w.seqlen_safe only, never on the lookup
       // thread's `bad` flag, so the test is CTA-uniform and the barrier after it is reached by every thread.
-      const int valid_a = block_tokens(seqlen_safe, blk);
-      const int valid_b = kHasB ? block_tokens(seqlen_safe, blk + 1) : kPageSize;
+      const int valid_a = block_tokens(w.seqlen_safe, blk);
+      const int valid_b = kHasB ? block_tokens(w.seqlen_safe, blk + 1) : kPageSize;
       if (valid_a < kPageSize || valid_b < kPageSize) {
         if (wg == 0 && valid_a < kPageSize) zero_v_tail(sK0, valid_a, wtid);
         if (wg == 1 && valid_b < kPageSize) zero_v_tail(sK1, valid_b, wtid);
@@ -513,8 +498,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         }
       }
     };
-    for (int blk = blk_begin; blk < blk_end; blk += 2) {
-      if (blk + 1 < blk_end) {
+    for (int blk = w.blk_begin; blk < w.blk_end; blk += 2) {
+      if (blk + 1 < w.blk_end) {
         pair(blk, std::true_type{});
       } else {
         pair(blk, std::false_type{});
@@ -533,53 +518,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     }
     __syncthreads();
 
-    const int64_t slot = static_cast<int64_t>(p.num_splits[req]) + split_idx;
-    // Metadata and num_splits from different calls could name a slot past the workspace (2 * num_sm_parts
-    // pieces): never write there (the combine kernel flags such a request with NaN).
-    const bool slot_ok = slot >= 0 && slot < 2 * static_cast<int64_t>(p.num_sm_parts);
+    float l_row[2], m_row[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = r0 + 8 * r;
-      const int grow = m_block * kBlockM + row;
-      if (grow >= p.q_seq_per_hk) continue;
-      const float l = smem.row_sum[0][row] + smem.row_sum[1][row];
-      const float m = m_run[r];
-      // l == 0: no visible key. A NaN l (NaN in q or in visible cache rows) must stay NaN, not become
-      // "empty": it propagates to out and lse like the reference's.
-      const bool empty = l == 0.f;
-      const float inv = empty ? 0.f : 1.f / l;
-      const float nan = __int_as_float(0x7fc00000);
-      const int col_base = wg * (kHeadDimV / 2) + quad_col;
-      if (n_pieces == 0) {
-        const int s_idx = grow / p.q_heads_per_hk;
-        const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
-        T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride +
-                 head * p.o_head_stride + col_base;
-#pragma unroll
-        for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
-          const float a = bad ? nan : tOrO(2 * r + 4 * j) * inv;
-          const float b = bad ? nan : tOrO(1 + 2 * r + 4 * j) * inv;
-          *reinterpret_cast<P2*>(out + 8 * j) = Pack2<T>::make(a, b);
-        }
-        if (wg == 0 && lane % 4 == 0) {
-          p.lse[req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride] =
-              bad ? nan : (empty ? INFINITY : (log2f(l) + m) * 0.69314718055994530942f);
-        }
-      } else if (slot_ok) {
-        const int64_t acc_row = (slot * p.h_kv + h_k) * p.q_seq_per_hk + grow;
-        float* o_acc = p.o_accum + acc_row * kHeadDimV + col_base;
-#pragma unroll
-        for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
-          float2 v;
-          v.x = bad ? nan : tOrO(2 * r + 4 * j) * inv;
-          v.y = bad ? nan : tOrO(1 + 2 * r + 4 * j) * inv;
-          *reinterpret_cast<float2*>(o_acc + 8 * j) = v;
-        }
-        if (wg == 0 && lane % 4 == 0) {
-          p.lse_accum[acc_row] = bad ? nan : (empty ? -INFINITY : log2f(l) + m);
-        }
-      }
+      l_row[r] = smem.row_sum[0][r0 + 8 * r] + smem.row_sum[1][r0 + 8 * r];
+      m_row[r] = m_run[r];
     }
+    write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad);
     __syncthreads();  // smem (Q, statistics) is reused by the next request
   }
 }
