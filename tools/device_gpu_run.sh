@@ -52,6 +52,10 @@ for st in $stages; do
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --quick --no-torch \
         --json "$OUT/bench_quick.json" 2>&1 | tee "$OUT/bench_quick.log" | tail -16
       ;;
+    breakdown)
+      PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/kernel_breakdown.py ${BREAKDOWN_ARGS:-} \
+        --json "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log" | tail -80
+      ;;
     bench)
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --json "$OUT/bench.json" \
         --png "$OUT/bench.png" 2>&1 | tee "$OUT/bench.log" | tail -40

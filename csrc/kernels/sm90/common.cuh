@@ -171,7 +171,7 @@ struct RequestWork {
   bool bad;         // negative seqlen, or more pages than block_table has columns: output becomes NaN
 };
 __device__ __forceinline__ RequestWork request_work(const DecodeParams& p, int req, int begin_req,
-                                                    int end_req, int begin_blk, int end_blk,
+                                                    int meta_end_req, int begin_blk, int end_blk,
                                                     int begin_split) {
   RequestWork w;
   const int seqlen = p.seqlens[req];
@@ -180,7 +180,9 @@ __device__ __forceinline__ RequestWork request_work(const DecodeParams& p, int r
   const int nblk = seqlen > 0 ? pages : 1;
   w.bad = seqlen < 0 || pages > p.max_blocks_per_seq;
   w.blk_begin = req == begin_req ? begin_blk : 0;
-  w.blk_end = req == end_req ? end_blk : nblk;
+  // Compared with the part's unclamped last request: metadata naming a request past the batch must not cut
+  // request b - 1 at that other request's block count.
+  w.blk_end = req == meta_end_req ? end_blk : nblk;
   w.split_idx = req == begin_req ? begin_split : 0;
   w.n_pieces = p.num_splits[req + 1] - p.num_splits[req];
   w.seqlen_safe = w.bad ? 0 : seqlen;

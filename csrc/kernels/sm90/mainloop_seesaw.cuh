@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   };
 
   for (int req = begin_req; req <= end_req; ++req) {
-    const RequestWork w = request_work(p, req, begin_req, end_req, begin_blk, end_blk, begin_split);
+    const RequestWork w = request_work(p, req, begin_req, rec[kMetaEndReq], begin_blk, end_blk, begin_split);
     bool bad = w.bad;  // may also be set by the page lookups below
     int limit[2];
     row_limits(p, w.seqlen_safe, m_block, r0, limit);
@@ -308,7 +308,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     // harmless).
     auto softmax = [&](int blk, float (&m)[2], float (&sc)[2], float (&sum)[2]) FMLA_INLINE {
       const int col0 = blk * kPageSize;
-      const bool need_mask = __any_sync(0xffffffffu, col0 + kPageSize > min(limit[0], limit[1]));
+      // 64-bit: col0 + 64 overflows int32 on the last page of a ~2^31-token (invalid, NaN-flagged) request.
+      const bool need_mask =
+          __any_sync(0xffffffffu, static_cast<int64_t>(col0) + kPageSize > min(limit[0], limit[1]));
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = -INFINITY;

@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
   };
 
   for (int req = begin_req; req <= end_req; ++req) {
-    const RequestWork w = request_work(p, req, begin_req, end_req, begin_blk, end_blk, begin_split);
+    const RequestWork w = request_work(p, req, begin_req, rec[kMetaEndReq], begin_blk, end_blk, begin_split);
     bool bad = w.bad;  // may also be set by the page lookups below
     int limit[2];
     row_limits(p, w.seqlen_safe, m_block, r0, limit);
