@@ -19,6 +19,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     const cudaError_t err = configure_smem_once(decode_seesaw_kernel<T>, smem_bytes, configured, kMaxDevices);
     if (err != cudaSuccess) return err;
     decode_seesaw_kernel<T><<<grid, kThreads, smem_bytes, stream>>>(p);
+#ifdef FMLA_TRACE
+    trace_dump(grid, stream, "seesaw");
+#endif
   } else {
     // One tile: memory-bound, the serial loop's deeper page prefetch wins.
     constexpr int smem_bytes = static_cast<int>(sizeof(SerialStorage<T>));
@@ -26,6 +29,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     const cudaError_t err = configure_smem_once(decode_serial_kernel<T>, smem_bytes, configured, kMaxDevices);
     if (err != cudaSuccess) return err;
     decode_serial_kernel<T><<<grid, kThreads, smem_bytes, stream>>>(p);
+#ifdef FMLA_TRACE
+    trace_dump(grid, stream, "serial");
+#endif
   }
   return cudaGetLastError();
 }

@@ -61,11 +61,7 @@ __device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uin
   mbar_arrive_expect_tx(bar, kTileBytes * (kHeadDimK / 64));
 #pragma unroll
   for (int j = 0; j < kHeadDimK / 64; ++j) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
-        "%5}], [%6];\n" ::"r"(smem_u32(static_cast<char*>(dst) + j * kTileBytes)),
-        "l"(&p.tma_k), "r"(j * 64), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
-        : "memory");
+    tma_load_box(p, static_cast<char*>(dst) + j * kTileBytes, bar, j * 64, h_k, page);
   }
 }
 
@@ -76,13 +72,17 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
   SerialStorage<T>& smem = *reinterpret_cast<SerialStorage<T>*>(smem_raw);
 
   const int m_block = blockIdx.x, h_k = blockIdx.y, part = blockIdx.z;
+  FMLA_TRACE_ENTRY();
   const int* rec = p.meta + part * kMetaSize;
   // Clamped so metadata computed for a larger (padded) batch never indexes past this one.
   const int begin_req = rec[kMetaBeginReq], end_req = min(rec[kMetaEndReq], p.b - 1);
   // Let the combine kernel (launched with PDL) start launching now; it waits (griddepcontrol.wait) for this
   // grid to complete before it reads any partial result.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  if (end_req < begin_req) return;  // a part with no work
+  if (end_req < begin_req) {  // a part with no work
+    FMLA_TRACE_EXIT();
+    return;
+  }
   const int begin_blk = rec[kMetaBeginBlock], end_blk = rec[kMetaEndBlock];
   const int begin_split = rec[kMetaBeginSplit];
 
@@ -139,6 +139,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
 
   for (int req = begin_req; req <= end_req; ++req) {
     const RequestWork w = request_work(p, req, begin_req, rec[kMetaEndReq], begin_blk, end_blk, begin_split);
+    FMLA_TRACE_STAMP(req - begin_req, kStampSegStart, w.blk_end - w.blk_begin);
     bool bad = w.bad;  // may also be set by the page lookups below
     int limit[2];
     row_limits(p, w.seqlen_safe, m_block, r0, limit);
@@ -155,6 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     cp_async_wait<0>();
     fence_async_proxy();
     __syncthreads();
+    FMLA_TRACE_STAMP(req - begin_req, kStampReady);
 
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
@@ -166,6 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
     }
+    FMLA_TRACE_STAMP(req - begin_req, kStampFirstS);
 
     for (int blk = w.blk_begin; blk < w.blk_end; ++blk) {
       const int buf = (blk - w.blk_begin) & 1;
@@ -284,7 +287,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       }
     }
     // Thread 0 may have flagged an invalid page id while looking pages up: share the flag.
+    FMLA_TRACE_STAMP(req - begin_req, kStampLoopEnd);
     bad = __syncthreads_or(bad ? 1 : 0) != 0;
+    FMLA_TRACE_STAMP(req - begin_req, kStampJoined);
 
     // ---- epilogue: WG0 owns the softmax statistics; share them with WG1 through smem.
     if (wg == 0) {
@@ -309,7 +314,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     }
     write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad);
     __syncthreads();  // smem (Q, statistics) is reused by the next request
+    FMLA_TRACE_STAMP(req - begin_req, kStampSegEnd);
   }
+  FMLA_TRACE_EXIT();
 }
 
 }  // namespace flashmla::sm90

@@ -1,0 +1,118 @@
+"""Where a main-kernel call's time goes, per CTA and per request segment (diagnostic build, -DFMLA_TRACE).
+
+Build with the stamps (csrc/kernels/sm90/seg_trace.cuh) and run one shape; the launcher appends each launch's
+records to $FMLA_TRACE_OUT (tools/segment_trace.sh does both on the lent GPU):
+
+  FMLA_TRACE_OUT=/tmp/t.txt python3 benchmarks/segment_trace.py --b 128 --h-q 128 --s-k 4096
+
+Prints, for the last traced launch: the kernel's span (first CTA entry to last CTA exit, globaltimer), the
+spread of CTA exits (imbalance), and per segment kind (first / middle / last segment of a part) the median
+cycles of each phase: prologue (Q load + first pages issued), first Q K^T, the page loop (and per 64-token
+page), the join of the two warpgroups, and the epilogue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+
+import flashmla_ops
+
+PAGE = 64
+HEADER = 4
+STAMPS = 7  # seg_trace.cuh: kTraceStamps
+PHASES = ["prologue", "first_qk", "loop", "join", "epilogue"]
+
+
+def run(args) -> None:
+    torch.manual_seed(0)
+    pages_per_req = -(-args.s_k // PAGE)
+    num_pages = args.b * pages_per_req
+    k_cache = (torch.randn(num_pages, PAGE, 1, 576, device="cuda") / 10).to(torch.bfloat16)
+    block_table = torch.randperm(num_pages, device="cuda", dtype=torch.int32).view(args.b, pages_per_req)
+    seqlens = torch.full((args.b,), args.s_k, dtype=torch.int32, device="cuda")
+    q = (torch.randn(args.b, args.s_q, args.h_q, 576, device="cuda") / 10).to(torch.bfloat16)
+    meta, splits = flashmla_ops.get_mla_metadata(seqlens, args.s_q * args.h_q, 1)
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(args.calls):
+        flush.fill_(1)
+        flashmla_ops.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, meta, splits, causal=True)
+    torch.cuda.synchronize()
+
+
+def analyse(path: str, clock_ghz: float) -> None:
+    launches = []
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith("launch"):
+                launches.append((line.split()[1], []))
+            elif line.strip():
+                launches[-1][1].append([int(x) for x in line.split()])
+    kernel, recs = launches[-1]
+    recs = [r for r in recs if r[0] and r[1]]
+    t0 = min(r[0] for r in recs)
+    exits = sorted((r[1] - t0) / 1e3 for r in recs)
+    entries = sorted((r[0] - t0) / 1e3 for r in recs)
+    print(f"kernel {kernel}: {len(recs)} CTAs; span {exits[-1]:.1f} us; CTA entry last {entries[-1]:.1f} us;")
+    print(
+        f"  CTA exit (us from first entry): min {exits[0]:.1f}, p10 {exits[len(exits) // 10]:.1f}, "
+        f"median {statistics.median(exits):.1f}, p90 {exits[9 * len(exits) // 10]:.1f}, max {exits[-1]:.1f}"
+    )
+    kinds: dict[str, dict[str, list[float]]] = {}
+    totals = {ph: [] for ph in PHASES}
+    for r in recs:
+        nseg = r[3]
+        cta_sum = dict.fromkeys(PHASES, 0.0)
+        for s in range(min(nseg, 8)):
+            st = r[HEADER + s * STAMPS : HEADER + (s + 1) * STAMPS]
+            nblk = st[6]
+            ph = {
+                "prologue": st[1] - st[0],
+                "first_qk": (st[2] - st[1]) if st[2] else 0,
+                "loop": st[3] - (st[2] if st[2] else st[1]),
+                "join": st[4] - st[3],
+                "epilogue": st[5] - st[4],
+            }
+            kind = "only" if nseg == 1 else ("first" if s == 0 else ("last" if s == nseg - 1 else "middle"))
+            d = kinds.setdefault(kind, {k: [] for k in [*PHASES, "pages", "per_page"]})
+            for k, v in ph.items():
+                d[k].append(v)
+                cta_sum[k] += v
+            d["pages"].append(nblk)
+            d["per_page"].append(ph["loop"] / max(nblk - 1, 1))
+        for k in PHASES:
+            totals[k].append(cta_sum[k])
+    print(f"  per segment, median cycles (clock {clock_ghz} GHz for us):")
+    for kind, d in kinds.items():
+        cells = ", ".join(f"{k} {statistics.median(d[k]):.0f}" for k in PHASES)
+        print(
+            f"    {kind:<6} n={len(d['pages']):4d} pages {statistics.median(d['pages']):.0f}: {cells}; "
+            f"loop per page after the first {statistics.median(d['per_page']):.0f}"
+        )
+    cells = ", ".join(f"{k} {statistics.median(v) / clock_ghz / 1e3:.1f}" for k, v in totals.items())
+    print(f"  per CTA, median us summed over its segments: {cells}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--b", type=int, default=128)
+    ap.add_argument("--s-q", type=int, default=1)
+    ap.add_argument("--h-q", type=int, default=128)
+    ap.add_argument("--s-k", type=int, default=4096)
+    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--clock-ghz", type=float, default=1.98)
+    args = ap.parse_args()
+    path = os.environ.get("FMLA_TRACE_OUT")
+    if not path:
+        raise SystemExit("set FMLA_TRACE_OUT (and build with -DFMLA_TRACE)")
+    if os.path.exists(path):
+        os.remove(path)
+    run(args)
+    analyse(path, args.clock_ghz)
+
+
+if __name__ == "__main__":
+    main()
