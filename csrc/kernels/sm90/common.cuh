@@ -163,11 +163,12 @@ struct Pack2<cutlass::half_t> {
 };
 
 // One 64 x 64 box (columns [col, col + 64) of the 64 tokens of `page`, kv head h_k) of the KV cache into
-// smem with TMA, completing `bar`'s transaction count. Pages are read once per CTA pair and never again in the
-// call, so they are marked evict-first in L2: what L2 keeps instead is the split partials written during the
-// call, which the combine kernel reads right after (FMLA_NO_L2_HINT builds without the hint, for A/B runs).
-__device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, uint64_t* bar, int col, int h_k,
-                                             int page) {
+// smem with TMA, completing `bar`'s transaction count. Pages are read once per CTA pair and never again in
+// the call, so they are marked evict-first in L2: what L2 keeps instead is the split partials written during
+// the call, which the combine kernel reads right after (FMLA_NO_L2_HINT builds without the hint, for A/B
+// runs).
+__device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, uint64_t* bar, int col,
+                                             int h_k, int page) {
 #ifndef FMLA_NO_L2_HINT
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));

@@ -1,6 +1,7 @@
 // Diagnostic only (built with -DFMLA_TRACE, never in a release build): a per-CTA timeline of each request
 // segment of the main loops, to see where a call's time goes between the page loop and the fixed costs
-// (prologue, first Q K^T, epilogue) and how the CTAs finish (imbalance). benchmarks/segment_trace.py reads it.
+// (prologue, first Q K^T, epilogue) and how the CTAs finish (imbalance). benchmarks/segment_trace.py reads
+// it.
 //
 // Record of CTA c (linear block index): [0] globaltimer at entry, [1] globaltimer at exit, [2] SM id,
 // [3] segments seen, then per segment s < kTraceSegs: clock64 at each stamp kStamp* and the segment's block
@@ -77,7 +78,8 @@ inline void trace_dump(dim3 grid, cudaStream_t stream, const char* kernel) {
   if (f == nullptr) return;
   std::fprintf(f, "launch %s %u %u %u\n", kernel, grid.x, grid.y, grid.z);
   for (int c = 0; c < n && c < kTraceCtas; ++c) {
-    for (int i = 0; i < kTraceWords; ++i) std::fprintf(f, "%llu ", buf[static_cast<size_t>(c) * kTraceWords + i]);
+    for (int i = 0; i < kTraceWords; ++i)
+      std::fprintf(f, "%llu ", buf[static_cast<size_t>(c) * kTraceWords + i]);
     std::fprintf(f, "\n");
   }
   std::fclose(f);
