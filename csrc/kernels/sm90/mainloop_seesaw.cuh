@@ -12,15 +12,15 @@
 //
 // Seesaw schedule. Pages go in pairs (A, B) through two smem buffers (A in buffer 0, B in buffer 1). Each
 // warpgroup computes one S = Q K^T per pair (WG0 for A, WG1 for B) and the P V products of both pages for its
-// own half of O. The running row max is handed from one warpgroup to the other through smem, so each softmax
-// sees the max of every earlier page:
-//     WG0: softmax(S_A) against m -> m_A, s_A = exp(m - m_A);  O_L = O_L s_A + P_A V_A[L]      (P_A in regs)
-//     WG1: softmax(S_B) against m_A -> m_B, s_B;  O_R = O_R s_A s_B + P_B V_B[R]               (P_B in regs)
-//     WG0: O_L = O_L s_B;  P_A = P_A s_B -> smem;   WG1: P_B -> smem
-//     WG0: O_L += P_B V_B[L]  (P_B from smem);      WG1: O_R += P_A V_A[R]  (P_A from smem)
+// own half of O. The running row max is handed from one warpgroup to the other through smem together with
+// that page's P, so each softmax sees the max of every earlier page:
+//     WG0: softmax(S_A) against m -> m_A, s_A = exp(m - m_A), P_A;  O_L = O_L s_A + P_A V_A[L]  (P_A in regs)
+//     WG1: O_R = O_R s_A + P_A V_A[R] (P_A from smem), and meanwhile softmax(S_B) against m_A -> m_B, s_B,
+//     P_B WG1: O_R = O_R s_B + P_B V_B[R]  (P_B in regs) WG0: O_L = O_L s_B + P_B V_B[L]  (P_B from smem)
 // Each warpgroup issues the same tensor work per full pair (one 64x64x576 + two 64x256x64 products), and
-// while one runs its softmax on the CUDA cores the other has wgmmas in flight, so the tensor cores stay fed
-// with a single O tile (a second O tile, as in FA3's ping-pong, would not fit in registers).
+// while one runs its softmax on the CUDA cores the other has wgmmas in flight (WG1's softmax of B runs under
+// both warpgroups' P_A V_A), so the tensor cores stay fed with a single O tile (a second O tile, as in FA3's
+// ping-pong, would not fit in registers).
 //
 // Shared memory: Q (72 KB) + two page buffers (72 KB each) + row statistics = 218 KB. P of a page is stored
 // in that page's own RoPE tile (columns 512..575 of its buffer), which is free once Q K^T of the page is done
@@ -29,10 +29,12 @@
 // TMA: a page is nine 64x64 boxes (8 KB each). Each buffer has two mbarriers, one per group of boxes, and a
 // group is refilled with the next page as soon as its last reader is done, by the warpgroup that read it
 // last:
-//     buffer 0 (A): boxes 0-3 (V_L)          after WG0's P_A V_A[L]        (WG0)
-//                   boxes 4-8 (V_R, P_A)     after WG1's P_A V_A[R]        (WG1)
-//     buffer 1 (B): boxes 4-7 (V_R)          after WG1's P_B V_B[R]        (WG1)
-//                   boxes 0-3, 8 (V_L, P_B)  after WG0's P_B V_B[L]        (WG0)
+//     buffer 0 (A): boxes 0-3 (V_L)          after WG0's P_A V_A[L]   (WG0, its first P V of the pair)
+//                   boxes 4-8 (V_R, P_A)     after WG1's P_A V_A[R]   (WG1, its first P V of the pair)
+//     buffer 1 (B): boxes 4-7 (V_R)          after WG1's P_B V_B[R]   (WG1)
+//                   boxes 0-3, 8 (V_L, P_B)  after WG0's P_B V_B[L]   (WG0)
+// Page A is consumed first by both warpgroups, so the next A is in flight from the middle of the pair and its
+// Q K^T (WG0) rarely waits; the next B lands while WG0 runs the next A's Q K^T and softmax.
 // Q K^T of the next page consumes the boxes in the order they were refilled, so its first wgmmas start while
 // the rest of the page is still landing.
 //
@@ -60,10 +62,9 @@ namespace flashmla::sm90 {
 // arrival, so the wait costs it nothing. (Warpgroup-local barriers are avoided: with them compute-sanitizer's
 // racecheck reported hazards on these handoffs.)
 enum NamedBarrier : int {
-  kBarAReady = 1,   // m_A and s_A of the pair are in smem (WG0 -> WG1)
-  kBarBReady = 2,   // m_B and s_B are in smem (WG1 -> WG0)
-  kBarPStored = 3,  // P_A (and P_B, if the pair has a page B) are in their buffers' P boxes
-  kBarZero = 4,     // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
+  kBarAReady = 1,  // m_A, s_A and P_A of the pair are in smem (WG0 -> WG1)
+  kBarBReady = 2,  // m_B, s_B and P_B are in smem (WG1 -> WG0)
+  kBarZero = 3,    // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
 };
 
 template <typename T>
@@ -240,19 +241,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     }
     warpgroup_commit_batch();
   };
-  // P (fp32 in tSrS) -> the register A operand / -> the P box of buffer `buf` (32-bit pairs: values c = 0, 1
-  // are adjacent columns of one row, and the swizzle moves whole 16-byte chunks).
+  // P (fp32 in tSrS) -> the register A operand; those packed values -> the P box of buffer `buf`, for the
+  // other warpgroup (32-bit pairs: values c = 0, 1 are adjacent columns of one row, and the swizzle moves
+  // whole 16-byte chunks).
   auto p_to_regs = [&]() FMLA_INLINE {
     P2* d = reinterpret_cast<P2*>(raw_pointer_cast(tOrPrs.data()));
 #pragma unroll
     for (int i = 0; i < size(tSrS); i += 2) d[i / 2] = Pack2<T>::make(tSrS(i), tSrS(i + 1));
   };
-  auto store_p = [&](int buf) FMLA_INLINE {
+  auto store_p_regs = [&](int buf) FMLA_INLINE {
     Tensor tSsP = thr_qk.partition_C(p_box(buf));
+    const P2* d = reinterpret_cast<const P2*>(raw_pointer_cast(tOrPrs.data()));
 #pragma unroll
-    for (int i = 0; i < size(tSrS); i += 2) {
-      *reinterpret_cast<P2*>(&tSsP(i)) = Pack2<T>::make(tSrS(i), tSrS(i + 1));
-    }
+    for (int i = 0; i < size(tSrS); i += 2) *reinterpret_cast<P2*>(&tSsP(i)) = d[i / 2];
   };
   // O *= per-row scale. Once the running max settles most pages leave it unchanged (scale == 1): skip the
   // 128 multiplies per thread when that holds for the whole warp (a warp-uniform branch).
@@ -396,39 +397,32 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
             smem.s_a[r0 + 8 * r] = sc[r];
           }
         }
-        named_barrier_sync(kBarAReady, kThreads);
         rescale_o(sc[0], sc[1]);
 #pragma unroll
         for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
+        // P_A goes out with the max: WG1 starts its P_A V_A[R] right after the barrier, under its own
+        // softmax, instead of after both softmaxes.
         p_to_regs();
+        store_p_regs(0);
+        fence_async_proxy();
+        named_barrier_sync(kBarAReady, kThreads);
         issue_pv_rs(0);
-        float sb[2] = {1.f, 1.f};
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        // V_A[L] is consumed: boxes 0-3 of buffer 0 take the next A while WG1 still runs its softmax.
+        if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, page_a);
         if constexpr (kHasB) {
           named_barrier_sync(kBarBReady, kThreads);
+          float sb[2];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             sb[r] = smem.s_b[r0 + 8 * r];
             m_run[r] = smem.m_b[r0 + 8 * r];
           }
-        }
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tOrO);
-        if constexpr (kHasB) {
-          // Bring O_L, the denominator and P_A (still to be used for O_R) to the max after B.
+          // O_L and the denominator to the max after B, then P_B (against that max) V_B[L].
           rescale_o(sb[0], sb[1]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] *= sb[r];
-#pragma unroll
-          for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= sb[(i / 2) % 2];
-        }
-        store_p(0);
-        fence_async_proxy();
-        named_barrier_sync(kBarPStored, kThreads);
-        // V_L of A is consumed: boxes 0-3 of buffer 0 take the next A. Issued after P_A is published: the
-        // issue costs the thread hundreds of cycles (measured) that WG1 would otherwise wait for P_A, and the
-        // boxes are needed only by the next A's Q K^T at the tail of this pair.
-        if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, page_a);
-        if constexpr (kHasB) {
           wait_group(1, 1);
           issue_pv_ss(1);
           if (next_a) {
@@ -437,6 +431,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
             issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
             warpgroup_wait<1>();
             warpgroup_fence_operand(tOrO);
+            // V_B[L] and P_B are consumed: boxes 0-3 and 8 of buffer 1 take the next B.
             if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
             wait_group(0, 1);
             issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
@@ -448,14 +443,22 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           }
         }
       } else {
+        named_barrier_sync(kBarAReady, kThreads);
         float sa[2];
-        if constexpr (kHasB) {
-          named_barrier_sync(kBarAReady, kThreads);
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            sa[r] = smem.s_a[r0 + 8 * r];
-            m_run[r] = smem.m_a[r0 + 8 * r];
-          }
+        for (int r = 0; r < 2; ++r) {
+          sa[r] = smem.s_a[r0 + 8 * r];
+          m_run[r] = smem.m_a[r0 + 8 * r];
+        }
+        // O_R and the denominator to the max after A, then P_A (against that max) V_A[R].
+        rescale_o(sa[0], sa[1]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l_run[r] *= sa[r];
+        wait_group(0, 1);
+        issue_pv_ss(0);
+        if constexpr (kHasB) {
+          // The softmax of B runs on the CUDA cores while P_A V_A[R] is on the tensor cores (it touches S and
+          // the P registers only, not O).
           softmax(blk + 1, m_run, sc, sum);
           if (lane % 4 == 0) {
 #pragma unroll
@@ -464,40 +467,24 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
               smem.s_b[r0 + 8 * r] = sc[r];
             }
           }
-          named_barrier_sync(kBarBReady, kThreads);
-          rescale_o(sa[0] * sc[0], sa[1] * sc[1]);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sa[r] * sc[r] + sum[r];
           p_to_regs();
-          issue_pv_rs(1);
-          store_p(1);
+          store_p_regs(1);
           fence_async_proxy();
-          named_barrier_sync(kBarPStored, kThreads);
-          wait_group(0, 1);
-          issue_pv_ss(0);
-          warpgroup_wait<1>();
-          warpgroup_fence_operand(tOrO);
-          // V_R of B is consumed: boxes 4-7 of buffer 1 take the next B.
-          if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
+          named_barrier_sync(kBarBReady, kThreads);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
-          // V_R and P of A are consumed: boxes 4-8 of buffer 0 take the next A.
+          // V_A[R] and P_A are consumed: boxes 4-8 of buffer 0 take the next A.
           if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
+          rescale_o(sc[0], sc[1]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
+          issue_pv_rs(1);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrO);
+          // V_B[R] is consumed: boxes 4-7 of buffer 1 take the next B.
+          if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
           if (next_b) qk_page(1);
         } else {
-          // No page B: only bring O_R to the max after A and add P_A V_A[R].
-          named_barrier_sync(kBarAReady, kThreads);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            sa[r] = smem.s_a[r0 + 8 * r];
-            m_run[r] = smem.m_a[r0 + 8 * r];
-          }
-          rescale_o(sa[0], sa[1]);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) l_run[r] *= sa[r];
-          named_barrier_sync(kBarPStored, kThreads);
-          wait_group(0, 1);
-          issue_pv_ss(0);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
         }
