@@ -61,6 +61,15 @@ def analyse(path: str, clock_ghz: float) -> None:
         f"  CTA exit (us from first entry): min {exits[0]:.1f}, p10 {exits[len(exits) // 10]:.1f}, "
         f"median {statistics.median(exits):.1f}, p90 {exits[9 * len(exits) // 10]:.1f}, max {exits[-1]:.1f}"
     )
+    if not clock_ghz:
+        # cycles per ns between a CTA's first segment start and last segment end (clock64) and its
+        # entry/exit (globaltimer): a slight overestimate of the SM clock, which also ran before and after.
+        ratios = [
+            (r[HEADER + (r[3] - 1) * STAMPS + 5] - r[HEADER]) / (r[1] - r[0])
+            for r in recs
+            if r[3] > 0 and r[1] > r[0]
+        ]
+        clock_ghz = statistics.median(ratios)
     kinds: dict[str, dict[str, list[float]]] = {}
     totals = {ph: [] for ph in PHASES}
     for r in recs:
@@ -85,7 +94,7 @@ def analyse(path: str, clock_ghz: float) -> None:
             d["per_page"].append(ph["loop"] / max(nblk - 1, 1))
         for k in PHASES:
             totals[k].append(cta_sum[k])
-    print(f"  per segment, median cycles (clock {clock_ghz} GHz for us):")
+    print(f"  per segment, median cycles (SM clock {clock_ghz:.3f} GHz for us):")
     for kind, d in kinds.items():
         cells = ", ".join(f"{k} {statistics.median(d[k]):.0f}" for k in PHASES)
         print(
@@ -103,7 +112,9 @@ def main() -> None:
     ap.add_argument("--h-q", type=int, default=128)
     ap.add_argument("--s-k", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=3)
-    ap.add_argument("--clock-ghz", type=float, default=1.98)
+    ap.add_argument(
+        "--clock-ghz", type=float, default=0.0, help="SM clock for cycles -> us (0: from the trace)"
+    )
     args = ap.parse_args()
     path = os.environ.get("FMLA_TRACE_OUT")
     if not path:

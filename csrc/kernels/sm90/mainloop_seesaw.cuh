@@ -276,7 +276,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     int limit[2];
     row_limits(p, w.seqlen_safe, m_block, r0, limit);
 
-    // Prologue: the first two pages go in flight, then Q (cp.async, all threads).
+    // Prologue: Q (cp.async, all threads), then the first two pages. Q first: thread 0's page lookups are
+    // dependent loads, and its warp's share of Q would otherwise wait behind them.
+    load_q<T>(p, sQ, req, h_k, m_block);
+    cp_async_commit();
     if (threadIdx.x == 0 && w.blk_begin < w.blk_end) {
       const int pa = block_page(p, req, w.blk_begin, w.seqlen_safe, bad);
       issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, pa);
@@ -287,12 +290,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, pb);
       }
     }
-    load_q<T>(p, sQ, req, h_k, m_block);
-    cp_async_commit();
     cp_async_wait<0>();
     fence_async_proxy();
     __syncthreads();
     FMLA_TRACE_STAMP(req - begin_req, kStampReady);
+    if (req < end_req) prefetch_request_l2<T>(p, req + 1, h_k, m_block);
 
     float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 domain) of every page seen so far
     float l_run[2] = {0.f, 0.f};              // this thread's share of the softmax denominator

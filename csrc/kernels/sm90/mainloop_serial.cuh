@@ -144,19 +144,21 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     int limit[2];
     row_limits(p, w.seqlen_safe, m_block, r0, limit);
 
-    // Prologue: the first two pages go in flight, then Q (cp.async, all threads).
+    // Prologue: Q (cp.async, all threads), then the first two pages. Q first: thread 0's page lookups are
+    // dependent loads, and its warp's share of Q would otherwise wait behind them.
+    load_q<T>(p, sQ, req, h_k, m_block);
+    cp_async_commit();
     if (threadIdx.x == 0) {
       issue_page(p, smem.k[0], &smem.kbar[0], h_k, block_page(p, req, w.blk_begin, w.seqlen_safe, bad));
       if (w.blk_begin + 1 < w.blk_end) {
         issue_page(p, smem.k[1], &smem.kbar[1], h_k, block_page(p, req, w.blk_begin + 1, w.seqlen_safe, bad));
       }
     }
-    load_q<T>(p, sQ, req, h_k, m_block);
-    cp_async_commit();
     cp_async_wait<0>();
     fence_async_proxy();
     __syncthreads();
     FMLA_TRACE_STAMP(req - begin_req, kStampReady);
+    if (req < end_req) prefetch_request_l2<T>(p, req + 1, h_k, m_block);
 
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
