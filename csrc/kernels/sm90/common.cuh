@@ -92,31 +92,6 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, SQ& sQ, int req, i
   }
 }
 
-// L2 prefetch of what the next request's prologue waits for: its Q rows of this tile and the block_table
-// line of its first pages. Issued at the start of the current request's page loop, so that prologue reads
-// L2 instead of a fully loaded HBM (the segment trace measured ~10,000 cycles per prologue without it); the
-// K pages streaming meanwhile are evict-first, so the prefetched lines stay.
-template <typename T>
-__device__ __forceinline__ void prefetch_request_l2(const DecodeParams& p, int req, int h_k, int m_block) {
-  const T* q = static_cast<const T*>(p.q);
-  constexpr int kElemsPerLine = 128 / sizeof(T);
-  constexpr int kLinesPerRow = kHeadDimK / kElemsPerLine;
-  for (int i = threadIdx.x; i < kBlockM * kLinesPerRow; i += kThreads) {
-    const int r = i / kLinesPerRow, line = i % kLinesPerRow;
-    const int grow = m_block * kBlockM + r;
-    if (grow < p.q_seq_per_hk) {
-      const int s_idx = grow / p.q_heads_per_hk;
-      const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
-      const T* src =
-          q + req * p.q_batch_stride + s_idx * p.q_seq_stride + head * p.q_head_stride + line * kElemsPerLine;
-      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(src));
-    }
-  }
-  if (threadIdx.x == 0 && p.max_blocks_per_seq > 0) {
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.block_table + req * p.block_table_batch_stride));
-  }
-}
-
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

@@ -294,7 +294,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     fence_async_proxy();
     __syncthreads();
     FMLA_TRACE_STAMP(req - begin_req, kStampReady);
-    if (req < end_req) prefetch_request_l2<T>(p, req + 1, h_k, m_block);
 
     float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 domain) of every page seen so far
     float l_run[2] = {0.f, 0.f};              // this thread's share of the softmax denominator

@@ -158,7 +158,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     fence_async_proxy();
     __syncthreads();
     FMLA_TRACE_STAMP(req - begin_req, kStampReady);
-    if (req < end_req) prefetch_request_l2<T>(p, req + 1, h_k, m_block);
 
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
