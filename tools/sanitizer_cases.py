@@ -2,7 +2,7 @@
 
 Covers: split and unsplit requests, seqlen 0, MTP causal rows that see nothing, odd head counts with several
 kv heads, more than one m-block (h_q * s_q > 64), a partial last page with NaN past the end, fp16 and bf16,
-both combine layouts (few requests split over many parts; many split requests).
+both combine grids (few requests split over many parts; many split requests).
 """
 
 import sys
@@ -18,7 +18,7 @@ CASES = [
     (3, 4, 9, 3, [140, 0, 20], torch.float16),
     (2, 1, 16, 1, [4096, 65], torch.bfloat16),
     (6, 2, 63, 1, [20, 140, 1, 0, 64, 129], torch.bfloat16),
-    # enough split requests for the combine's wide layout (CTA = 8 rows of a request)
+    # enough split requests for the combine's wide grid (16-byte lanes)
     (24, 1, 128, 1, [1000 + 37 * i for i in range(24)], torch.bfloat16),
     (70, 1, 16, 1, [300 + 11 * i for i in range(70)], torch.float16),
 ]
