@@ -18,10 +18,10 @@ import os
 import statistics
 
 import torch
+from bench_mla_decode import make_case
 
 import flashmla_ops
 
-PAGE = 64
 HEADER = 4
 STAMPS = 7  # seg_trace.cuh: kTraceStamps
 PHASES = ["prologue", "first_qk", "loop", "join", "epilogue"]
@@ -29,12 +29,8 @@ PHASES = ["prologue", "first_qk", "loop", "join", "epilogue"]
 
 def run(args) -> None:
     torch.manual_seed(0)
-    pages_per_req = -(-args.s_k // PAGE)
-    num_pages = args.b * pages_per_req
-    k_cache = (torch.randn(num_pages, PAGE, 1, 576, device="cuda") / 10).to(torch.bfloat16)
-    block_table = torch.randperm(num_pages, device="cuda", dtype=torch.int32).view(args.b, pages_per_req)
-    seqlens = torch.full((args.b,), args.s_k, dtype=torch.int32, device="cuda")
-    q = (torch.randn(args.b, args.s_q, args.h_q, 576, device="cuda") / 10).to(torch.bfloat16)
+    case = make_case(args.b, args.s_q, args.h_q, args.s_k, False, torch.bfloat16)
+    q, k_cache, block_table, seqlens, _ = case
     meta, splits = flashmla_ops.get_mla_metadata(seqlens, args.s_q * args.h_q, 1)
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for _ in range(args.calls):

@@ -186,6 +186,26 @@ __device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, u
 #endif
 }
 
+// A part's work record (scheduler contract: kernels/params.h), as the main loops read it.
+struct PartWork {
+  int begin_req;     // first request of the part
+  int end_req;       // last request, clamped to b - 1: metadata computed for a larger (padded) batch never
+                     // indexes past this one; end_req < begin_req means the part has no work
+  int meta_end_req;  // the unclamped last request: the one whose piece ends at end_blk
+  int begin_blk, end_blk, begin_split;
+};
+__device__ __forceinline__ PartWork part_work(const DecodeParams& p, int part) {
+  const int* rec = p.meta + part * kMetaSize;
+  PartWork pw;
+  pw.begin_req = rec[kMetaBeginReq];
+  pw.meta_end_req = rec[kMetaEndReq];
+  pw.end_req = min(pw.meta_end_req, p.b - 1);
+  pw.begin_blk = rec[kMetaBeginBlock];
+  pw.end_blk = rec[kMetaEndBlock];
+  pw.begin_split = rec[kMetaBeginSplit];
+  return pw;
+}
+
 // One request's share of a part, as the main loops see it (scheduler contract: kernels/params.h).
 struct RequestWork {
   int seqlen_safe;  // seqlen, or 0 for a request flagged bad (then nothing is read for it)
@@ -195,20 +215,18 @@ struct RequestWork {
   int n_pieces;     // 0: this part writes the final output; else the number of fp32 partials
   bool bad;         // negative seqlen, or more pages than block_table has columns: output becomes NaN
 };
-__device__ __forceinline__ RequestWork request_work(const DecodeParams& p, int req, int begin_req,
-                                                    int meta_end_req, int begin_blk, int end_blk,
-                                                    int begin_split) {
+__device__ __forceinline__ RequestWork request_work(const DecodeParams& p, const PartWork& pw, int req) {
   RequestWork w;
   const int seqlen = p.seqlens[req];
   // ceil(seqlen / 64) without forming seqlen + 63, which overflows int32 near INT32_MAX.
   const int pages = seqlen / kPageSize + (seqlen % kPageSize > 0 ? 1 : 0);
   const int nblk = seqlen > 0 ? pages : 1;
   w.bad = seqlen < 0 || pages > p.max_blocks_per_seq;
-  w.blk_begin = req == begin_req ? begin_blk : 0;
+  w.blk_begin = req == pw.begin_req ? pw.begin_blk : 0;
   // Compared with the part's unclamped last request: metadata naming a request past the batch must not cut
   // request b - 1 at that other request's block count.
-  w.blk_end = req == meta_end_req ? end_blk : nblk;
-  w.split_idx = req == begin_req ? begin_split : 0;
+  w.blk_end = req == pw.meta_end_req ? pw.end_blk : nblk;
+  w.split_idx = req == pw.begin_req ? pw.begin_split : 0;
   w.n_pieces = p.num_splits[req + 1] - p.num_splits[req];
   w.seqlen_safe = w.bad ? 0 : seqlen;
   return w;

@@ -116,18 +116,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
 
   const int m_block = blockIdx.x, h_k = blockIdx.y, part = blockIdx.z;
   FMLA_TRACE_ENTRY();
-  const int* rec = p.meta + part * kMetaSize;
-  // Clamped so metadata computed for a larger (padded) batch never indexes past this one.
-  const int begin_req = rec[kMetaBeginReq], end_req = min(rec[kMetaEndReq], p.b - 1);
+  const PartWork pw = part_work(p, part);
   // Let the combine kernel (launched with PDL) start launching now; it waits (griddepcontrol.wait) for this
   // grid to complete before it reads any partial result.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  if (end_req < begin_req) {  // a part with no work
+  if (pw.end_req < pw.begin_req) {  // a part with no work
     FMLA_TRACE_EXIT();
     return;
   }
-  const int begin_blk = rec[kMetaBeginBlock], end_blk = rec[kMetaEndBlock];
-  const int begin_split = rec[kMetaBeginSplit];
 
   // Broadcast from lane 0 so the compiler knows the warpgroup index is warp-uniform; otherwise it treats the
   // role branches as divergent and serialises every wgmma (ptxas C7518).
@@ -269,9 +265,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     }
   };
 
-  for (int req = begin_req; req <= end_req; ++req) {
-    const RequestWork w = request_work(p, req, begin_req, rec[kMetaEndReq], begin_blk, end_blk, begin_split);
-    FMLA_TRACE_STAMP(req - begin_req, kStampSegStart, w.blk_end - w.blk_begin);
+  for (int req = pw.begin_req; req <= pw.end_req; ++req) {
+    const RequestWork w = request_work(p, pw, req);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegStart, w.blk_end - w.blk_begin);
     bool bad = w.bad;  // may also be set by the page lookups below
     int limit[2];
     row_limits(p, w.seqlen_safe, m_block, r0, limit);
@@ -293,14 +289,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     cp_async_wait<0>();
     fence_async_proxy();
     __syncthreads();
-    FMLA_TRACE_STAMP(req - begin_req, kStampReady);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampReady);
 
     float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 domain) of every page seen so far
     float l_run[2] = {0.f, 0.f};              // this thread's share of the softmax denominator
     clear(tOrO);
     if (wg == 0 && w.blk_begin < w.blk_end) {
       qk_page(0);
-      FMLA_TRACE_STAMP(req - begin_req, kStampFirstS);
+      FMLA_TRACE_STAMP(req - pw.begin_req, kStampFirstS);
     } else if (wg == 1 && w.blk_begin + 1 < w.blk_end) {
       qk_page(1);
     }
@@ -363,6 +359,25 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       }
     };
 
+    // The running max after a page and its rescale factor, handed between the warpgroups through smem (one
+    // writer per row: lane 0 of each quad).
+    auto publish_stats = [&](float* m_dst, float* s_dst, const float (&sc)[2]) FMLA_INLINE {
+      if (lane % 4 == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          m_dst[r0 + 8 * r] = m_run[r];
+          s_dst[r0 + 8 * r] = sc[r];
+        }
+      }
+    };
+    auto take_stats = [&](const float* m_src, const float* s_src, float (&sc)[2]) FMLA_INLINE {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        sc[r] = s_src[r0 + 8 * r];
+        m_run[r] = m_src[r0 + 8 * r];
+      }
+    };
+
     // One pair of pages: A = block blk in buffer 0, B = block blk + 1 in buffer 1 (kHasB: B exists). On entry
     // S_A (WG0) and S_B (WG1, if B exists) are computed; on exit the next pair's are, and nothing is in
     // flight.
@@ -391,13 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       float sc[2], sum[2];
       if (wg == 0) {
         softmax(blk, m_run, sc, sum);
-        if (lane % 4 == 0) {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            smem.m_a[r0 + 8 * r] = m_run[r];
-            smem.s_a[r0 + 8 * r] = sc[r];
-          }
-        }
+        publish_stats(smem.m_a, smem.s_a, sc);
         rescale_o(sc[0], sc[1]);
 #pragma unroll
         for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
@@ -415,11 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         if constexpr (kHasB) {
           named_barrier_sync(kBarBReady, kThreads);
           float sb[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            sb[r] = smem.s_b[r0 + 8 * r];
-            m_run[r] = smem.m_b[r0 + 8 * r];
-          }
+          take_stats(smem.m_b, smem.s_b, sb);
           // O_L and the denominator to the max after B, then P_B (against that max) V_B[L].
           rescale_o(sb[0], sb[1]);
 #pragma unroll
@@ -446,11 +451,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       } else {
         named_barrier_sync(kBarAReady, kThreads);
         float sa[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          sa[r] = smem.s_a[r0 + 8 * r];
-          m_run[r] = smem.m_a[r0 + 8 * r];
-        }
+        take_stats(smem.m_a, smem.s_a, sa);
         // O_R and the denominator to the max after A, then P_A (against that max) V_A[R].
         rescale_o(sa[0], sa[1]);
 #pragma unroll
@@ -461,13 +462,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           // The softmax of B runs on the CUDA cores while P_A V_A[R] is on the tensor cores (it touches S and
           // the P registers only, not O).
           softmax(blk + 1, m_run, sc, sum);
-          if (lane % 4 == 0) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              smem.m_b[r0 + 8 * r] = m_run[r];
-              smem.s_b[r0 + 8 * r] = sc[r];
-            }
-          }
+          publish_stats(smem.m_b, smem.s_b, sc);
           p_to_regs();
           store_p_regs(1);
           fence_async_proxy();
@@ -499,9 +494,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       }
     }
     // The refilling threads may have flagged an invalid page id while looking pages up: share the flag.
-    FMLA_TRACE_STAMP(req - begin_req, kStampLoopEnd);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampLoopEnd);
     bad = __syncthreads_or(bad ? 1 : 0) != 0;
-    FMLA_TRACE_STAMP(req - begin_req, kStampJoined);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampJoined);
 
     // ---- epilogue: both warpgroups end with the same running max; add their denominators through smem.
 #pragma unroll
@@ -521,7 +516,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     }
     write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad);
     __syncthreads();  // smem (Q, statistics) is reused by the next request
-    FMLA_TRACE_STAMP(req - begin_req, kStampSegEnd);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegEnd);
   }
   FMLA_TRACE_EXIT();
 }

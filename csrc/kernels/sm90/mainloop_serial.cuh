@@ -73,18 +73,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
 
   const int m_block = blockIdx.x, h_k = blockIdx.y, part = blockIdx.z;
   FMLA_TRACE_ENTRY();
-  const int* rec = p.meta + part * kMetaSize;
-  // Clamped so metadata computed for a larger (padded) batch never indexes past this one.
-  const int begin_req = rec[kMetaBeginReq], end_req = min(rec[kMetaEndReq], p.b - 1);
+  const PartWork pw = part_work(p, part);
   // Let the combine kernel (launched with PDL) start launching now; it waits (griddepcontrol.wait) for this
   // grid to complete before it reads any partial result.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-  if (end_req < begin_req) {  // a part with no work
+  if (pw.end_req < pw.begin_req) {  // a part with no work
     FMLA_TRACE_EXIT();
     return;
   }
-  const int begin_blk = rec[kMetaBeginBlock], end_blk = rec[kMetaEndBlock];
-  const int begin_split = rec[kMetaBeginSplit];
 
   // Broadcast from lane 0 so the compiler knows the warpgroup index is warp-uniform; otherwise it treats the
   // role branches as divergent and serialises every wgmma (ptxas C7518).
@@ -137,9 +133,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     warpgroup_commit_batch();
   };
 
-  for (int req = begin_req; req <= end_req; ++req) {
-    const RequestWork w = request_work(p, req, begin_req, rec[kMetaEndReq], begin_blk, end_blk, begin_split);
-    FMLA_TRACE_STAMP(req - begin_req, kStampSegStart, w.blk_end - w.blk_begin);
+  for (int req = pw.begin_req; req <= pw.end_req; ++req) {
+    const RequestWork w = request_work(p, pw, req);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegStart, w.blk_end - w.blk_begin);
     bool bad = w.bad;  // may also be set by the page lookups below
     int limit[2];
     row_limits(p, w.seqlen_safe, m_block, r0, limit);
@@ -157,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     cp_async_wait<0>();
     fence_async_proxy();
     __syncthreads();
-    FMLA_TRACE_STAMP(req - begin_req, kStampReady);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampReady);
 
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
@@ -169,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
     }
-    FMLA_TRACE_STAMP(req - begin_req, kStampFirstS);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampFirstS);
 
     for (int blk = w.blk_begin; blk < w.blk_end; ++blk) {
       const int buf = (blk - w.blk_begin) & 1;
@@ -288,9 +284,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       }
     }
     // Thread 0 may have flagged an invalid page id while looking pages up: share the flag.
-    FMLA_TRACE_STAMP(req - begin_req, kStampLoopEnd);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampLoopEnd);
     bad = __syncthreads_or(bad ? 1 : 0) != 0;
-    FMLA_TRACE_STAMP(req - begin_req, kStampJoined);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampJoined);
 
     // ---- epilogue: WG0 owns the softmax statistics; share them with WG1 through smem.
     if (wg == 0) {
@@ -315,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     }
     write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad);
     __syncthreads();  // smem (Q, statistics) is reused by the next request
-    FMLA_TRACE_STAMP(req - begin_req, kStampSegEnd);
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegEnd);
   }
   FMLA_TRACE_EXIT();
 }
