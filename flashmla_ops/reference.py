@@ -18,6 +18,9 @@ There is no autograd support (decode only).
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import torch
 
 from ._validation import (
@@ -52,7 +55,7 @@ _CHUNK_BYTES = 256 * 2**20
 def get_mla_metadata_reference(
     cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference tile scheduler: split the batch's KV blocks into ``num_sm_parts`` balanced parts.
+    """Reference tile scheduler: fill ``num_sm_parts`` parts greedily with the batch's KV blocks.
 
     Args:
         cache_seqlens: int32 ``[b]``, contiguous, b >= 1. Negative lengths count as 0.
@@ -67,64 +70,60 @@ def get_mla_metadata_reference(
           ``csrc/kernels/params.h``).
         * ``num_splits``: int32 ``[b + 1]``, exclusive prefix sum of the per-request split counts.
 
-    The algorithm (all arithmetic in int64), with ``F = FIXED_OVERHEAD = 5``:
+    The rule, with ``F = FIXED_OVERHEAD = 5``:
 
-    * request i has ``nblk_i = max(1, ceil(max(seqlen_i, 0) / 64))`` blocks and costs ``nblk_i + F``;
-      ``C_i`` is the exclusive prefix sum of the costs, ``total`` their sum, ``W = ceil(total / P)``;
-    * block k of request i sits at cost position ``start_i + k`` with ``start_i = C_i + F``;
-      ``end_i = start_i + nblk_i``; part p owns positions ``[p * W, (p + 1) * W)``;
-    * request i is covered by parts ``first_i = start_i // W`` .. ``last_i = (end_i - 1) // W``;
-      ``splits_i = last_i - first_i + 1``; ``num_splits[i + 1] = num_splits[i] + (splits_i if > 1 else 0)``;
-    * part p's record is ``[begin_req, max(lo - start_begin, 0), end_req, min(hi - start_end, nblk_end),
-      p - first_begin, splits_begin > 1, splits_end > 1, 0]``, where ``lo = p * W``, ``hi = lo + W`` and
-      begin_req / end_req are the first / last requests with ``start_i < hi and end_i > lo``; a part with
-      no such request gets ``[0, 0, -1, 0, 0, 0, 0, 0]``.
+    * request i has ``nblk_i = max(1, ceil(max(seqlen_i, 0) / 64))`` blocks; a piece of a request costs
+      ``F`` plus its blocks; ``total = sum(nblk_i + F)``; every part has a capacity ``ceil(total / P) + F``;
+    * parts are filled in order, each starting where the previous one stopped: the next piece (a whole
+      request, or the rest of a cut one) is taken whole while its cost fits in the room left; the first piece
+      that does not fit is cut to ``room - F`` blocks if that is >= 1 (the part is then full), else the part
+      ends;
+    * part p's record is ``[begin_req, begin_block, end_req, end_block, split index of begin_req's piece,
+      begin_req split?, end_req split?, 0]``; parts left over get ``[0, 0, -1, 0, 0, 0, 0, 0]``.
+
+    Every part but the last used one consumes at least ``ceil(total / P)`` units, so P parts always suffice.
+    With uniform lengths and at most a few requests per part nothing is split (no partials to combine).
+    Reads the lengths on the host (the CUDA kernel does the same walk on the device).
     """
-    b = check_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
+    check_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
+    nblk = [max(1, -(-max(s, 0) // PAGE_SIZE)) for s in cache_seqlens.tolist()]
+    b = len(nblk)
+    # ends[i]: cost of requests 0..i, so whole requests r+1..j cost ends[j] - ends[r].
+    ends = list(itertools.accumulate(n + FIXED_OVERHEAD for n in nblk))
+    cap = -(-ends[-1] // num_sm_parts) + FIXED_OVERHEAD
+
+    records: list[list[int]] = []
+    pieces = [1] * b
+    req, blk, split = 0, 0, 0  # the next piece: request `req` from block `blk`, its piece number `split`
+    while req < b:
+        assert len(records) < num_sm_parts, "the greedy fill always fits in num_sm_parts parts"
+        begin = (req, blk, split)
+        first_cost = FIXED_OVERHEAD + nblk[req] - blk
+        if first_cost > cap:  # cut the first piece itself
+            end_req, end_blk = req, blk + cap - FIXED_OVERHEAD
+            req, blk, split = req, end_blk, split + 1
+        else:
+            room = cap - first_cost
+            last = bisect.bisect_right(ends, ends[req] + room) - 1  # last request taken whole
+            room -= ends[last] - ends[req]
+            if last + 1 < b and room > FIXED_OVERHEAD:
+                end_req, end_blk = last + 1, room - FIXED_OVERHEAD
+                req, blk, split = last + 1, end_blk, 1
+            else:
+                end_req, end_blk = last, nblk[last]
+                req, blk, split = last + 1, 0, 0
+        if split > 0:
+            pieces[req] = split + 1
+        records.append([begin[0], begin[1], end_req, end_blk, begin[2], 0, 0, 0])
+    for rec in records:
+        rec[5] = int(pieces[rec[0]] > 1)
+        rec[6] = int(pieces[rec[2]] > 1)
+    records += [[0, 0, -1, 0, 0, 0, 0, 0]] * (num_sm_parts - len(records))
+    num_splits = [0, *itertools.accumulate(n if n > 1 else 0 for n in pieces)]
+
     device = cache_seqlens.device
-    i64 = torch.int64
-
-    seqlens = cache_seqlens.to(i64).clamp_min(0)
-    nblk = torch.div(seqlens + (PAGE_SIZE - 1), PAGE_SIZE, rounding_mode="floor").clamp_min(1)
-    cost = nblk + FIXED_OVERHEAD
-    cum = torch.cumsum(cost, 0)
-    total = cum[-1]
-    width = torch.div(total + (num_sm_parts - 1), num_sm_parts, rounding_mode="floor")  # 0-D, >= 1
-    start = cum - cost + FIXED_OVERHEAD
-    end = start + nblk
-
-    first_part = torch.div(start, width, rounding_mode="floor")
-    last_part = torch.div(end - 1, width, rounding_mode="floor")
-    splits = last_part - first_part + 1
-    is_split = splits > 1
-    num_splits = torch.zeros(b + 1, dtype=i64, device=device)
-    num_splits[1:] = torch.cumsum(torch.where(is_split, splits, 0), 0)
-
-    # Part p intersects requests [begin, end_req]: start and end are strictly increasing, so the first
-    # request with end_i > lo and the last one with start_i < hi bound a contiguous range.
-    lo = torch.arange(num_sm_parts, dtype=i64, device=device) * width
-    hi = lo + width
-    begin_req = torch.searchsorted(end, lo, right=True)
-    end_req = torch.searchsorted(start, hi, right=False) - 1
-    has_work = begin_req <= end_req
-    bi = begin_req.clamp(0, b - 1)
-    ei = end_req.clamp(0, b - 1)
-
-    zero = torch.zeros_like(lo)
-    fields = [
-        begin_req,
-        torch.clamp_min(lo - start[bi], 0),
-        end_req,
-        torch.minimum(hi - start[ei], nblk[ei]),
-        torch.arange(num_sm_parts, dtype=i64, device=device) - first_part[bi],
-        is_split[bi].to(i64),
-        is_split[ei].to(i64),
-        zero,
-    ]
-    empty = [0, 0, -1, 0, 0, 0, 0, 0]
-    assert len(fields) == len(empty) == TILE_SCHEDULER_METADATA_SIZE
-    meta = torch.stack([torch.where(has_work, f, e) for f, e in zip(fields, empty, strict=True)], dim=1)
-    return meta.to(torch.int32), num_splits.to(torch.int32)
+    meta = torch.tensor(records, dtype=torch.int32).reshape(num_sm_parts, TILE_SCHEDULER_METADATA_SIZE)
+    return meta.to(device), torch.tensor(num_splits, dtype=torch.int32).to(device)
 
 
 # ---- Decode ---------------------------------------------------------------------------------------------

@@ -135,40 +135,40 @@ def loop_oracle(
 
 
 def scheduler_spec(seqlens: list[int], num_parts: int) -> tuple[list[list[int]], list[int]]:
-    """The scheduler specification, written literally with Python ints and loops."""
+    """The scheduler specification, written literally: parts filled piece by piece with Python ints."""
     fixed = 5
     nblk = [max(1, -(-max(s, 0) // PAGE)) for s in seqlens]
-    starts, ends, pos = [], [], 0
-    for n in nblk:
-        starts.append(pos + fixed)
-        ends.append(pos + fixed + n)
-        pos += n + fixed
-    width = -(-pos // num_parts)
-    first = [st // width for st in starts]
-    splits = [(en - 1) // width - f + 1 for en, f in zip(ends, first, strict=True)]
-    num_splits = [0]
-    for sp in splits:
-        num_splits.append(num_splits[-1] + (sp if sp > 1 else 0))
-    meta = []
+    cap = -(-sum(n + fixed for n in nblk) // num_parts) + fixed
+    parts_of: list[list[int]] = [[] for _ in seqlens]
+    spans = []  # (begin_req, begin_blk, end_req, end_blk) per part with work
+    req, blk = 0, 0
     for p in range(num_parts):
-        lo, hi = p * width, (p + 1) * width
-        hit = [i for i in range(len(seqlens)) if starts[i] < hi and ends[i] > lo]
-        if not hit:
-            meta.append([0, 0, -1, 0, 0, 0, 0, 0])
-            continue
-        bq, eq = hit[0], hit[-1]
-        meta.append(
-            [
-                bq,
-                max(lo - starts[bq], 0),
-                eq,
-                min(hi - starts[eq], nblk[eq]),
-                p - first[bq],
-                int(splits[bq] > 1),
-                int(splits[eq] > 1),
-                0,
-            ]
-        )
+        if req == len(seqlens):
+            break
+        begin, room = (req, blk), cap
+        while req < len(seqlens):
+            left = nblk[req] - blk
+            if fixed + left <= room:  # the whole rest of the request fits
+                room -= fixed + left
+                parts_of[req].append(p)
+                end = (req, nblk[req])
+                req, blk = req + 1, 0
+            else:
+                if room > fixed:  # cut it: as many blocks as fit
+                    parts_of[req].append(p)
+                    blk += room - fixed
+                    end = (req, blk)
+                break
+        spans.append((*begin, *end))
+    assert req == len(seqlens), "work left after the last part"
+    meta = []
+    for p, (bq, bb, eq, eb) in enumerate(spans):
+        n_b, n_e = len(parts_of[bq]), len(parts_of[eq])
+        meta.append([bq, bb, eq, eb, parts_of[bq].index(p), int(n_b > 1), int(n_e > 1), 0])
+    meta += [[0, 0, -1, 0, 0, 0, 0, 0]] * (num_parts - len(spans))
+    num_splits = [0]
+    for owners in parts_of:
+        num_splits.append(num_splits[-1] + (len(owners) if len(owners) > 1 else 0))
     return meta, num_splits
 
 

@@ -63,36 +63,59 @@ def check_invariants(
 
 
 def test_hand_computed_records():
-    # nblk = [64, 1, 16], costs [69, 6, 21], total 96, W = 24; starts [5, 74, 80]; request 0 spans parts 0..2
+    # nblk = [64, 1, 16], costs [69, 6, 21], total 96, cap = 24 + 5 = 29. Request 0 does not fit: parts 0
+    # and 1 take 24 of its blocks each (29 - 5); part 2 takes its last 16 (cost 21) and request 1 (cost 6),
+    # 2 units are left, too few for a piece of request 2 (5 + 1), which goes whole to part 3.
     meta, num_splits = schedule([4096, 64, 1000], 4)
     assert meta == [
-        [0, 0, 0, 19, 0, 1, 1, 0],
-        [0, 19, 0, 43, 1, 1, 1, 0],
-        [0, 43, 0, 64, 2, 1, 1, 0],
-        [1, 0, 2, 16, 0, 0, 0, 0],
+        [0, 0, 0, 24, 0, 1, 1, 0],
+        [0, 24, 0, 48, 1, 1, 1, 0],
+        [0, 48, 1, 1, 2, 1, 0, 0],
+        [2, 0, 2, 16, 0, 0, 0, 0],
     ]
     assert num_splits == [0, 3, 3, 3]
 
 
+def test_hand_computed_cut_after_whole_request():
+    # nblk [10, 10, 10], costs 15 each, total 45, cap = 23 + 5 = 28: part 0 takes request 0 (room 13 left) and
+    # 13 - 5 = 8 blocks of request 1; part 1 its last 2 (cost 7) and request 2.
+    meta, num_splits = schedule([640, 600, 577], 2)
+    assert meta == [[0, 0, 1, 8, 0, 0, 1, 0], [1, 8, 2, 10, 1, 1, 0, 0]]
+    assert num_splits == [0, 0, 2, 2]
+
+
 def test_hand_computed_single_part():
     meta, num_splits = schedule([0, 1, 65], 1)
-    # nblk [1, 1, 2], total 19, W = 19: everything in part 0, nothing split
+    # nblk [1, 1, 2], total 19, cap 24: everything in part 0, nothing split
     assert meta == [[0, 0, 2, 2, 0, 0, 0, 0]]
     assert num_splits == [0, 0, 0, 0]
 
 
 def test_hand_computed_empty_parts():
-    # one request, 1 block, cost 6, P = 8: W = 1; positions 0..4 are overhead, block 0 at position 5
+    # one request, 1 block, cost 6, P = 8: cap = 1 + 5, part 0 takes it, the other 7 parts are empty
     meta, num_splits = schedule([10], 8)
-    assert meta == [EMPTY] * 5 + [[0, 0, 0, 1, 0, 0, 0, 0]] + [EMPTY] * 2
+    assert meta == [[0, 0, 0, 1, 0, 0, 0, 0]] + [EMPTY] * 7
     assert num_splits == [0, 0]
 
 
-def test_hand_computed_split_at_request_boundary():
-    # nblk [2, 2], costs [7, 7], total 14, P = 2: W = 7, starts [5, 12]: part p = request p
+def test_hand_computed_whole_requests_per_part():
+    # nblk [2, 2], costs [7, 7], total 14, P = 2: cap = 12, request 1 does not fit after request 0 and the 5
+    # units left are no room for a piece: part p = request p
     meta, num_splits = schedule([128, 100], 2)
     assert meta == [[0, 0, 0, 2, 0, 0, 0, 0], [1, 0, 1, 2, 0, 0, 0, 0]]
     assert num_splits == [0, 0, 0]
+
+
+@pytest.mark.parametrize(("num_parts", "per_part"), [(66, 2), (132, 1), (64, 2)])
+def test_uniform_batches_are_not_split(num_parts, per_part):
+    # 128 requests of 4096 tokens (cost 69): the slack of one overhead per part keeps them whole, so the
+    # decode writes final outputs directly and the combine pass has nothing to do.
+    meta, num_splits = schedule([4096] * 128, num_parts)
+    used = 128 // per_part
+    want = [[p * per_part, 0, (p + 1) * per_part - 1, 64, 0, 0, 0, 0] for p in range(used)]
+    assert meta[:used] == want
+    assert meta[used:] == [EMPTY] * (num_parts - used)
+    assert num_splits == [0] * 129
 
 
 def test_negative_lengths_count_as_empty():

@@ -2,7 +2,7 @@
 # Runs on a lent Hopper machine (the `device` tool), from the repository root, with .carry/ carried along:
 # .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers) and .carry/peers.tar.xz (FlashMLA + FlashInfer,
 # from ../shared/tools/peer-bundle.sh). Stages (any subset, in order): build sass test-quick test sanitize
-# bench-quick bench. Logs and JSON go to $OUT.
+# sched-bench bench-quick breakdown bench. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmla_out}
 mkdir -p "$OUT"
@@ -47,6 +47,9 @@ for st in $stages; do
         timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/sanitizer_cases.py > "$OUT/sanitizer_$tool.log" 2>&1
         echo "compute-sanitizer $tool exit $?"; tail -4 "$OUT/sanitizer_$tool.log"
       done
+      ;;
+    sched-bench)
+      (cd /tmp && python3 "$REPO/benchmarks/bench_scheduler.py" --json "$OUT/sched_bench.json") 2>&1 | tee "$OUT/sched_bench.log"
       ;;
     bench-quick)
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --quick --no-torch \

@@ -35,10 +35,11 @@ enum MetaField : int {
 // split accumulators (rows num_splits[i] .. num_splits[i+1]-1), and n_i == 0 means one part wrote the final
 // output directly and the combine kernel skips the request. num_splits[b] <= 2 * (num_sm_parts - 1), so the
 // accumulators are sized by the part count, never by the batch size.
-// Cost model: request i has nblk_i = max(1, ceil(seqlen_i / 64)) blocks and costs nblk_i + kFixedOverhead
-// "block units" (the overhead stands for its prologue/epilogue). Requests are laid end to end in cost space,
-// overhead first; part p owns cost positions [p * W, (p + 1) * W) with W = ceil(total / num_sm_parts), and
-// block k of request i sits at position C_i + kFixedOverhead + k (C_i = exclusive prefix sum of costs).
+// Cost model: request i has nblk_i = max(1, ceil(seqlen_i / 64)) blocks; a piece of a request costs
+// kFixedOverhead "block units" (its prologue/epilogue) plus its blocks. Parts are filled greedily in request
+// order up to cap = ceil(total / num_sm_parts) + kFixedOverhead units (total = sum of nblk_i + kFixedOverhead):
+// a piece that fits is taken whole, the first that does not is cut to (room left - kFixedOverhead) blocks when
+// that is >= 1, and the next part starts where this one stopped (sched_meta.cu has the details).
 constexpr int kFixedOverhead = 5;
 
 struct SchedParams {

@@ -1,14 +1,19 @@
 // Tile scheduler: splits the (request, 64-token block) work of one decode step over `num_sm_parts` parts.
 //
-// Contract (params.h, and flashmla_ops/reference.py which implements the same spec on the CPU): requests are
-// laid end to end in a "cost space", each request occupying kFixedOverhead units (its prologue/epilogue) and
-// then one unit per block; part p owns the cost positions [p*W, (p+1)*W), W = ceil(total / num_sm_parts).
-// Everything about part p and request i is then a closed-form function of the prefix sum C_i, so the whole
-// schedule is computed in parallel by one CTA (a block-wide scan per chunk of 1024 requests), with no
-// sequential walk over the batch: b = 16384 costs 16 scans, not 16384 dependent steps.
+// Contract (params.h; flashmla_ops/reference.py implements the same rule on the CPU and must agree bit for
+// bit). Each part is filled greedily, in request order, up to a capacity of cap = ceil(total / P) +
+// kFixedOverhead cost units, where a request costs kFixedOverhead + (its blocks) and a piece of a request
+// that continues from the previous part pays the overhead again. A request that fits in the room left is
+// taken whole; one that does not is cut, and the part takes (room - kFixedOverhead) of its blocks, if that is
+// at least one. The slack of one overhead per part is what lets uniform batches run unsplit (b = 128 requests
+// of 4096 tokens on 66 parts: two whole requests per part, no partials and no combine work), which a
+// fixed-width cut of the cost space cannot do. Every part but the last consumes at least ceil(total / P)
+// units, so P parts always suffice.
 //
-// Each field of a non-empty record is written by exactly one thread: the thread of the request that begins
-// (fields 0, 1, 4, 5) or ends (fields 2, 3, 6) that part. Empty parts keep the initial "no work" record.
+// The walk is sequential over parts, so one warp does it: each step loads the costs of the next 32 requests,
+// and a warp prefix sum + ballot tells how many of them fit whole. A step costs a few hundred cycles, so P =
+// 132 parts take ~10 us, once per decode step (the metadata is shared by every layer). The other passes
+// (total cost, num_splits prefix) use the whole CTA.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -19,103 +24,153 @@ namespace {
 
 constexpr int kSchedThreads = 1024;
 
-__device__ __forceinline__ int64_t num_blocks_of(int32_t seqlen) {
+__device__ __forceinline__ int64_t num_blocks_of(const int32_t* seqlens, int i) {
   // A zero-length request still gets one (empty) block so that it is visited and its output written.
+  const int32_t seqlen = __ldg(seqlens + i);
   const int64_t s = seqlen > 0 ? seqlen : 0;
   const int64_t n = (s + kPageSize - 1) / kPageSize;
   return n > 0 ? n : 1;
 }
 
+__device__ __forceinline__ int64_t warp_inclusive_sum(int64_t v, int lane) {
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int64_t up = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane >= d) v += up;
+  }
+  return v;
+}
+
+// Run by all 32 lanes of one warp with uniform control flow; lane 0 stores. Writes the records of the parts
+// that get work and returns their count; scatters, for every request split over n > 1 parts, n into
+// num_splits[i + 1] (which the caller zeroed and later prefix-sums).
+__device__ int walk_parts(const SchedParams& p, int64_t cap, int lane) {
+  const int b = p.b;
+  int r = 0;          // next piece: request r ...
+  int64_t k = 0;      // ... from block k ...
+  int32_t split = 0;  // ... which is piece number `split` of request r
+  int part = 0;
+  for (; part < p.num_sm_parts && r < b; ++part) {
+    const int begin_req = r;
+    const int64_t begin_block = k;
+    const int32_t begin_split = split;
+    const int64_t nblk_begin = num_blocks_of(p.seqlens, r);
+    int64_t room = cap;
+    int end_req;
+    int64_t end_block;
+    const int64_t first_cost = kFixedOverhead + nblk_begin - k;
+    if (first_cost > room) {
+      // Even the first piece does not fit: cut it (room - overhead >= ceil(total / P) >= 1 blocks).
+      end_req = r;
+      end_block = k + room - kFixedOverhead;
+      k = end_block;
+      ++split;
+    } else {
+      room -= first_cost;
+      int last_whole = r;
+      for (;;) {  // whole requests after r, 32 candidates per step
+        const int i = last_whole + 1 + lane;
+        // Past the batch end a candidate costs more than any room, so it never fits.
+        const int64_t cost = i < b ? num_blocks_of(p.seqlens, i) + kFixedOverhead : cap + 1;
+        const int64_t upto = warp_inclusive_sum(cost, lane);
+        // Costs are positive, so the candidates that fit are a prefix of the lanes.
+        const int n_fit = __popc(__ballot_sync(0xffffffffu, upto <= room));
+        if (n_fit > 0) room -= __shfl_sync(0xffffffffu, upto, n_fit - 1);
+        last_whole += n_fit;
+        if (n_fit < 32) break;
+      }
+      if (last_whole + 1 < b && room > kFixedOverhead) {
+        // The next request does not fit whole (the loop stopped on it) but some of its blocks do.
+        end_req = last_whole + 1;
+        end_block = room - kFixedOverhead;
+        r = end_req;
+        k = end_block;
+        split = 1;
+      } else {
+        end_req = last_whole;
+        end_block = last_whole == begin_req ? nblk_begin : num_blocks_of(p.seqlens, last_whole);
+        r = last_whole + 1;
+        k = 0;
+        split = 0;
+      }
+    }
+    // Only a part's first piece can continue a request, and only its last piece can be cut, so whether
+    // begin_req / end_req are split is decided by this record alone.
+    const int64_t nblk_end = end_req == begin_req ? nblk_begin : num_blocks_of(p.seqlens, end_req);
+    const bool same = end_req == begin_req;
+    const bool begin_is_split = begin_block > 0 || (same && end_block < nblk_begin);
+    const bool end_is_split = end_block < nblk_end || (same && begin_block > 0);
+    if (lane == 0) {
+      int32_t* rec = p.meta + static_cast<int64_t>(part) * kMetaSize;
+      rec[kMetaBeginReq] = begin_req;
+      rec[kMetaBeginBlock] = static_cast<int32_t>(begin_block);
+      rec[kMetaEndReq] = end_req;
+      rec[kMetaEndBlock] = static_cast<int32_t>(end_block);
+      rec[kMetaBeginSplit] = begin_split;
+      rec[kMetaFirstSplit] = begin_is_split ? 1 : 0;
+      rec[kMetaLastSplit] = end_is_split ? 1 : 0;
+      rec[kMetaReserved] = 0;
+      // A continued request ends in the part that holds its last block: it has begin_split + 1 pieces.
+      if (begin_block > 0 && (!same || end_block == nblk_begin))
+        p.num_splits[begin_req + 1] = begin_split + 1;
+    }
+  }
+  return part;
+}
+
 __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedParams p) {
-  using Scan64 = cub::BlockScan<int64_t, kSchedThreads>;
   using Scan32 = cub::BlockScan<int32_t, kSchedThreads>;
   using Reduce64 = cub::BlockReduce<int64_t, kSchedThreads>;
   __shared__ union {
-    typename Scan64::TempStorage scan64;
     typename Scan32::TempStorage scan32;
     typename Reduce64::TempStorage reduce64;
   } tmp;
   __shared__ int64_t s_total;
-  __shared__ int64_t s_cost_carry;
   __shared__ int32_t s_split_carry;
 
   const int tid = threadIdx.x;
   const int b = p.b;
   const int P = p.num_sm_parts;
 
-  // Pass 0: every record starts as "no work" (end_req < begin_req).
-  for (int part = tid; part < P; part += kSchedThreads) {
-    int32_t* rec = p.meta + static_cast<int64_t>(part) * kMetaSize;
-    rec[kMetaBeginReq] = 0;
-    rec[kMetaBeginBlock] = 0;
-    rec[kMetaEndReq] = -1;
-    rec[kMetaEndBlock] = 0;
-    rec[kMetaBeginSplit] = 0;
-    rec[kMetaFirstSplit] = 0;
-    rec[kMetaLastSplit] = 0;
-    rec[kMetaReserved] = 0;
-  }
-  if (tid == 0) p.num_splits[0] = 0;
+  // Pass 0: num_splits starts at 0 (the walk scatters the piece counts of split requests into it).
+  for (int i = tid; i <= b; i += kSchedThreads) p.num_splits[i] = 0;
 
   // Pass 1: total cost.
   int64_t local = 0;
-  for (int i = tid; i < b; i += kSchedThreads) local += num_blocks_of(p.seqlens[i]) + kFixedOverhead;
+  for (int i = tid; i < b; i += kSchedThreads) local += num_blocks_of(p.seqlens, i) + kFixedOverhead;
   const int64_t total = Reduce64(tmp.reduce64).Sum(local);
   if (tid == 0) {
     s_total = total;
-    s_cost_carry = 0;
     s_split_carry = 0;
   }
-  __syncthreads();  // also orders pass 0's record writes before pass 2's
-  const int64_t W = (s_total + P - 1) / P;
+  __syncthreads();  // also orders pass 0's zeros before the walk's scatter
 
-  // Pass 2: chunks of kSchedThreads consecutive requests, one per thread.
+  // Pass 2: the greedy walk (warp 0), then "no work" records for the parts it did not reach.
+  if (tid < 32) {
+    const int used = walk_parts(p, (s_total + P - 1) / P + kFixedOverhead, tid);
+    for (int part = used + tid; part < P; part += 32) {
+      int32_t* rec = p.meta + static_cast<int64_t>(part) * kMetaSize;
+      rec[kMetaBeginReq] = 0;
+      rec[kMetaBeginBlock] = 0;
+      rec[kMetaEndReq] = -1;  // end_req < begin_req
+      rec[kMetaEndBlock] = 0;
+      rec[kMetaBeginSplit] = 0;
+      rec[kMetaFirstSplit] = 0;
+      rec[kMetaLastSplit] = 0;
+      rec[kMetaReserved] = 0;
+    }
+  }
+  __syncthreads();  // the scatter is visible to the whole CTA
+
+  // Pass 3: num_splits[1..b] in place from piece counts to their inclusive prefix sum, 1024 at a time.
   for (int chunk = 0; chunk < b; chunk += kSchedThreads) {
     const int i = chunk + tid;
-    const bool active = i < b;
-    const int64_t nblk = active ? num_blocks_of(p.seqlens[i]) : 0;
-    const int64_t cost = active ? nblk + kFixedOverhead : 0;
-    int64_t c_excl;
-    Scan64(tmp.scan64).ExclusiveSum(cost, c_excl);
-    const int64_t C = s_cost_carry + c_excl;
-    const int64_t start = C + kFixedOverhead;
-    const int64_t first_part = active ? start / W : 0;
-    const int64_t last_part = active ? (start + nblk - 1) / W : 0;
-    const int32_t splits = static_cast<int32_t>(last_part - first_part + 1);
-    const int32_t n_accum = (active && splits > 1) ? splits : 0;
-    __syncthreads();  // temp storage reuse
+    const int32_t n = i < b ? p.num_splits[i + 1] : 0;
     int32_t n_incl;
-    Scan32(tmp.scan32).InclusiveSum(n_accum, n_incl);
-    if (active) p.num_splits[i + 1] = s_split_carry + n_incl;
-
-    if (active) {
-      // Neighbours' part ranges decide whether this request begins its first part / ends its last part.
-      // Request i-1's last block sits at cost position C - 1 (a request's blocks follow its overhead);
-      // request i+1's first block at C + cost + kFixedOverhead.
-      const bool begins_first = i == 0 || (C - 1) / W < first_part;
-      const bool ends_last = i + 1 >= b || (C + cost + kFixedOverhead) / W > last_part;
-      const int32_t is_split = splits > 1 ? 1 : 0;
-      for (int64_t part = first_part; part <= last_part; ++part) {
-        int32_t* rec = p.meta + part * kMetaSize;
-        const int64_t lo = part * W, hi = lo + W;
-        if (part > first_part || begins_first) {
-          rec[kMetaBeginReq] = i;
-          rec[kMetaBeginBlock] = static_cast<int32_t>(lo > start ? lo - start : 0);
-          rec[kMetaBeginSplit] = static_cast<int32_t>(part - first_part);
-          rec[kMetaFirstSplit] = is_split;
-        }
-        if (part < last_part || ends_last) {
-          rec[kMetaEndReq] = i;
-          rec[kMetaEndBlock] = static_cast<int32_t>(hi - start < nblk ? hi - start : nblk);
-          rec[kMetaLastSplit] = is_split;
-        }
-      }
-    }
-    __syncthreads();  // every thread has read the carries and used the temp storage
-    if (tid == kSchedThreads - 1) {
-      s_cost_carry = C + cost;
-      s_split_carry += n_incl;
-    }
+    Scan32(tmp.scan32).InclusiveSum(n, n_incl);
+    if (i < b) p.num_splits[i + 1] = s_split_carry + n_incl;
+    __syncthreads();  // every thread has read the carry and used the temp storage
+    if (tid == kSchedThreads - 1) s_split_carry += n_incl;
     __syncthreads();
   }
 }
