@@ -37,15 +37,21 @@ enum MetaField : int {
 // accumulators are sized by the part count, never by the batch size.
 // Cost model: request i has nblk_i = max(1, ceil(seqlen_i / 64)) blocks; a piece of a request costs
 // kFixedOverhead "block units" (its prologue/epilogue) plus its blocks. Parts are filled greedily in request
-// order up to cap = ceil(total / num_sm_parts) + kFixedOverhead units (total = sum of nblk_i + kFixedOverhead):
-// a piece that fits is taken whole, the first that does not is cut to (room left - kFixedOverhead) blocks when
-// that is >= 1, and the next part starts where this one stopped (sched_meta.cu has the details).
+// order up to cap = ceil(total / num_sm_parts) + kFixedOverhead units (total = sum of nblk_i +
+// kFixedOverhead): a piece that fits is taken whole, the first that does not is cut to (room left -
+// kFixedOverhead) blocks when that is >= 1, and the next part starts where this one stopped (sched_meta.cu
+// has the details).
 constexpr int kFixedOverhead = 5;
+
+// The scheduler keeps the prefix sums of the request costs in shared memory up to this many requests and in
+// `cost_ends` (a global scratch the launcher allocates only then) beyond.
+constexpr int kSchedSmemRequests = 24576;  // 192 KB of int64
 
 struct SchedParams {
   const int32_t* seqlens;  // [b]
   int32_t* meta;           // [num_sm_parts, kMetaSize]
   int32_t* num_splits;     // [b + 1]
+  int64_t* cost_ends;      // [b] scratch when b > kSchedSmemRequests, else unused (may be null)
   int b;
   int num_sm_parts;
 };

@@ -133,23 +133,32 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     warpgroup_commit_batch();
   };
 
-  for (int req = pw.begin_req; req <= pw.end_req; ++req) {
-    const RequestWork w = request_work(p, pw, req);
-    FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegStart, w.blk_end - w.blk_begin);
-    bool bad = w.bad;  // may also be set by the page lookups below
-    int limit[2];
-    row_limits(p, w.seqlen_safe, m_block, r0, limit);
-
-    // Prologue: Q (cp.async, all threads), then the first two pages. Q first: thread 0's page lookups are
-    // dependent loads, and its warp's share of Q would otherwise wait behind them.
+  // Loads of a segment's Q (cp.async, all threads) and first two pages (thread 0). Q first: thread 0's page
+  // lookups are dependent loads, and its warp's share of Q would otherwise wait behind them. The next
+  // segment's loads are issued as soon as this segment's page loop is done (Q and both page buffers are free
+  // then), so they land while this segment's epilogue runs.
+  bool lookup_bad = false;  // thread 0's page lookups of the segment being loaded found an invalid page id
+  auto start_segment = [&](int req, const RequestWork& ws) {
     load_q<T>(p, sQ, req, h_k, m_block);
     cp_async_commit();
     if (threadIdx.x == 0) {
-      issue_page(p, smem.k[0], &smem.kbar[0], h_k, block_page(p, req, w.blk_begin, w.seqlen_safe, bad));
-      if (w.blk_begin + 1 < w.blk_end) {
-        issue_page(p, smem.k[1], &smem.kbar[1], h_k, block_page(p, req, w.blk_begin + 1, w.seqlen_safe, bad));
+      issue_page(p, smem.k[0], &smem.kbar[0], h_k,
+                 block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad));
+      if (ws.blk_begin + 1 < ws.blk_end) {
+        const int page = block_page(p, req, ws.blk_begin + 1, ws.seqlen_safe, lookup_bad);
+        issue_page(p, smem.k[1], &smem.kbar[1], h_k, page);
       }
     }
+  };
+
+  RequestWork w = request_work(p, pw, pw.begin_req);
+  start_segment(pw.begin_req, w);
+  for (int req = pw.begin_req; req <= pw.end_req; ++req) {
+    FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegStart, w.blk_end - w.blk_begin);
+    bool bad = w.bad || lookup_bad;  // may also be set by the page lookups below
+    lookup_bad = false;
+    int limit[2];
+    row_limits(p, w.seqlen_safe, m_block, r0, limit);
     cp_async_wait<0>();
     fence_async_proxy();
     __syncthreads();
@@ -287,6 +296,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampLoopEnd);
     bad = __syncthreads_or(bad ? 1 : 0) != 0;
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampJoined);
+    RequestWork w_next = w;
+    if (req < pw.end_req) {
+      w_next = request_work(p, pw, req + 1);
+      start_segment(req + 1, w_next);
+    }
 
     // ---- epilogue: WG0 owns the softmax statistics; share them with WG1 through smem.
     if (wg == 0) {
@@ -310,8 +324,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       m_row[r] = smem.row_max[r0 + 8 * r];
     }
     write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad);
-    __syncthreads();  // smem (Q, statistics) is reused by the next request
+    __syncthreads();  // the statistics in smem are reused by the next request
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegEnd);
+    w = w_next;
   }
   FMLA_TRACE_EXIT();
 }
