@@ -33,15 +33,18 @@ std::tuple<Tensor, Tensor> get_mla_metadata_cuda(Tensor cache_seqlens, int64_t n
   const int64_t b = cache_seqlens.size(0);
   Tensor meta = torch::stable::new_empty(cache_seqlens, {num_sm_parts, kMetaSize}, ScalarType::Int);
   Tensor num_splits = torch::stable::new_empty(cache_seqlens, {b + 1}, ScalarType::Int);
-  // Past kSchedSmemRequests the prefix sums of the request costs do not fit in the kernel's shared memory.
-  std::optional<Tensor> cost_ends;
-  if (b > kSchedSmemRequests) cost_ends = torch::stable::new_empty(cache_seqlens, {b}, ScalarType::Long);
+  // Past kSchedSmemRequests the scheduler's per-request arrays do not fit in its shared memory.
+  std::optional<Tensor> scratch;
+  if (b > kSchedSmemRequests) {
+    scratch =
+        torch::stable::new_empty(cache_seqlens, {b * kSchedScratchBytesPerRequest / 8}, ScalarType::Long);
+  }
 
   SchedParams p{};
   p.seqlens = static_cast<const int32_t*>(cache_seqlens.data_ptr());
   p.meta = static_cast<int32_t*>(meta.data_ptr());
   p.num_splits = static_cast<int32_t*>(num_splits.data_ptr());
-  p.cost_ends = cost_ends ? static_cast<int64_t*>(cost_ends->data_ptr()) : nullptr;
+  p.scratch = scratch ? static_cast<int64_t*>(scratch->data_ptr()) : nullptr;
   p.b = static_cast<int>(b);
   p.num_sm_parts = static_cast<int>(num_sm_parts);
   check_cuda(launch_sched_meta(p, current_stream(device)), "scheduler kernel launch");

@@ -10,10 +10,12 @@
 // fixed-width cut of the cost space cannot do. Every part but the last consumes at least ceil(total / P)
 // units, so P parts always suffice.
 //
-// The walk is sequential over parts, so its latency per part is what counts. The CTA first writes the
-// inclusive prefix sums of the request costs (`ends`) to shared memory (up to 24k requests; a global
-// scratch beyond); then one warp walks the parts, testing 32 candidate requests per step against the room
-// left with one load, a ballot and a shuffle. The other passes (prefix sums, num_splits) use the whole CTA.
+// Only the chain of part starts is sequential, so it is kept short. A part that starts at the beginning of a
+// request r ends where the same rule says, whatever came before: that transition is computed for every r in
+// parallel first (a search over the prefix sums of the request costs). The walk (one warp) then follows the
+// chain, one shared-memory load per such part; a part that starts inside a cut request computes its
+// transition on the spot (a closed form, or a step over 32 candidate requests with one ballot). Records,
+// split flags and num_splits follow in parallel from consecutive part starts.
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/launch.h"
@@ -22,7 +24,13 @@
 namespace flashmla {
 namespace {
 
-constexpr int kSchedThreads = 512;  // 1024 would cap registers at 64 and spill in the walk
+constexpr int kSchedThreads = 512;
+
+// Where the walk goes from a part start: request `req` from block `blk` (blk > 0: a cut request continues).
+struct PartStart {
+  int32_t req;
+  int32_t blk;
+};
 
 __device__ __forceinline__ int64_t request_cost(const int32_t* seqlens, int i) {
   // A zero-length request still gets one (empty) block so that it is visited and its output written.
@@ -32,88 +40,39 @@ __device__ __forceinline__ int64_t request_cost(const int32_t* seqlens, int i) {
   return (n > 0 ? n : 1) + kFixedOverhead;
 }
 
-// Run by all 32 lanes of one warp with uniform control flow; lane 0 stores. `ends[i]` is the cost of requests
-// 0..i. Writes the records of the parts that get work and returns their count; scatters, for every request
-// split over n > 1 parts, n into num_splits[i + 1] (which the caller zeroed and later prefix-sums).
-__device__ int walk_parts(const SchedParams& p, const int64_t* ends, int64_t cap, int lane) {
-  const int b = p.b;
-  const auto end_before = [&](int i) -> int64_t { return i > 0 ? ends[i - 1] : 0; };
-  const auto nblk_of = [&](int i) -> int64_t { return ends[i] - end_before(i) - kFixedOverhead; };
-  int r = 0;          // next piece: request r ...
-  int64_t k = 0;      // ... from block k ...
-  int32_t split = 0;  // ... which is piece number `split` of request r
-  int part = 0;
-  for (; part < p.num_sm_parts && r < b; ++part) {
-    const int begin_req = r;
-    const int64_t begin_block = k;
-    const int32_t begin_split = split;
-    const int64_t nblk_begin = nblk_of(r);
-    int64_t room = cap;
-    int end_req;
-    int64_t end_block;
-    const int64_t first_cost = kFixedOverhead + nblk_begin - k;
-    if (first_cost > room) {
-      // Even the first piece does not fit: cut it (room - overhead >= ceil(total / P) >= 1 blocks).
-      end_req = r;
-      end_block = k + room - kFixedOverhead;
-      k = end_block;
-      ++split;
-    } else {
-      room -= first_cost;
-      int last_whole = r;
-      int64_t last_end = ends[r];
-      for (;;) {  // whole requests after r, 32 candidates per step
-        const int i = last_whole + 1 + lane;
-        // Past the batch end a candidate never fits.
-        const int64_t end_i = i < b ? ends[i] : last_end + room + 1;
-        // Costs are positive, so the candidates that fit are a prefix of the lanes.
-        const int n_fit = __popc(__ballot_sync(0xffffffffu, end_i - last_end <= room));
-        if (n_fit > 0) {
-          const int64_t new_end = __shfl_sync(0xffffffffu, end_i, n_fit - 1);
-          room -= new_end - last_end;
-          last_end = new_end;
-          last_whole += n_fit;
-        }
-        if (n_fit < 32) break;
-      }
-      if (last_whole + 1 < b && room > kFixedOverhead) {
-        // The next request does not fit whole (the loop stopped on it) but some of its blocks do.
-        end_req = last_whole + 1;
-        end_block = room - kFixedOverhead;
-        r = end_req;
-        k = end_block;
-        split = 1;
-      } else {
-        end_req = last_whole;
-        end_block = last_whole == begin_req ? nblk_begin : nblk_of(last_whole);
-        r = last_whole + 1;
-        k = 0;
-        split = 0;
-      }
-    }
-    // Only a part's first piece can continue a request, and only its last piece can be cut, so whether
-    // begin_req / end_req are split is decided by this record alone.
-    const bool same = end_req == begin_req;
-    const int64_t nblk_end = same ? nblk_begin : nblk_of(end_req);
-    const bool begin_is_split = begin_block > 0 || (same && end_block < nblk_begin);
-    const bool end_is_split = end_block < nblk_end || (same && begin_block > 0);
-    if (lane == 0) {
-      int32_t* rec = p.meta + static_cast<int64_t>(part) * kMetaSize;
-      rec[kMetaBeginReq] = begin_req;
-      rec[kMetaBeginBlock] = static_cast<int32_t>(begin_block);
-      rec[kMetaEndReq] = end_req;
-      rec[kMetaEndBlock] = static_cast<int32_t>(end_block);
-      rec[kMetaBeginSplit] = begin_split;
-      rec[kMetaFirstSplit] = begin_is_split ? 1 : 0;
-      rec[kMetaLastSplit] = end_is_split ? 1 : 0;
-      rec[kMetaReserved] = 0;
-      // A continued request ends in the part that holds its last block: it has begin_split + 1 pieces.
-      if (begin_block > 0 && (!same || end_block == nblk_begin))
-        p.num_splits[begin_req + 1] = begin_split + 1;
-    }
+// Cost-space view of the batch: ends[i] = cost of requests 0..i.
+struct CostSpace {
+  const int64_t* ends;
+  int b;
+  __device__ __forceinline__ int64_t end_before(int i) const { return i > 0 ? ends[i - 1] : 0; }
+  __device__ __forceinline__ int32_t nblk(int i) const {
+    return static_cast<int32_t>(ends[i] - end_before(i) - kFixedOverhead);
   }
-  return part;
-}
+  // With `room` units left after request r, whole requests r+1.. are taken while they fit; then the next one
+  // is cut if more than the overhead is left. Returns where the next part starts.
+  __device__ __forceinline__ PartStart after_whole(int r, int64_t room) const {
+    // Largest j with ends[j] - ends[r] <= room (each request costs > kFixedOverhead, so j - r <= room / 6).
+    const int64_t limit = ends[r] + room;
+    int lo = r, hi = static_cast<int>(min(static_cast<int64_t>(b - 1), r + room / (kFixedOverhead + 1)));
+    while (lo < hi) {
+      const int mid = lo + (hi - lo + 1) / 2;
+      if (ends[mid] <= limit) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    room -= ends[lo] - ends[r];
+    if (lo + 1 < b && room > kFixedOverhead) return {lo + 1, static_cast<int32_t>(room - kFixedOverhead)};
+    return {lo + 1, 0};
+  }
+  // The part starting at (r, blk) with capacity cap: where the next part starts.
+  __device__ __forceinline__ PartStart next_start(PartStart s, int64_t cap) const {
+    const int64_t first_cost = kFixedOverhead + nblk(s.req) - s.blk;
+    if (first_cost > cap) return {s.req, static_cast<int32_t>(s.blk + cap - kFixedOverhead)};  // cut again
+    return after_whole(s.req, cap - first_cost);
+  }
+};
 
 __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedParams p) {
   using Scan64 = cub::BlockScan<int64_t, kSchedThreads>;
@@ -122,16 +81,20 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
     typename Scan64::TempStorage scan64;
     typename Scan32::TempStorage scan32;
   } tmp;
-  extern __shared__ int64_t s_ends[];  // [min(b, kSchedSmemRequests)]
+  // Dynamic: ends [min(b, kSchedSmemRequests)] then the whole-request transitions, same count.
+  extern __shared__ int64_t s_dyn[];
   __shared__ int64_t s_carry;
   __shared__ int32_t s_split_carry;
+  __shared__ int32_t s_used;
 
   const int tid = threadIdx.x;
   const int b = p.b;
   const int P = p.num_sm_parts;
-  int64_t* ends = b <= kSchedSmemRequests ? s_ends : p.cost_ends;
+  const bool staged = b <= kSchedSmemRequests;
+  int64_t* ends = staged ? s_dyn : p.scratch;
+  PartStart* from_start = reinterpret_cast<PartStart*>(ends + b);  // [b]: next part start from (r, 0)
 
-  // Pass 0: num_splits starts at 0 (the walk scatters the piece counts of split requests into it).
+  // Pass 0: num_splits starts at 0 (pass 3 scatters the piece counts of split requests into it).
   for (int i = tid; i <= b; i += kSchedThreads) p.num_splits[i] = 0;
   if (tid == 0) {
     s_carry = 0;
@@ -150,26 +113,70 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
     if (tid == kSchedThreads - 1) s_carry += incl;
     __syncthreads();
   }
+  const int64_t cap = (s_carry + P - 1) / P + kFixedOverhead;
+  const CostSpace cs{ends, b};
 
-  // Pass 2: the greedy walk (warp 0), then "no work" records for the parts it did not reach.
-  if (tid < 32) {
-    const int used = walk_parts(p, ends, (s_carry + P - 1) / P + kFixedOverhead, tid);
-    for (int part = used + tid; part < P; part += 32) {
+  // Pass 2: the transition from the start of every request, in parallel.
+  for (int r = tid; r < b; r += kSchedThreads) from_start[r] = cs.next_start({r, 0}, cap);
+  __syncthreads();
+
+  // Pass 3: the walk (thread 0): part starts into fields 0, 1, 4 of the records. begin_split counts the cuts
+  // of the request so far.
+  if (tid == 0) {
+    PartStart s{0, 0};
+    int32_t split = 0;
+    int part = 0;
+    for (; part < P && s.req < b; ++part) {
       int32_t* rec = p.meta + static_cast<int64_t>(part) * kMetaSize;
-      rec[kMetaBeginReq] = 0;
-      rec[kMetaBeginBlock] = 0;
-      rec[kMetaEndReq] = -1;  // end_req < begin_req
-      rec[kMetaEndBlock] = 0;
-      rec[kMetaBeginSplit] = 0;
-      rec[kMetaFirstSplit] = 0;
-      rec[kMetaLastSplit] = 0;
-      rec[kMetaReserved] = 0;
+      rec[kMetaBeginReq] = s.req;
+      rec[kMetaBeginBlock] = s.blk;
+      rec[kMetaBeginSplit] = split;
+      const PartStart next = s.blk == 0 ? from_start[s.req] : cs.next_start(s, cap);
+      split = next.req == s.req ? split + 1 : (next.blk > 0 ? 1 : 0);
+      s = next;
     }
+    s_used = part;
+  }
+  __syncthreads();
+
+  // Pass 4: each used part's end is where the next one starts; split flags and piece counts follow. A chunk
+  // of parts reads its starts (and the next chunk's first) before any record of the chunk is rewritten.
+  const int used = s_used;
+  for (int chunk = 0; chunk < P; chunk += kSchedThreads) {
+    const int part = chunk + tid;
+    int32_t* rec = p.meta + static_cast<int64_t>(part) * kMetaSize;
+    int begin_req = 0, begin_blk = 0, begin_split = 0, next_req = b, next_blk = 0;
+    if (part < used) {
+      begin_req = rec[kMetaBeginReq];
+      begin_blk = rec[kMetaBeginBlock];
+      begin_split = rec[kMetaBeginSplit];
+      if (part + 1 < used) {
+        next_req = rec[kMetaSize + kMetaBeginReq];
+        next_blk = rec[kMetaSize + kMetaBeginBlock];
+      }
+    }
+    __syncthreads();
+    if (part >= P) continue;
+    if (part >= used) {  // no work: end_req < begin_req
+      reinterpret_cast<int4*>(rec)[0] = int4{0, 0, -1, 0};
+      reinterpret_cast<int4*>(rec)[1] = int4{0, 0, 0, 0};
+      continue;
+    }
+    // The next part starts inside request next_req (blk > 0) or at its beginning.
+    const int end_req = next_blk > 0 ? next_req : next_req - 1;
+    const int end_blk = next_blk > 0 ? next_blk : cs.nblk(end_req);
+    const bool same = end_req == begin_req;
+    const int nblk_begin = cs.nblk(begin_req);
+    const bool begin_is_split = begin_blk > 0 || (same && end_blk < nblk_begin);
+    const bool end_is_split = end_blk < cs.nblk(end_req) || (same && begin_blk > 0);
+    reinterpret_cast<int4*>(rec)[0] = int4{begin_req, begin_blk, end_req, end_blk};
+    reinterpret_cast<int4*>(rec)[1] = int4{begin_split, begin_is_split ? 1 : 0, end_is_split ? 1 : 0, 0};
+    // A continued request ends in the part that holds its last block: it has begin_split + 1 pieces.
+    if (begin_blk > 0 && (!same || end_blk == nblk_begin)) p.num_splits[begin_req + 1] = begin_split + 1;
   }
   __syncthreads();  // the scatter is visible to the whole CTA
 
-  // Pass 3: num_splits[1..b] in place from piece counts to their inclusive prefix sum, kSchedThreads at a
-  // time.
+  // Pass 5: num_splits[1..b] in place from piece counts to their inclusive prefix sum.
   for (int chunk = 0; chunk < b; chunk += kSchedThreads) {
     const int i = chunk + tid;
     const int32_t n = i < b ? p.num_splits[i + 1] : 0;
@@ -186,12 +193,14 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
 
 cudaError_t launch_sched_meta(const SchedParams& params, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
+  constexpr int kBytesPerRequest = kSchedScratchBytesPerRequest;
+  static_assert(kBytesPerRequest == sizeof(int64_t) + sizeof(PartStart));
   static std::atomic<bool> configured[kMaxDevices];
-  const int max_smem = kSchedSmemRequests * static_cast<int>(sizeof(int64_t));
-  const cudaError_t err = configure_smem_once(sched_meta_kernel, max_smem, configured, kMaxDevices);
+  const cudaError_t err =
+      configure_smem_once(sched_meta_kernel, kSchedSmemRequests * kBytesPerRequest, configured, kMaxDevices);
   if (err != cudaSuccess) return err;
-  const int staged = params.b < kSchedSmemRequests ? params.b : kSchedSmemRequests;
-  sched_meta_kernel<<<1, kSchedThreads, staged * sizeof(int64_t), stream>>>(params);
+  const int staged = params.b <= kSchedSmemRequests ? params.b : 0;
+  sched_meta_kernel<<<1, kSchedThreads, staged * kBytesPerRequest, stream>>>(params);
   return cudaGetLastError();
 }
 
