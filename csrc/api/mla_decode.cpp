@@ -32,10 +32,9 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// k_cache as a 4-D TMA tensor (576 dims, 64 tokens, h_kv, num_pages), box 64 x box_rows x 1 x 1, 128B
-// swizzle: the smem image of a 64-row box is exactly one 64x64 column tile of the kernel's K-major SW128
-// layout.
-void make_k_tensor_map(const Tensor& k_cache, DType dtype, int box_rows, CUtensorMap* map) {
+// k_cache as a 4-D TMA tensor (576 dims, 64 tokens, h_kv, num_pages), box 64 x 64 x 1 x 1, 128B swizzle: the
+// smem image of one box is exactly one 64x64 column tile of the kernel's K-major SW128 layout.
+void make_k_tensor_map(const Tensor& k_cache, DType dtype, CUtensorMap* map) {
   std::memset(map, 0, sizeof(*map));
   if (k_cache.numel() == 0) return;  // no page can be valid, so the kernel never issues a copy
   const auto encode = tensor_map_encoder();
@@ -46,7 +45,7 @@ void make_k_tensor_map(const Tensor& k_cache, DType dtype, int box_rows, CUtenso
   const cuuint64_t strides[3] = {static_cast<cuuint64_t>(k_cache.stride(1)) * 2,
                                  static_cast<cuuint64_t>(k_cache.stride(2)) * 2,
                                  static_cast<cuuint64_t>(k_cache.stride(0)) * 2};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kPageSize), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   const CUresult r = encode(
       map, dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
@@ -236,8 +235,7 @@ void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_tabl
   p.q_seq_stride = q.stride(1);
   p.q_head_stride = q.stride(2);
   p.k = k_cache.data_ptr();
-  make_k_tensor_map(k_cache, dtype, kPageSize, &p.tma_k);
-  make_k_tensor_map(k_cache, dtype, kRowBoxRows, &p.tma_k_rows);
+  make_k_tensor_map(k_cache, dtype, &p.tma_k);
   p.k_page_stride = k_cache.stride(0);
   p.k_row_stride = k_cache.stride(1);
   p.k_head_stride = k_cache.stride(2);

@@ -11,11 +11,10 @@
 namespace flashmla {
 
 // Fixed geometry of DeepSeek V2/V3 absorbed MLA.
-constexpr int kHeadDimK = 576;   // q / k width: 512 latent ("NoPE") + 64 RoPE
-constexpr int kHeadDimV = 512;   // v = the first 512 columns of the same cache rows
-constexpr int kPageSize = 64;    // tokens per page; also the kernel's N tile, so a tile is one page
-constexpr int kBlockM = 64;      // query rows per CTA (one wgmma M); rows = (MTP token, head) pairs
-constexpr int kRowBoxRows = 16;  // rows of tma_k_rows' box (a multiple of the 8-row swizzle atom)
+constexpr int kHeadDimK = 576;  // q / k width: 512 latent ("NoPE") + 64 RoPE
+constexpr int kHeadDimV = 512;  // v = the first 512 columns of the same cache rows
+constexpr int kPageSize = 64;   // tokens per page; also the kernel's N tile, so a tile is one page
+constexpr int kBlockM = 64;     // query rows per CTA (one wgmma M); rows = (MTP token, head) pairs
 
 // ---- Scheduler contract ------------------------------------------------------------------------------
 // tile_scheduler_metadata is int32 [num_sm_parts, kMetaSize]; one record per SM part:
@@ -65,9 +64,6 @@ struct DecodeParams {
   // 64 x 64 box and 128-byte swizzle: one box is one 8 KB column tile of a page, nine make the page.
   // First member: the struct is a __grid_constant__ kernel parameter and TMA needs the map 64-byte aligned.
   CUtensorMap tma_k;  // 64-byte aligned by its own declaration
-  // The same tensor with a 64 x kRowBoxRows box: the serial (memory-bound) loop loads a page as row bands of
-  // nine such boxes each, so consecutive copies cover contiguous rows of the page in HBM.
-  CUtensorMap tma_k_rows;
 
   // sizes
   int b, s_q, h_q, h_kv;

@@ -59,16 +59,9 @@ __device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uin
   }
   constexpr int kTileBytes = kPageSize * 64 * 2;
   mbar_arrive_expect_tx(bar, kTileBytes * (kHeadDimK / 64));
-  // Row bands, each all nine column tiles: consecutive copies read contiguous bytes of the page (a
-  // full-height box reads 128 bytes of each of its 64 rows, 1152 bytes apart). A band starts on a multiple of
-  // the 8-row swizzle atom, so its smem image is the matching slice of the full tile.
 #pragma unroll
-  for (int band = 0; band < kPageSize / kRowBoxRows; ++band) {
-#pragma unroll
-    for (int j = 0; j < kHeadDimK / 64; ++j) {
-      char* box = static_cast<char*>(dst) + j * kTileBytes + band * kRowBoxRows * 128;
-      tma_load_box(&p.tma_k_rows, box, bar, j * 64, band * kRowBoxRows, h_k, page);
-    }
+  for (int j = 0; j < kHeadDimK / 64; ++j) {
+    tma_load_box(p, static_cast<char*>(dst) + j * kTileBytes, bar, j * 64, h_k, page);
   }
 }
 
@@ -103,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     mbar_init(&smem.kbar[0], 1);
     mbar_init(&smem.kbar[1], 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k_rows) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k) : "memory");
   }
   __syncthreads();
   uint32_t kphase = 0;  // bit b: parity of the next phase of kbar[b] this thread waits for
