@@ -2,7 +2,7 @@
 # Runs on a lent Hopper machine (the `device` tool), from the repository root, with .carry/ carried along:
 # .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers) and .carry/peers.tar.xz (FlashMLA + FlashInfer,
 # from ../shared/tools/peer-bundle.sh). Stages (any subset, in order): build sass test-quick test sanitize
-# sched-bench bench-quick breakdown bench. Logs and JSON go to $OUT.
+# sched-bench bench-quick variant-quick breakdown bench. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmla_out}
 mkdir -p "$OUT"
@@ -58,6 +58,15 @@ for st in $stages; do
     breakdown)
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/kernel_breakdown.py ${BREAKDOWN_ARGS:-} \
         --json "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log" | tail -80
+      ;;
+    variant-quick)
+      # A/B: the same tree built with VARIANT_CXX_FLAGS / VARIANT_CUDA_FLAGS into /tmp/var_site, bench-quick on it.
+      FLASHMLA_ENABLE_CUDA=ON FLASHMLA_NVCC_THREADS=8 python3 -m pip install -q --no-build-isolation --no-deps \
+        --target /tmp/var_site -C build-dir=build/variant -C "cmake.define.CMAKE_CXX_FLAGS=${VARIANT_CXX_FLAGS:-}" \
+        -C "cmake.define.CMAKE_CUDA_FLAGS=${VARIANT_CUDA_FLAGS:-}" . > "$OUT/build_variant.log" 2>&1 \
+        || { tail -30 "$OUT/build_variant.log"; exit 1; }
+      (cd /tmp && PYTHONPATH=/tmp/var_site:/tmp/site:/tmp/peers python3 "$REPO/benchmarks/bench_mla_decode.py" \
+        --quick --no-torch --json "$OUT/bench_variant.json") 2>&1 | tee "$OUT/bench_variant.log" | tail -12
       ;;
     bench)
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --json "$OUT/bench.json" \
