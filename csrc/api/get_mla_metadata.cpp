@@ -33,9 +33,12 @@ std::tuple<Tensor, Tensor> get_mla_metadata_cuda(Tensor cache_seqlens, int64_t n
   const int64_t b = cache_seqlens.size(0);
   Tensor meta = torch::stable::new_empty(cache_seqlens, {num_sm_parts, kMetaSize}, ScalarType::Int);
   Tensor num_splits = torch::stable::new_empty(cache_seqlens, {b + 1}, ScalarType::Int);
-  // Past kSchedSmemRequests the prefix sums of the request costs do not fit in the scheduler's shared memory.
+  // Past kSchedSmemRequests the scheduler's per-request arrays do not fit in its shared memory.
   std::optional<Tensor> scratch;
-  if (b > kSchedSmemRequests) scratch = torch::stable::new_empty(cache_seqlens, {b}, ScalarType::Long);
+  if (b > kSchedSmemRequests) {
+    scratch =
+        torch::stable::new_empty(cache_seqlens, {b * kSchedScratchBytesPerRequest / 8}, ScalarType::Long);
+  }
 
   SchedParams p{};
   p.seqlens = static_cast<const int32_t*>(cache_seqlens.data_ptr());

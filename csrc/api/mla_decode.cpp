@@ -34,14 +34,6 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // k_cache as a 4-D TMA tensor (576 dims, 64 tokens, h_kv, num_pages), box 64 x 64 x 1 x 1, 128B swizzle: the
 // smem image of one box is exactly one 64x64 column tile of the kernel's K-major SW128 layout.
-// A box row is 128 bytes; with 256-byte promotion an L2 miss also fetches the next column tile's bytes of the
-// row. -DFMLA_L2_PROMOTION_NONE builds the A/B variant without promotion.
-#ifdef FMLA_L2_PROMOTION_NONE
-constexpr CUtensorMapL2promotion kL2Promotion = CU_TENSOR_MAP_L2_PROMOTION_NONE;
-#else
-constexpr CUtensorMapL2promotion kL2Promotion = CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
-#endif
-
 void make_k_tensor_map(const Tensor& k_cache, DType dtype, CUtensorMap* map) {
   std::memset(map, 0, sizeof(*map));
   if (k_cache.numel() == 0) return;  // no page can be valid, so the kernel never issues a copy
@@ -55,10 +47,10 @@ void make_k_tensor_map(const Tensor& k_cache, DType dtype, CUtensorMap* map) {
                                  static_cast<cuuint64_t>(k_cache.stride(0)) * 2};
   const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kPageSize), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUresult r =
-      encode(map, dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-             4, k_cache.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-             CU_TENSOR_MAP_SWIZZLE_128B, kL2Promotion, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = encode(
+      map, dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      k_cache.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   FLASHMLA_CHECK(r == CUDA_SUCCESS, "could not build the TMA descriptor of k_cache (CUresult ",
                  static_cast<int>(r), ")");
 }

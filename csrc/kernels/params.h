@@ -43,15 +43,17 @@ enum MetaField : int {
 // has the details).
 constexpr int kFixedOverhead = 5;
 
-// The scheduler keeps the prefix sums of the request costs in shared memory up to this many requests, beyond
-// in `scratch`, a global buffer the launcher allocates only then.
-constexpr int kSchedSmemRequests = 24576;  // 192 KB of int64
+// The scheduler keeps its per-request arrays (prefix sums of the costs, the transition from each request's
+// start; 16 bytes per request) in shared memory up to this many requests, beyond in `scratch`, a global
+// buffer the launcher allocates only then.
+constexpr int kSchedSmemRequests = 12288;  // 192 KB
+constexpr int kSchedScratchBytesPerRequest = 16;
 
 struct SchedParams {
   const int32_t* seqlens;  // [b]
   int32_t* meta;           // [num_sm_parts, kMetaSize]
   int32_t* num_splits;     // [b + 1]
-  int64_t* scratch;        // [b] when b > kSchedSmemRequests, else unused (may be null)
+  int64_t* scratch;        // [2 * b] when b > kSchedSmemRequests, else unused (may be null)
   int b;
   int num_sm_parts;
 };

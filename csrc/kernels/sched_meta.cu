@@ -10,13 +10,12 @@
 // fixed-width cut of the cost space cannot do. Every part but the last consumes at least ceil(total / P)
 // units, so P parts always suffice.
 //
-// Only the chain of part starts is sequential, so it is kept short. The CTA first writes the prefix sums of
-// the request costs (ends[i] = cost of requests 0..i) to shared memory (a global scratch past
-// kSchedSmemRequests). Where a part starting at block k of request r stops is then one search: with V =
-// ends[r - 1] + k + cap, the part takes whole every request j with ends[j] <= V (the rest of r first), then
-// cuts the next one if more than the overhead is left. One warp walks the parts, each search a 32-ary one (32
-// probes, one ballot per round: one round for up to 32 candidate requests, two for 1024). Records, split
-// flags and num_splits then follow in parallel from consecutive part starts.
+// Only the chain of part starts is sequential, so it is kept short. A part that starts at the beginning of a
+// request r ends where the same rule says, whatever came before: that transition is computed for every r in
+// parallel first (a search over the prefix sums of the request costs). The walk (one warp) then follows the
+// chain, one shared-memory load per such part; a part that starts inside a cut request computes its
+// transition on the spot (a closed form, or a step over 32 candidate requests with one ballot). Records,
+// split flags and num_splits follow in parallel from consecutive part starts.
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/launch.h"
@@ -49,27 +48,40 @@ struct CostSpace {
   __device__ __forceinline__ int32_t nblk(int i) const {
     return static_cast<int32_t>(ends[i] - end_before(i) - kFixedOverhead);
   }
-  // Where the part after the one starting at `s` starts (capacity cap). All 32 lanes call it with the same
-  // arguments; the result is warp-uniform.
-  __device__ __forceinline__ PartStart next_start(PartStart s, int64_t cap, int lane) const {
-    const int64_t v = end_before(s.req) + s.blk + cap;
-    // Largest j in [s.req - 1, hi] with ends[j] <= v (j = s.req - 1: not even the rest of s.req fits). Each
-    // request costs more than kFixedOverhead, so at most cap / (kFixedOverhead + 1) of them fit.
-    int lo = s.req - 1;
-    int hi = static_cast<int>(min(static_cast<int64_t>(b - 1), s.req + cap / (kFixedOverhead + 1)));
-    while (lo < hi) {
-      // Probes lo + step, lo + 2 step, ...: ends is increasing, so those <= v are a prefix of the lanes.
-      const int step = (hi - lo + 31) / 32;
-      const int probe = lo + (lane + 1) * step;
-      const bool fits = probe <= hi && ends[probe] <= v;
-      const int n = __popc(__ballot_sync(0xffffffffu, fits));
-      lo += n * step;
-      hi = min(hi, lo + step - 1);
+  // With `room` units left after request r, whole requests r+1.. are taken while they fit; then the next one
+  // is cut if more than the overhead is left. Returns where the next part starts.
+  __device__ __forceinline__ PartStart after_whole(int r, int64_t room) const {
+    // Largest j with ends[j] - ends[r] <= room (each request costs > kFixedOverhead, so j - r <= room / 6).
+    // Galloping from r: a part usually holds a few requests, so the answer is near and a search over the
+    // whole bound would cost more dependent loads than the bracket.
+    const int64_t limit = ends[r] + room;
+    const int bound = static_cast<int>(min(static_cast<int64_t>(b - 1), r + room / (kFixedOverhead + 1)));
+    int lo = r, hi = bound;  // ends[lo] <= limit; the answer is in [lo, hi]
+    for (int d = 1; lo < hi; d *= 2) {
+      const int probe = min(lo + d, hi);
+      if (ends[probe] > limit) {
+        hi = probe - 1;
+        break;
+      }
+      lo = probe;
     }
-    if (lo < s.req) return {s.req, static_cast<int32_t>(s.blk + cap - kFixedOverhead)};  // cut again
-    const int64_t room = v - ends[lo];
+    while (lo < hi) {
+      const int mid = lo + (hi - lo + 1) / 2;
+      if (ends[mid] <= limit) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    room -= ends[lo] - ends[r];
     if (lo + 1 < b && room > kFixedOverhead) return {lo + 1, static_cast<int32_t>(room - kFixedOverhead)};
     return {lo + 1, 0};
+  }
+  // The part starting at (r, blk) with capacity cap: where the next part starts.
+  __device__ __forceinline__ PartStart next_start(PartStart s, int64_t cap) const {
+    const int64_t first_cost = kFixedOverhead + nblk(s.req) - s.blk;
+    if (first_cost > cap) return {s.req, static_cast<int32_t>(s.blk + cap - kFixedOverhead)};  // cut again
+    return after_whole(s.req, cap - first_cost);
   }
 };
 
@@ -80,7 +92,8 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
     typename Scan64::TempStorage scan64;
     typename Scan32::TempStorage scan32;
   } tmp;
-  extern __shared__ int64_t s_ends[];  // [b] when b <= kSchedSmemRequests
+  // Dynamic: ends [min(b, kSchedSmemRequests)] then the whole-request transitions, same count.
+  extern __shared__ int64_t s_dyn[];
   __shared__ int64_t s_carry;
   __shared__ int32_t s_split_carry;
   __shared__ int32_t s_used;
@@ -89,7 +102,8 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
   const int b = p.b;
   const int P = p.num_sm_parts;
   const bool staged = b <= kSchedSmemRequests;
-  int64_t* ends = staged ? s_ends : p.scratch;
+  int64_t* ends = staged ? s_dyn : p.scratch;
+  PartStart* from_start = reinterpret_cast<PartStart*>(ends + b);  // [b]: next part start from (r, 0)
 
   // Pass 0: num_splits starts at 0 (pass 3 scatters the piece counts of split requests into it).
   for (int i = tid; i <= b; i += kSchedThreads) p.num_splits[i] = 0;
@@ -113,28 +127,30 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
   const int64_t cap = (s_carry + P - 1) / P + kFixedOverhead;
   const CostSpace cs{ends, b};
 
-  // Pass 2: the walk (warp 0): part starts into fields 0, 1, 4 of the records. begin_split counts the cuts
+  // Pass 2: the transition from the start of every request, in parallel.
+  for (int r = tid; r < b; r += kSchedThreads) from_start[r] = cs.next_start({r, 0}, cap);
+  __syncthreads();
+
+  // Pass 3: the walk (thread 0): part starts into fields 0, 1, 4 of the records. begin_split counts the cuts
   // of the request so far.
-  if (tid < 32) {
+  if (tid == 0) {
     PartStart s{0, 0};
     int32_t split = 0;
     int part = 0;
     for (; part < P && s.req < b; ++part) {
-      if (tid == 0) {
-        int32_t* rec = p.meta + static_cast<int64_t>(part) * kMetaSize;
-        rec[kMetaBeginReq] = s.req;
-        rec[kMetaBeginBlock] = s.blk;
-        rec[kMetaBeginSplit] = split;
-      }
-      const PartStart next = cs.next_start(s, cap, tid);
+      int32_t* rec = p.meta + static_cast<int64_t>(part) * kMetaSize;
+      rec[kMetaBeginReq] = s.req;
+      rec[kMetaBeginBlock] = s.blk;
+      rec[kMetaBeginSplit] = split;
+      const PartStart next = s.blk == 0 ? from_start[s.req] : cs.next_start(s, cap);
       split = next.req == s.req ? split + 1 : (next.blk > 0 ? 1 : 0);
       s = next;
     }
-    if (tid == 0) s_used = part;
+    s_used = part;
   }
   __syncthreads();
 
-  // Pass 3: each used part's end is where the next one starts; split flags and piece counts follow. A chunk
+  // Pass 4: each used part's end is where the next one starts; split flags and piece counts follow. A chunk
   // of parts reads its starts (and the next chunk's first) before any record of the chunk is rewritten.
   const int used = s_used;
   for (int chunk = 0; chunk < P; chunk += kSchedThreads) {
@@ -171,7 +187,7 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
   }
   __syncthreads();  // the scatter is visible to the whole CTA
 
-  // Pass 4: num_splits[1..b] in place from piece counts to their inclusive prefix sum.
+  // Pass 5: num_splits[1..b] in place from piece counts to their inclusive prefix sum.
   for (int chunk = 0; chunk < b; chunk += kSchedThreads) {
     const int i = chunk + tid;
     const int32_t n = i < b ? p.num_splits[i + 1] : 0;
@@ -188,7 +204,8 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
 
 cudaError_t launch_sched_meta(const SchedParams& params, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
-  constexpr int kBytesPerRequest = sizeof(int64_t);
+  constexpr int kBytesPerRequest = kSchedScratchBytesPerRequest;
+  static_assert(kBytesPerRequest == sizeof(int64_t) + sizeof(PartStart));
   static std::atomic<bool> configured[kMaxDevices];
   const cudaError_t err =
       configure_smem_once(sched_meta_kernel, kSchedSmemRequests * kBytesPerRequest, configured, kMaxDevices);
