@@ -133,18 +133,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     warpgroup_commit_batch();
   };
 
-  // Loads of a segment's Q (cp.async, all threads) and first two pages (thread 0). For the first segment Q
-  // goes first: thread 0's page lookups are dependent loads, and its warp's share of Q would otherwise wait
-  // behind them. For the next segments the page copies are issued as soon as the previous segment's page loop
-  // is done (both page buffers are free then) and Q after its epilogue's stores: issued before them, the
-  // ~4,600 cp.async of Q competed with the stores (segment trace, b = 128, h_q = 128: such an epilogue took
-  // 21.5k cycles, a CTA's last one 10.3k).
+  // Loads of a segment's Q (cp.async, all threads) and first two pages (thread 0). Q first: thread 0's page
+  // lookups are dependent loads, and its warp's share of Q would otherwise wait behind them. The next
+  // segment's loads are issued as soon as this segment's page loop is done (Q and both page buffers are free
+  // then), so they land while this segment's epilogue runs.
   bool lookup_bad = false;  // thread 0's page lookups of the segment being loaded found an invalid page id
-  auto load_segment_q = [&](int req) {
+  auto start_segment = [&](int req, const RequestWork& ws) {
     load_q<T>(p, sQ, req, h_k, m_block);
     cp_async_commit();
-  };
-  auto issue_first_pages = [&](int req, const RequestWork& ws) {
     if (threadIdx.x == 0) {
       issue_page(p, smem.k[0], &smem.kbar[0], h_k,
                  block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad));
@@ -156,8 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
   };
 
   RequestWork w = request_work(p, pw, pw.begin_req);
-  load_segment_q(pw.begin_req);
-  issue_first_pages(pw.begin_req, w);
+  start_segment(pw.begin_req, w);
   for (int req = pw.begin_req; req <= pw.end_req; ++req) {
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegStart, w.blk_end - w.blk_begin);
     bool bad = w.bad || lookup_bad;  // may also be set by the page lookups below
@@ -301,11 +296,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampLoopEnd);
     bad = __syncthreads_or(bad ? 1 : 0) != 0;
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampJoined);
-    const bool has_next = req < pw.end_req;
     RequestWork w_next = w;
-    if (has_next) {
+    if (req < pw.end_req) {
       w_next = request_work(p, pw, req + 1);
-      issue_first_pages(req + 1, w_next);
+      start_segment(req + 1, w_next);
     }
 
     // ---- epilogue: WG0 owns the softmax statistics; share them with WG1 through smem.
@@ -330,7 +324,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       m_row[r] = smem.row_max[r0 + 8 * r];
     }
     write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad);
-    if (has_next) load_segment_q(req + 1);
     __syncthreads();  // the statistics in smem are reused by the next request
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegEnd);
     w = w_next;
