@@ -296,6 +296,25 @@ def measure_decode_throughput(url: str, args: argparse.Namespace, vocab: int) ->
 
 
 # ---- comparison --------------------------------------------------------------------------------------------
+def add_comparisons(results: dict[str, Any], outputs: dict[tuple, list[dict]], args) -> None:
+    """Append every comparison whose two sides have run and is not recorded yet: each backend against the
+    reference in the same (tp, mode); the reference's CUDA-graph run against its eager run (noise floor)."""
+    done = {(c["key"], c["backend"]) for c in results["comparisons"]}
+    for (tp, mode, backend), got in outputs.items():
+        key = f"tp{tp}-{mode}"
+        ref = outputs.get((tp, mode, args.reference))
+        if backend == args.reference or ref is None or (key, backend) in done:
+            continue
+        comparison = compare(ref, got, args.atol, args.mean_atol)
+        results["comparisons"].append({"key": key, "backend": backend} | comparison)
+    floors = {f["tp"] for f in results["noise_floor"]}
+    for tp in args.tp:
+        graph, eager = (outputs.get((tp, m, args.reference)) for m in ("cuda_graph", "eager"))
+        if tp not in floors and graph is not None and eager is not None:
+            floor = compare(graph, eager, args.atol, args.mean_atol)
+            results["noise_floor"].append({"backend": args.reference, "tp": tp} | floor)
+
+
 def compare(reference: list[dict], other: list[dict], atol: float, mean_atol: float) -> dict[str, Any]:
     diffs: list[float] = []
     worst: dict[str, Any] = {"diff": 0.0}
@@ -542,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
             run["plugin_registered_in_log"] = "flashmla_ops SGLang plugin:" in text
             run["flashmla_ops_backend_built_in_log"] = "built FlashMLAOpsBackend" in text
             results["runs"].append(run)
-            # Written after every server, so a run cut short (a time limit) still leaves its results.
+            # Compared and written after every server, so a run cut short (a time limit) still leaves the
+            # comparisons of the configurations it finished.
+            add_comparisons(results, outputs, args)
             Path(args.out).write_text(json.dumps(results | {"partial": True}, indent=1, default=str))
             if run["ok"]:
                 tput = run["throughput"]
@@ -550,20 +571,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"decode {tput['decode_tokens_per_s']:.0f} tok/s, "
                     f"{tput['ms_per_decode_step']:.3f} ms/step"
                 )
-
-    for tp, mode in configs:
-        ref = outputs.get((tp, mode, args.reference))
-        for backend in args.backends:
-            got = outputs.get((tp, mode, backend))
-            if backend == args.reference or ref is None or got is None:
-                continue
-            comparison = compare(ref, got, args.atol, args.mean_atol)
-            results["comparisons"].append({"key": f"tp{tp}-{mode}", "backend": backend} | comparison)
-    for tp in args.tp:
-        graph, eager = (outputs.get((tp, m, args.reference)) for m in ("cuda_graph", "eager"))
-        if graph is not None and eager is not None:
-            floor = compare(graph, eager, args.atol, args.mean_atol)
-            results["noise_floor"].append({"backend": args.reference, "tp": tp} | floor)
 
     all_ran = all(run["ok"] for run in results["runs"])
     expected = len(configs) * (len(args.backends) - 1)
