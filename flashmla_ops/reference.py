@@ -81,7 +81,8 @@ def get_mla_metadata_reference(
     * part p's record is ``[begin_req, begin_block, end_req, end_block, split index of begin_req's piece,
       begin_req split?, end_req split?, 0]``; parts left over get ``[0, 0, -1, 0, 0, 0, 0, 0]``.
 
-    Every part but the last used one consumes at least ``ceil(total / P)`` units, so P parts always suffice.
+    A part that ends with a cut is charged the full capacity (its continuation pays one ``F`` again), any
+    other part but the last at least ``ceil(total / P)``, so P parts always suffice.
     With uniform lengths and at most a few requests per part nothing is split (no partials to combine).
     Reads the lengths on the host (the CUDA kernel does the same walk on the device).
     """

@@ -39,3 +39,23 @@ def test_public_wrapper_uses_device_sm_count():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert meta.shape == (max(sms // 2, 1), 8)
     assert num_splits.shape == (5,)
+
+
+def _edge_lengths(b: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    seqlens = torch.randint(-100, 20000, (b,), generator=gen)
+    seqlens[::5] = 0
+    seqlens[1::97] = 2**31 - 1  # 2^25 blocks: the cost sums need 64 bits
+    return seqlens.to(torch.int32)
+
+
+# 12288 / 12289: the last batch whose prefix sums fit in the kernel's shared memory and the first that uses
+# the global scratch; 1500 and 2000 parts: the record pass runs over several chunks of 512 parts (a part's end
+# is read from the next part's start, across the chunk boundary).
+@pytest.mark.parametrize(("b", "num_sm_parts"), [(12288, 66), (12289, 66), (700, 1500), (3, 2000)])
+def test_gpu_scheduler_edges(b, num_sm_parts):
+    seqlens = _edge_lengths(b, b + num_sm_parts)
+    want = get_mla_metadata_reference(seqlens, 16, 1, num_sm_parts)
+    got = torch.ops.flashmla.get_mla_metadata(seqlens.cuda(), 16, 1, num_sm_parts)
+    assert torch.equal(got[0].cpu(), want[0]), "records differ"
+    assert torch.equal(got[1].cpu(), want[1]), "num_splits differ"

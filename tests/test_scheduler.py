@@ -177,6 +177,19 @@ def test_large_batch(num_parts):
     assert (meta, num_splits) == scheduler_spec(seqlens, num_parts)
 
 
+@pytest.mark.parametrize("num_parts", [1500, 2000])
+def test_many_parts_and_huge_lengths(num_parts):
+    # More parts than the GPU kernel handles per chunk, negative and INT32_MAX lengths (64-bit cost sums).
+    gen = torch.Generator().manual_seed(num_parts)
+    seqlens = torch.randint(-100, 20000, (700,), generator=gen)
+    seqlens[::5] = 0
+    seqlens[1::97] = 2**31 - 1
+    seqlens = seqlens.tolist()
+    meta, num_splits = schedule(seqlens, num_parts)
+    check_invariants(seqlens, num_parts, meta, num_splits)
+    assert (meta, num_splits) == scheduler_spec(seqlens, num_parts)
+
+
 def test_invariant_checker_catches_corruption():
     seqlens = [4096, 64, 1000]
     meta, num_splits = schedule(seqlens, 4)

@@ -7,15 +7,16 @@
 // taken whole; one that does not is cut, and the part takes (room - kFixedOverhead) of its blocks, if that is
 // at least one. The slack of one overhead per part is what lets uniform batches run unsplit (b = 128 requests
 // of 4096 tokens on 66 parts: two whole requests per part, no partials and no combine work), which a
-// fixed-width cut of the cost space cannot do. Every part but the last consumes at least ceil(total / P)
-// units, so P parts always suffice.
+// fixed-width cut of the cost space cannot do. A part that ends with a cut is charged cap units (and its
+// continuation pays one overhead again), any other part but the last at least cap - kFixedOverhead, so the
+// m parts before the last cover at least m * ceil(total / P) units of the batch's cost: P parts suffice.
 //
 // Only the chain of part starts is sequential, so it is kept short. A part that starts at the beginning of a
 // request r ends where the same rule says, whatever came before: that transition is computed for every r in
-// parallel first (a search over the prefix sums of the request costs). The walk (one warp) then follows the
-// chain, one shared-memory load per such part; a part that starts inside a cut request computes its
-// transition on the spot (a closed form, or a step over 32 candidate requests with one ballot). Records,
-// split flags and num_splits follow in parallel from consecutive part starts.
+// parallel first (a search over the prefix sums of the request costs). One thread then follows the chain,
+// one load per such part (shared memory; the global scratch past kSchedSmemRequests requests); a part that
+// starts inside a cut request computes its transition on the spot (a closed form when it is cut again, else
+// a galloping search). Records, split flags and num_splits follow in parallel from consecutive part starts.
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/launch.h"
@@ -92,7 +93,8 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
     typename Scan64::TempStorage scan64;
     typename Scan32::TempStorage scan32;
   } tmp;
-  // Dynamic: ends [min(b, kSchedSmemRequests)] then the whole-request transitions, same count.
+  // Dynamic, when b <= kSchedSmemRequests: ends [b], then the transitions from each request's start [b]
+  // (otherwise both live in p.scratch and no dynamic shared memory is launched).
   extern __shared__ int64_t s_dyn[];
   __shared__ int64_t s_carry;
   __shared__ int32_t s_split_carry;
