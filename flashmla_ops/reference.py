@@ -9,9 +9,10 @@ also call them on CUDA tensors as the oracle for the CUDA kernels:
 * :func:`mla_decode_reference` / :func:`mla_decode_out_reference` compute MLA decode attention with fp32
   accumulation.
 
-Unlike the fakes and the CUDA launcher, the decode reference *does* read ``cache_seqlens`` and
-``block_table`` values (one host sync) to size its work and to reject out-of-range values. That is fine for a
-CPU kernel and for a test oracle, but it makes these functions unsuitable for CUDA-graph capture.
+Unlike the fakes and the CUDA launchers, the references *do* read values on the host: the scheduler walks
+the ``cache_seqlens`` list; the decode reads ``cache_seqlens`` and ``block_table`` (one host sync) to size its
+work and to reject out-of-range values. That is fine for a CPU kernel and for a test oracle, but it makes
+these functions unsuitable for CUDA-graph capture.
 
 There is no autograd support (decode only).
 """

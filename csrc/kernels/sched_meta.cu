@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
   int64_t* ends = staged ? s_dyn : p.scratch;
   PartStart* from_start = reinterpret_cast<PartStart*>(ends + b);  // [b]: next part start from (r, 0)
 
-  // Pass 0: num_splits starts at 0 (pass 3 scatters the piece counts of split requests into it).
+  // Pass 0: num_splits starts at 0 (pass 4 scatters the piece counts of split requests into it).
   for (int i = tid; i <= b; i += kSchedThreads) p.num_splits[i] = 0;
   if (tid == 0) {
     s_carry = 0;
