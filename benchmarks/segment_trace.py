@@ -39,14 +39,82 @@ def run(args) -> None:
     torch.cuda.synchronize()
 
 
+# What each pair stamp of the seesaw loop marks (FMLA_PAIR_STAMP(k) in mainloop_seesaw.cuh), per warpgroup.
+PAIR_POINTS = {
+    0: [
+        "pair start (S_A in registers)",
+        "softmax(A), O_L rescale, P_A stored",
+        "past barrier A-ready",
+        "P_A V_A[L] done",
+        "past barrier B-ready",
+        "V_B boxes 0-3, 8 landed",
+        "next A boxes 0-3 landed",
+        "P_B V_B[L] done",
+        "next A boxes 4-8 landed",
+        "next S_A done",
+    ],
+    1: [
+        "pair start (S_B in registers)",
+        "past barrier A-ready",
+        "V_A boxes 4-8 landed",
+        "softmax(B), P_B stored",
+        "past barrier B-ready",
+        "P_A V_A[R] done",
+        "P_B V_B[R] done",
+        "next B boxes 4-7 landed",
+        "next B boxes 0-3, 8 landed",
+        "next S_B done",
+    ],
+}
+
+
+def analyse_pairs(rows: list[list[int]], skip: int) -> None:
+    """Median cycles between consecutive stamps of each warpgroup over steady-state pairs (the first `skip`
+    pairs of each CTA and its last stamped pair dropped), the pair period, and WG1's start against WG0's."""
+    by = {}
+    for r in rows:
+        by[(r[0], r[1], r[2])] = r[3:]
+    ctas = sorted({k[0] for k in by})
+    steps = {g: [[] for _ in range(9)] for g in (0, 1)}
+    period, offset = [], []
+    for c in ctas:
+        pairs = sorted(q for (cc, g, q) in by if cc == c and g == 0)
+        for q in pairs[skip:-1]:
+            if (c, 1, q) not in by or (c, 0, q + 1) not in by:
+                continue
+            for g in (0, 1):
+                st = by[(c, g, q)]
+                for k in range(9):
+                    steps[g][k].append(st[k + 1] - st[k])
+            period.append(by[(c, 0, q + 1)][0] - by[(c, 0, q)][0])
+            offset.append(by[(c, 1, q)][0] - by[(c, 0, q)][0])
+    if not period:
+        print("  pair stamps: no steady-state pairs recorded")
+        return
+    med = statistics.median
+    print(
+        f"  seesaw pairs: {len(period)} steady-state pairs; period median {med(period):.0f} cycles "
+        f"({med(period) / 2:.0f} per page); WG1's pair start - WG0's: {med(offset):.0f}"
+    )
+    for g in (0, 1):
+        print(f"    WG{g}:")
+        for k in range(9):
+            print(f"      {med(steps[g][k]):6.0f}  -> {PAIR_POINTS[g][k + 1]}")
+
+
 def analyse(path: str, clock_ghz: float) -> None:
     launches = []
+    pair_rows: list[list[int]] = []
+    in_pairs = False
     with open(path) as fh:
         for line in fh:
             if line.startswith("launch"):
                 launches.append((line.split()[1], []))
+                pair_rows, in_pairs = [], False
+            elif line.startswith("pairs"):
+                in_pairs = True
             elif line.strip():
-                launches[-1][1].append([int(x) for x in line.split()])
+                (pair_rows if in_pairs else launches[-1][1]).append([int(x) for x in line.split()])
     kernel, recs = launches[-1]
     recs = [r for r in recs if r[0] and r[1]]
     t0 = min(r[0] for r in recs)
@@ -99,6 +167,8 @@ def analyse(path: str, clock_ghz: float) -> None:
         )
     cells = ", ".join(f"{k} {statistics.median(v) / clock_ghz / 1e3:.1f}" for k, v in totals.items())
     print(f"  per CTA, median us summed over its segments: {cells}")
+    if "seesaw" in kernel:
+        analyse_pairs(pair_rows, skip=2)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from _gpu import (
     GARBAGE_PAGE_ID,
+    PAGE,
     assert_allclose_flashmla,
     make_inputs,
     make_seqlens,
@@ -282,3 +283,31 @@ def test_grid_limits_are_checked_before_launch():
         )
     with pytest.raises(RuntimeError, match="num_sm_parts must be at most 65535"):
         torch.ops.flashmla.get_mla_metadata(seqlens, 16, 1, 65536)
+
+
+@pytest.mark.parametrize("h_q", [16, 128], ids=["serial", "seesaw"])
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_metadata_from_longer_lengths(h_q, s_q):
+    """Metadata computed for longer lengths (e.g. kept from an earlier step) still covers every block of the
+    shorter ones: the result is exact. Some parts then start past the end of their first request (an empty
+    first segment) and go on into the next request; both loops must keep their page pipeline in step there."""
+    torch.manual_seed(7 + h_q + s_q)
+    b = 64
+    meta_lens = torch.randint(200, 3000, (b,), dtype=torch.int32, device="cuda")
+    seqlens = (meta_lens // 7).to(torch.int32)
+    meta, num_splits = flashmla_ops.get_mla_metadata(meta_lens, s_q * h_q, 1)
+    rec = meta.cpu().tolist()
+    nblk = ((seqlens.long() + PAGE - 1) // PAGE).clamp(min=1).tolist()
+    empty_then_more = [r for r in rec if r[0] < r[2] and r[1] >= nblk[r[0]]]
+    assert empty_then_more, "the case must contain a part whose first segment is empty"
+    q, k_cache, block_table = make_inputs(b, s_q, h_q, 1, seqlens, torch.bfloat16)
+    out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=q.dtype, device="cuda")
+    lse = torch.full((b, h_q, s_q), float("nan"), dtype=torch.float32, device="cuda")
+    flashmla_ops.flash_mla_with_kvcache(
+        q, k_cache, block_table, seqlens, 512, meta, num_splits, causal=True, out=out, lse=lse
+    )
+    ref_out, ref_lse = mla_decode_reference(
+        q, k_cache, block_table, seqlens, 512, meta, num_splits, 576**-0.5, True
+    )
+    assert_allclose_flashmla(out, ref_out, **OUT_TOL)
+    assert_allclose_flashmla(lse, ref_lse, **LSE_TOL)

@@ -147,6 +147,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   // Bit 2 * buf + grp: parity of the next phase of kbar[buf][grp] this thread waits for. Each warpgroup waits
   // once for every fill of each group it reads, so its parities stay in step with the fills.
   uint32_t kphase = 0;
+  FMLA_PAIR_DECL();  // diagnostic builds only: index of the page pair being stamped (seg_trace.cuh)
   auto wait_group = [&](int buf, int grp) FMLA_INLINE {
     const int bit = 2 * buf + grp;
     mbar_wait(&smem.kbar[buf][grp], (kphase >> bit) & 1);
@@ -203,13 +204,16 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
     } else {
       wait_group(1, 0);
+      FMLA_PAIR_STAMP(7);
       issue_qk(1, Int<4>{}, Int<4>{}, std::true_type{});
       wait_group(1, 1);
+      FMLA_PAIR_STAMP(8);
       issue_qk(1, Int<0>{}, Int<4>{}, std::false_type{});
       issue_qk(1, Int<8>{}, Int<1>{}, std::false_type{});
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
+    if (buf == 1) FMLA_PAIR_STAMP(9);
   };
   // O[:, this warpgroup's half] += P V of buffer `buf`; P from registers (own page) or from the buffer's P
   // box (the other warpgroup's page). Committed as one group, not waited for.
@@ -411,6 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         named_barrier_sync(kBarZero, kThreads);
       }
       float sc[2], sum[2];
+      FMLA_PAIR_STAMP(0);
       if (wg == 0) {
         softmax(blk, m_run, sc, sum);
         publish_stats(smem.m_a, smem.s_a, sc);
@@ -422,14 +427,18 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         p_to_regs();
         store_p_regs(0);
         fence_async_proxy();
+        FMLA_PAIR_STAMP(1);
         named_barrier_sync(kBarAReady, kThreads);
+        FMLA_PAIR_STAMP(2);
         issue_pv_rs(0);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
+        FMLA_PAIR_STAMP(3);
         // V_A[L] is consumed: boxes 0-3 of buffer 0 take the next A while WG1 still runs its softmax.
         if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, page_a);
         if constexpr (kHasB) {
           named_barrier_sync(kBarBReady, kThreads);
+          FMLA_PAIR_STAMP(4);
           float sb[2];
           take_stats(smem.m_b, smem.s_b, sb);
           // O_L and the denominator to the max after B, then P_B (against that max) V_B[L].
@@ -437,19 +446,24 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] *= sb[r];
           wait_group(1, 1);
+          FMLA_PAIR_STAMP(5);
           issue_pv_ss(1);
           if (next_a) {
             // Q K^T of the next A starts on its first boxes (refilled above) while P_B V_B[L] runs.
             wait_group(0, 0);
+            FMLA_PAIR_STAMP(6);
             issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
             warpgroup_wait<1>();
             warpgroup_fence_operand(tOrO);
+            FMLA_PAIR_STAMP(7);
             // V_B[L] and P_B are consumed: boxes 0-3 and 8 of buffer 1 take the next B.
             if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
             wait_group(0, 1);
+            FMLA_PAIR_STAMP(8);
             issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
             warpgroup_wait<0>();
             warpgroup_fence_operand(tSrS);
+            FMLA_PAIR_STAMP(9);
           } else {
             warpgroup_wait<0>();
             warpgroup_fence_operand(tOrO);
@@ -457,6 +471,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         }
       } else {
         named_barrier_sync(kBarAReady, kThreads);
+        FMLA_PAIR_STAMP(1);
         float sa[2];
         take_stats(smem.m_a, smem.s_a, sa);
         // O_R and the denominator to the max after A, then P_A (against that max) V_A[R].
@@ -464,6 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
 #pragma unroll
         for (int r = 0; r < 2; ++r) l_run[r] *= sa[r];
         wait_group(0, 1);
+        FMLA_PAIR_STAMP(2);
         issue_pv_ss(0);
         if constexpr (kHasB) {
           // The softmax of B runs on the CUDA cores while P_A V_A[R] is on the tensor cores (it touches S and
@@ -473,9 +489,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           p_to_regs();
           store_p_regs(1);
           fence_async_proxy();
+          FMLA_PAIR_STAMP(3);
           named_barrier_sync(kBarBReady, kThreads);
+          FMLA_PAIR_STAMP(4);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
+          FMLA_PAIR_STAMP(5);
           // V_A[R] and P_A are consumed: boxes 4-8 of buffer 0 take the next A.
           if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
           rescale_o(sc[0], sc[1]);
@@ -484,6 +503,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           issue_pv_rs(1);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
+          FMLA_PAIR_STAMP(6);
           // V_B[R] is consumed: boxes 4-7 of buffer 1 take the next B.
           if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
           if (next_b) qk_page(1);
@@ -492,6 +512,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           warpgroup_fence_operand(tOrO);
         }
       }
+      FMLA_PAIR_NEXT();
     };
     for (int blk = w.blk_begin; blk < w.blk_end; blk += 2) {
       if (blk + 1 < w.blk_end) {
@@ -527,10 +548,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       m_row[r] = m_run[r];
     }
     write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad);
-    // The next segment's opening barrier already orders these reads of the statistics before its writes; this
-    // one is redundant since the next segment's loads moved before the epilogue (to remove, with a
-    // measurement).
-    __syncthreads();
+    // No barrier here: the next segment's opening __syncthreads orders these reads of the statistics before
+    // anything rewrites them (its Q and pages were issued before this epilogue, into buffers it does not
+    // read).
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegEnd);
     w = w_next;
   }

@@ -27,9 +27,8 @@
 //     the last page are never read;
 //   * masked logits are -inf and the running max is guarded, so a row with no visible key ends with L = 0 and
 //     writes out 0 / lse +inf (or an empty partial with lse -inf);
-//   * shared memory written by ordinary stores (P, zero fill, cp.async'd Q) and read by wgmma (async proxy)
-//   is
-//     fenced with fence.proxy.async before the barrier that publishes it;
+//   * shared memory written by ordinary stores (P, zero fill, cp.async'd Q) and read by wgmma (async
+//     proxy) is fenced with fence.proxy.async before the barrier that publishes it;
 //   * a request whose seqlen is negative, needs more pages than block_table has columns, or names a page id
 //     outside the cache is never dereferenced out of bounds: its output rows become NaN instead.
 #pragma once
@@ -141,7 +140,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
   auto start_segment = [&](int req, const RequestWork& ws) {
     load_q<T>(p, sQ, req, h_k, m_block);
     cp_async_commit();
-    if (threadIdx.x == 0) {
+    // An empty segment (only with metadata from a call with longer lengths: a part starting past the end of
+    // its first request) loads no page: its first page would complete a phase of kbar[0] that warpgroup 0
+    // waits for and warpgroup 1 never does, and their parities would drift apart for the part's later
+    // segments.
+    if (threadIdx.x == 0 && ws.blk_begin < ws.blk_end) {
       issue_page(p, smem.k[0], &smem.kbar[0], h_k,
                  block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad));
       if (ws.blk_begin + 1 < ws.blk_end) {
@@ -167,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
     clear(tOrO);
-    if (wg == 0) {
+    if (wg == 0 && w.blk_begin < w.blk_end) {
       mbar_wait(&smem.kbar[0], kphase & 1);
       kphase ^= 1;
       issue_qk(0);
@@ -324,10 +327,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       m_row[r] = smem.row_max[r0 + 8 * r];
     }
     write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad);
-    // The next segment's opening barrier already orders these reads of the statistics before its writes; this
-    // one is redundant since the next segment's loads moved before the epilogue (to remove, with a
-    // measurement).
-    __syncthreads();
+    // No barrier here: the next segment's opening __syncthreads orders these reads of the statistics before
+    // anything rewrites them (its Q and pages were issued before this epilogue, into buffers it does not
+    // read).
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegEnd);
     w = w_next;
   }

@@ -65,6 +65,24 @@ __device__ __forceinline__ void trace_stamp(int seg, int stamp, int nblk = -1) {
   }
 }
 
+// Finer: per page pair of the seesaw loop, clock64 at kPairStamps points of each warpgroup (thread 0 of the
+// warpgroup; mainloop_seesaw.cuh says which point is which), for the first kPairTraceMax pairs of each CTA.
+// The store is predicated inside one asm block, not a C++ branch: a branch while wgmmas are in flight would
+// make ptxas serialise them (C7515) and change what is measured.
+constexpr int kPairStamps = 10;
+constexpr int kPairTraceMax = 24;
+__device__ unsigned long long g_pair_trace[kTraceCtas][2][kPairTraceMax][kPairStamps];
+__device__ __forceinline__ void pair_stamp(int wg, int wtid, int pair, int k) {
+  const int cta = trace_cta();
+  const bool on = wtid == 0 && cta < kTraceCtas && pair < kPairTraceMax;
+  unsigned long long* a = &g_pair_trace[on ? cta : 0][wg][on ? pair : 0][k];
+  asm volatile(
+      "{\n .reg .pred p;\n .reg .u64 t;\n mov.u64 t, %%clock64;\n setp.ne.u32 p, %1, 0;\n"
+      " @p st.global.u64 [%0], t;\n}\n" ::"l"(a),
+      "r"(on ? 1u : 0u)
+      : "memory");
+}
+
 // After a launch, with FMLA_TRACE_OUT set: wait for the kernel (a host sync: diagnostic builds only) and
 // append "grid x y z, then the records" to that file as text.
 inline void trace_dump(dim3 grid, cudaStream_t stream, const char* kernel) {
@@ -82,6 +100,22 @@ inline void trace_dump(dim3 grid, cudaStream_t stream, const char* kernel) {
       std::fprintf(f, "%llu ", buf[static_cast<size_t>(c) * kTraceWords + i]);
     std::fprintf(f, "\n");
   }
+  // Then the pair stamps: one line per (CTA, warpgroup, pair).
+  std::vector<unsigned long long> pb(static_cast<size_t>(kTraceCtas) * 2 * kPairTraceMax * kPairStamps);
+  cudaMemcpyFromSymbol(pb.data(), g_pair_trace, pb.size() * sizeof(pb[0]));
+  std::fprintf(f, "pairs %s\n", kernel);
+  for (int c = 0; c < n && c < kTraceCtas; ++c) {
+    for (int g = 0; g < 2; ++g) {
+      for (int q = 0; q < kPairTraceMax; ++q) {
+        const unsigned long long* r =
+            pb.data() + ((static_cast<size_t>(c) * 2 + g) * kPairTraceMax + q) * kPairStamps;
+        if (r[0] == 0) continue;
+        std::fprintf(f, "%d %d %d", c, g, q);
+        for (int i = 0; i < kPairStamps; ++i) std::fprintf(f, " %llu", r[i]);
+        std::fprintf(f, "\n");
+      }
+    }
+  }
   std::fclose(f);
 }
 
@@ -89,8 +123,14 @@ inline void trace_dump(dim3 grid, cudaStream_t stream, const char* kernel) {
 #define FMLA_TRACE_ENTRY() ::flashmla::sm90::trace_entry()
 #define FMLA_TRACE_EXIT() ::flashmla::sm90::trace_exit()
 #define FMLA_TRACE_STAMP(...) ::flashmla::sm90::trace_stamp(__VA_ARGS__)
+#define FMLA_PAIR_DECL() int fmla_pair_idx = 0
+#define FMLA_PAIR_STAMP(k) ::flashmla::sm90::pair_stamp(wg, wtid, fmla_pair_idx, k)
+#define FMLA_PAIR_NEXT() (++fmla_pair_idx)
 #else
 #define FMLA_TRACE_ENTRY() ((void)0)
 #define FMLA_TRACE_EXIT() ((void)0)
 #define FMLA_TRACE_STAMP(...) ((void)0)
+#define FMLA_PAIR_DECL() ((void)0)
+#define FMLA_PAIR_STAMP(k) ((void)0)
+#define FMLA_PAIR_NEXT() ((void)0)
 #endif
