@@ -2,7 +2,7 @@
 # Runs on a lent Hopper machine (the `device` tool), from the repository root, with .carry/ carried along:
 # .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers) and .carry/peers.tar.xz (FlashMLA + FlashInfer,
 # from ../shared/tools/peer-bundle.sh). Stages (any subset, in order): build sass test-quick test sanitize
-# sched-bench bench-quick variant-quick breakdown bench. Logs and JSON go to $OUT.
+# sched-bench bench-quick variant-quick ab-quick breakdown bench. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmla_out}
 mkdir -p "$OUT"
@@ -67,6 +67,27 @@ for st in $stages; do
         || { tail -30 "$OUT/build_variant.log"; exit 1; }
       (cd /tmp && PYTHONPATH=/tmp/var_site:/tmp/site:/tmp/peers python3 "$REPO/benchmarks/bench_mla_decode.py" \
         --quick --no-torch --json "$OUT/bench_variant.json") 2>&1 | tee "$OUT/bench_variant.log" | tail -12
+      ;;
+    ab-quick)
+      # A/B against earlier commits: AB_TREES="name=path.tar ..." (git archive of csrc flashmla_ops meta
+      # integration CMakeLists.txt pyproject.toml README.md, carried in .carry/), each built into /tmp/ab_NAME,
+      # bench-quick on each in turn, then on this tree's build.
+      for spec in ${AB_TREES:-}; do
+        name=${spec%%=*}; tarf=${spec#*=}
+        rm -rf "/tmp/ab_src_$name" && mkdir -p "/tmp/ab_src_$name" && tar -C "/tmp/ab_src_$name" -xf "$tarf"
+        FLASHMLA_ENABLE_CUDA=ON FLASHMLA_NVCC_THREADS=8 python3 -m pip install -q --no-build-isolation --no-deps \
+          --target "/tmp/ab_$name" -C "build-dir=$REPO/build/ab_$name" "/tmp/ab_src_$name" > "$OUT/build_ab_$name.log" 2>&1 \
+          || { tail -30 "$OUT/build_ab_$name.log"; exit 1; }
+      done
+      for spec in ${AB_TREES:-}; do
+        name=${spec%%=*}
+        echo "--- $name"
+        (cd /tmp && PYTHONPATH="/tmp/ab_$name:/tmp/site:/tmp/peers" python3 "$REPO/benchmarks/bench_mla_decode.py" \
+          --quick --no-torch --json "$OUT/bench_ab_$name.json") 2>&1 | tail -11
+      done
+      echo "--- this tree"
+      (cd /tmp && PYTHONPATH=/tmp/site:/tmp/peers python3 "$REPO/benchmarks/bench_mla_decode.py" \
+        --quick --no-torch --json "$OUT/bench_quick.json") 2>&1 | tail -11
       ;;
     bench)
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --json "$OUT/bench.json" \
