@@ -431,18 +431,17 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       if (wg == 0) {
         softmax(blk, m_run, sc, sum);
         publish_stats(smem.m_a, smem.s_a, sc);
+        rescale_o(sc[0], sc[1]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
         // P_A goes out with the max: WG1 starts its P_A V_A[R] right after the barrier, under its own
-        // softmax, instead of after both softmaxes. O_L is rescaled after the barrier: WG1 waits for nothing
-        // of it.
+        // softmax, instead of after both softmaxes.
         p_to_regs();
         store_p_regs(0);
         fence_async_proxy();
         FMLA_PAIR_STAMP(1);
         named_barrier_sync(kBarAReady, kThreads);
         FMLA_PAIR_STAMP(2);
-        rescale_o(sc[0], sc[1]);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
         issue_pv_rs(0);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
