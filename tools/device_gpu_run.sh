@@ -69,15 +69,20 @@ for st in $stages; do
         --quick --no-torch --json "$OUT/bench_variant.json") 2>&1 | tee "$OUT/bench_variant.log" | tail -12
       ;;
     ab-quick)
-      # A/B against earlier commits: AB_TREES="name=path.tar ..." (git archive of csrc flashmla_ops meta
-      # integration CMakeLists.txt pyproject.toml README.md, carried in .carry/), each built into /tmp/ab_NAME,
-      # bench-quick on each in turn, then on this tree's build.
+      # A/B: AB_TREES="name=X ...", X either a tree (path.tar: git archive of csrc flashmla_ops meta integration
+      # CMakeLists.txt pyproject.toml README.md, carried in .carry/) or CUDA flags for this tree (commas for
+      # spaces: -DA=1,-DB). Each is built into /tmp/ab_NAME; bench-quick on each in turn, then on this tree.
       for spec in ${AB_TREES:-}; do
-        name=${spec%%=*}; tarf=${spec#*=}
-        rm -rf "/tmp/ab_src_$name" && mkdir -p "/tmp/ab_src_$name" && tar -C "/tmp/ab_src_$name" -xf "$tarf"
+        name=${spec%%=*}; x=${spec#*=}; src=$REPO; flags=""
+        if [ -f "$x" ]; then
+          src=/tmp/ab_src_$name
+          rm -rf "$src" && mkdir -p "$src" && tar -C "$src" -xf "$x"
+        else
+          flags=${x//,/ }
+        fi
         FLASHMLA_ENABLE_CUDA=ON FLASHMLA_NVCC_THREADS=8 python3 -m pip install -q --no-build-isolation --no-deps \
-          --target "/tmp/ab_$name" -C "build-dir=$REPO/build/ab_$name" "/tmp/ab_src_$name" > "$OUT/build_ab_$name.log" 2>&1 \
-          || { tail -30 "$OUT/build_ab_$name.log"; exit 1; }
+          --target "/tmp/ab_$name" -C "build-dir=$REPO/build/ab_$name" -C "cmake.define.CMAKE_CUDA_FLAGS=$flags" \
+          "$src" > "$OUT/build_ab_$name.log" 2>&1 || { tail -30 "$OUT/build_ab_$name.log"; exit 1; }
       done
       for spec in ${AB_TREES:-}; do
         name=${spec%%=*}

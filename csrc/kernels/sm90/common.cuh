@@ -197,6 +197,17 @@ __device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, u
 #endif
 }
 
+// Ask L2 to fetch `page` (all nine boxes, kv head h_k) from HBM without waiting for it (one thread): a later
+// tma_load_box of the page then reads L2 instead of paying the HBM latency under load.
+__device__ __forceinline__ void tma_prefetch_page(const DecodeParams& p, int h_k, int page) {
+#pragma unroll
+  for (int j = 0; j < kHeadDimK / kBoxCols; ++j) {
+    asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(&p.tma_k),
+                 "r"(j * kBoxCols), "r"(0), "r"(h_k), "r"(page)
+                 : "memory");
+  }
+}
+
 // A part's work record (scheduler contract: kernels/params.h), as the main loops read it.
 struct PartWork {
   int begin_req;     // first request of the part

@@ -414,6 +414,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         if (next_b) page_b = page_checked(p, entry_b, blk + 3, w.seqlen_safe, bad);
         entry_a = blk + 4 < w.blk_end ? block_page_load(p, req, blk + 4, w.seqlen_safe) : -1;
         entry_b = blk + 5 < w.blk_end ? block_page_load(p, req, blk + 5, w.seqlen_safe) : -1;
+#if defined(FMLA_PREFETCH_PAIRS) && FMLA_PREFETCH_PAIRS == 1
+        if (wg == 0 && page_a >= 0) tma_prefetch_page(p, h_k, page_a);
+        if (wg == 1 && page_b >= 0) tma_prefetch_page(p, h_k, page_b);
+#endif
       }
       // Rows past seqlen of a page hold stale data or NaN: zero their V part before any P V reads it (WG0 for
       // A, WG1 for B; both Q K^T are done). The lengths depend on w.seqlen_safe only, never on the lookup
@@ -442,6 +446,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         FMLA_PAIR_STAMP(1);
         named_barrier_sync(kBarAReady, kThreads);
         FMLA_PAIR_STAMP(2);
+#if defined(FMLA_PREFETCH_PAIRS) && FMLA_PREFETCH_PAIRS == 2
+        if (wtid == 0 && entry_a >= 0 && entry_a < p.num_pages) tma_prefetch_page(p, h_k, entry_a);
+#endif
         issue_pv_rs(0);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
@@ -484,6 +491,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       } else {
         named_barrier_sync(kBarAReady, kThreads);
         FMLA_PAIR_STAMP(1);
+#if defined(FMLA_PREFETCH_PAIRS) && FMLA_PREFETCH_PAIRS == 2
+        if (wtid == 0 && entry_b >= 0 && entry_b < p.num_pages) tma_prefetch_page(p, h_k, entry_b);
+#endif
         float sa[2];
         take_stats(smem.m_a, smem.s_a, sa);
         // O_R and the denominator to the max after A, then P_A (against that max) V_A[R].

@@ -191,6 +191,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       if (threadIdx.x == 0 && blk + 2 < w.blk_end) {
         next_page = page_checked(p, entry_next, blk + 2, w.seqlen_safe, bad);
         entry_next = blk + 3 < w.blk_end ? block_page_load(p, req, blk + 3, w.seqlen_safe) : -1;
+#ifdef FMLA_SERIAL_PREFETCH
+        if (next_page >= 0) tma_prefetch_page(p, h_k, next_page);
+#endif
       }
 
       if (wg == 0) {
