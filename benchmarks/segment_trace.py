@@ -40,6 +40,8 @@ def run(args) -> None:
 
 
 # What each pair stamp of the seesaw loop marks (FMLA_PAIR_STAMP(k) in mainloop_seesaw.cuh), per warpgroup.
+# Stamps right after a wgmma wait or a barrier may read early (seg_trace.cuh); those after "landed" (an mbarrier
+# spin loop) do not.
 PAIR_POINTS = {
     0: [
         "pair start (S_A in registers)",

@@ -120,27 +120,16 @@ __device__ __forceinline__ int block_tokens(int seqlen, int blk) {
   return v < 0 ? 0 : (v > kPageSize ? kPageSize : v);
 }
 
-// The block_table entry of block `blk` as loaded, unchecked (-1 for a block with no valid token: block_table
-// is read only for blocks holding valid tokens). Nothing here uses the loaded value, so the load does not
-// stall the thread: the main loops issue it a page (pair) ahead and check it with page_checked when the page
-// is due, one L2 round trip off their critical path.
-__device__ __forceinline__ int block_page_load(const DecodeParams& p, int req, int blk, int seqlen) {
+// Page id of block `blk`, or -1 when nothing must be read (no valid token, or an id outside the cache; the
+// caller flags the latter as a bad request). block_table is read only for blocks holding valid tokens.
+__device__ __forceinline__ int block_page(const DecodeParams& p, int req, int blk, int seqlen, bool& bad) {
   if (block_tokens(seqlen, blk) == 0) return -1;
-  return p.block_table[req * p.block_table_batch_stride + blk];
-}
-// Page id of block `blk` from its loaded entry, or -1 when nothing must be read (no valid token, or an id
-// outside the cache; the latter also sets `bad`, and the caller flags the request).
-__device__ __forceinline__ int page_checked(const DecodeParams& p, int entry, int blk, int seqlen,
-                                            bool& bad) {
-  if (block_tokens(seqlen, blk) == 0) return -1;
-  if (entry < 0 || entry >= p.num_pages) {
+  const int page = p.block_table[req * p.block_table_batch_stride + blk];
+  if (page < 0 || page >= p.num_pages) {
     bad = true;
     return -1;
   }
-  return entry;
-}
-__device__ __forceinline__ int block_page(const DecodeParams& p, int req, int blk, int seqlen, bool& bad) {
-  return page_checked(p, block_page_load(p, req, blk, seqlen), blk, seqlen, bad);
+  return page;
 }
 
 // 2^x with subnormal results flushed to zero (one MUFU.EX2; -inf -> 0, NaN -> NaN).
@@ -195,17 +184,6 @@ __device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, u
       "l"(&p.tma_k), "r"(col), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
       : "memory");
 #endif
-}
-
-// Ask L2 to fetch `page` (all nine boxes, kv head h_k) from HBM without waiting for it (one thread): a later
-// tma_load_box of the page then reads L2 instead of paying the HBM latency under load.
-__device__ __forceinline__ void tma_prefetch_page(const DecodeParams& p, int h_k, int page) {
-#pragma unroll
-  for (int j = 0; j < kHeadDimK / kBoxCols; ++j) {
-    asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(&p.tma_k),
-                 "r"(j * kBoxCols), "r"(0), "r"(h_k), "r"(page)
-                 : "memory");
-  }
 }
 
 // A part's work record (scheduler contract: kernels/params.h), as the main loops read it.

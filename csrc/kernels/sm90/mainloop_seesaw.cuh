@@ -274,18 +274,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   // segment's loads are issued as soon as this segment's page loop is done (Q and both page buffers are free
   // then), so they land while this segment's epilogue runs.
   bool lookup_bad = false;  // thread 0's page lookups of the segment being loaded found an invalid page id
-  // Thread 0 of each warpgroup: the block_table entries of the first pair's refills (blocks blk + 2 and
-  // blk + 3 of the pair being run), loaded a pair ahead (see block_page_load).
-  int entry_a = -1, entry_b = -1;
   auto start_segment = [&](int req, const RequestWork& ws) FMLA_INLINE {
     load_q<T>(p, sQ, req, h_k, m_block);
     cp_async_commit();
-    if (wtid == 0) {
-      entry_a =
-          ws.blk_begin + 2 < ws.blk_end ? block_page_load(p, req, ws.blk_begin + 2, ws.seqlen_safe) : -1;
-      entry_b =
-          ws.blk_begin + 3 < ws.blk_end ? block_page_load(p, req, ws.blk_begin + 3, ws.seqlen_safe) : -1;
-    }
     if (threadIdx.x == 0 && ws.blk_begin < ws.blk_end) {
       const int pa = block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad);
       issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, pa);
@@ -405,19 +396,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       constexpr bool kHasB = decltype(has_b_c)::value;
       const bool next_a = kHasB && blk + 2 < w.blk_end;
       const bool next_b = kHasB && blk + 3 < w.blk_end;
-      // The refilling threads (thread 0 of each warpgroup) check the next pair's page ids, whose block_table
-      // entries they loaded a pair ago, and load the entries of the pair after it (checked a pair from now:
-      // checking at once stalled their warps for an L2 round trip before every softmax).
+      // The refilling threads (thread 0 of each warpgroup) look the next page ids up now, so they are in a
+      // register when the buffers free.
       int page_a = -1, page_b = -1;
       if (wtid == 0) {
-        if (next_a) page_a = page_checked(p, entry_a, blk + 2, w.seqlen_safe, bad);
-        if (next_b) page_b = page_checked(p, entry_b, blk + 3, w.seqlen_safe, bad);
-        entry_a = blk + 4 < w.blk_end ? block_page_load(p, req, blk + 4, w.seqlen_safe) : -1;
-        entry_b = blk + 5 < w.blk_end ? block_page_load(p, req, blk + 5, w.seqlen_safe) : -1;
-#if defined(FMLA_PREFETCH_PAIRS) && FMLA_PREFETCH_PAIRS == 1
-        if (wg == 0 && page_a >= 0) tma_prefetch_page(p, h_k, page_a);
-        if (wg == 1 && page_b >= 0) tma_prefetch_page(p, h_k, page_b);
-#endif
+        if (next_a) page_a = block_page(p, req, blk + 2, w.seqlen_safe, bad);
+        if (next_b) page_b = block_page(p, req, blk + 3, w.seqlen_safe, bad);
       }
       // Rows past seqlen of a page hold stale data or NaN: zero their V part before any P V reads it (WG0 for
       // A, WG1 for B; both Q K^T are done). The lengths depend on w.seqlen_safe only, never on the lookup
@@ -446,9 +430,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         FMLA_PAIR_STAMP(1);
         named_barrier_sync(kBarAReady, kThreads);
         FMLA_PAIR_STAMP(2);
-#if defined(FMLA_PREFETCH_PAIRS) && FMLA_PREFETCH_PAIRS == 2
-        if (wtid == 0 && entry_a >= 0 && entry_a < p.num_pages) tma_prefetch_page(p, h_k, entry_a);
-#endif
         issue_pv_rs(0);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
@@ -491,9 +472,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       } else {
         named_barrier_sync(kBarAReady, kThreads);
         FMLA_PAIR_STAMP(1);
-#if defined(FMLA_PREFETCH_PAIRS) && FMLA_PREFETCH_PAIRS == 2
-        if (wtid == 0 && entry_b >= 0 && entry_b < p.num_pages) tma_prefetch_page(p, h_k, entry_b);
-#endif
         float sa[2];
         take_stats(smem.m_a, smem.s_a, sa);
         // O_R and the denominator to the max after A, then P_A (against that max) V_A[R].

@@ -137,9 +137,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
   // segment's loads are issued as soon as this segment's page loop is done (Q and both page buffers are free
   // then), so they land while this segment's epilogue runs.
   bool lookup_bad = false;  // thread 0's page lookups of the segment being loaded found an invalid page id
-  // Thread 0 loads the block_table entry of block blk + 3 during page blk and checks it a page later, when
-  // that block is the one to refill (see block_page_load); entry_next holds the entry of block blk + 2.
-  int entry_next = -1;
   auto start_segment = [&](int req, const RequestWork& ws) {
     load_q<T>(p, sQ, req, h_k, m_block);
     cp_async_commit();
@@ -154,8 +151,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
         const int page = block_page(p, req, ws.blk_begin + 1, ws.seqlen_safe, lookup_bad);
         issue_page(p, smem.k[1], &smem.kbar[1], h_k, page);
       }
-      entry_next =
-          ws.blk_begin + 2 < ws.blk_end ? block_page_load(p, req, ws.blk_begin + 2, ws.seqlen_safe) : -1;
     }
   };
 
@@ -187,14 +182,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     for (int blk = w.blk_begin; blk < w.blk_end; ++blk) {
       const int buf = (blk - w.blk_begin) & 1;
       const bool has_next = blk + 1 < w.blk_end;
-      int next_page = -1;  // thread 0: page id of block blk + 2, for the buffer this page frees
-      if (threadIdx.x == 0 && blk + 2 < w.blk_end) {
-        next_page = page_checked(p, entry_next, blk + 2, w.seqlen_safe, bad);
-        entry_next = blk + 3 < w.blk_end ? block_page_load(p, req, blk + 3, w.seqlen_safe) : -1;
-#ifdef FMLA_SERIAL_PREFETCH
-        if (next_page >= 0) tma_prefetch_page(p, h_k, next_page);
-#endif
-      }
+      // Thread 0 looks the page id of block blk+2 up now, so it is in a register when the buffer frees.
+      int next_page = -1;
+      if (threadIdx.x == 0 && blk + 2 < w.blk_end)
+        next_page = block_page(p, req, blk + 2, w.seqlen_safe, bad);
 
       if (wg == 0) {
         const int col0 = blk * kPageSize;
