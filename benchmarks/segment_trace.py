@@ -40,8 +40,8 @@ def run(args) -> None:
 
 
 # What each pair stamp of the seesaw loop marks (FMLA_PAIR_STAMP(k) in mainloop_seesaw.cuh), per warpgroup.
-# Stamps right after a wgmma wait or a barrier may read early (seg_trace.cuh); those after "landed" (an mbarrier
-# spin loop) do not.
+# Stamps right after a wgmma wait or a barrier may read early (seg_trace.cuh); those after "landed" (an
+# mbarrier spin loop) do not.
 PAIR_POINTS = {
     0: [
         "pair start (S_A in registers)",
@@ -72,7 +72,8 @@ PAIR_POINTS = {
 
 def analyse_pairs(rows: list[list[int]], skip: int) -> None:
     """Median cycles between consecutive stamps of each warpgroup over steady-state pairs (the first `skip`
-    pairs of each CTA and its last stamped pair dropped), the pair period, and WG1's start against WG0's."""
+    pairs of each CTA and its last stamped pair dropped), the pair period, and WG1's start against WG0's. The
+    stamps are never cleared on the device: trace one shape per process (tools/segment_trace.sh does)."""
     by = {}
     for r in rows:
         by[(r[0], r[1], r[2])] = r[3:]
@@ -83,6 +84,12 @@ def analyse_pairs(rows: list[list[int]], skip: int) -> None:
         pairs = sorted(q for (cc, g, q) in by if cc == c and g == 0)
         for q in pairs[skip:-1]:
             if (c, 1, q) not in by or (c, 0, q + 1) not in by:
+                continue
+            # Only full pairs followed by a pair of the same segment: every stamp written and in order (a
+            # segment's last pair skips stamps 5-9; the next segment's first Q K^T writes WG1's 7-9 early).
+            rows_q = [by[(c, 0, q)], by[(c, 1, q)]]
+            nxt = by[(c, 0, q + 1)][0]
+            if any(0 in r or sorted(r) != list(r) for r in rows_q) or not rows_q[0][9] <= nxt:
                 continue
             for g in (0, 1):
                 st = by[(c, g, q)]

@@ -22,7 +22,7 @@ enum TraceStamp : int {
   kStampFirstS = 2,    // warpgroup 0's first Q K^T done
   kStampLoopEnd = 3,   // warpgroup 0 left the page loop
   kStampJoined = 4,    // both warpgroups left it (after the CTA barrier)
-  kStampSegEnd = 5,    // epilogue written, CTA barrier passed
+  kStampSegEnd = 5,    // epilogue written (this thread's stores issued)
   kTraceStamps = 7,    // + [6] = block count of the segment
 };
 constexpr int kTraceSegs = 8;
