@@ -1,7 +1,7 @@
 """Decode time against the number of scheduler parts (num_sm_parts) at small batches, where the split count
 sets the combine's work and the per-part fixed costs: the default P (SM count / kv heads / m-blocks, one wave)
-and smaller ones. Same inputs as benchmarks/bench_mla_decode.py; the metadata is computed once per P, outside the
-timing, and each P's output is checked against the default one's.
+and smaller ones. Same inputs as benchmarks/bench_mla_decode.py; the metadata is computed once per P, outside
+the timing, and each P's output is checked against the default one's.
 
   python benchmarks/probe_parts.py [--json out.json]
 """
