@@ -5,13 +5,13 @@
 // empty (l_s = -inf for every s) gets out 0 and lse +inf; NaN (a request the main kernel flagged as invalid)
 // propagates.
 //
-// One warp per (output row, 512 / Z columns); 8 rows per CTA; grid (min(b, 2 * num_sm_parts), ceil(rows / 8),
-// Z), striding over the requests. Each lane owns kVec = 128 / Z consecutive columns (one 16- or 8-byte load
-// per split), and four splits are loaded before they are summed, so a request split over many parts (small
-// batches) is not a chain of dependent loads. Z = 4 normally; Z = 8 (kVec = 2) when the grid would give the
-// GPU fewer than two CTAs per SM (one to a few requests, each split over every part): the combine is then
-// latency-bound, and twice the warps keep twice the loads in flight (ncu at b = 1, h_q = 128: 64 CTAs, 4% of
-// issue slots busy).
+// One warp per (output row, 512 / Z columns); 8 rows per CTA; grid (min(b, 2 * num_sm_parts), ceil(rows / 8)
+// capped to about one wave, Z), striding over the requests and the row groups. Each lane owns kVec = 128 / Z
+// consecutive columns (one 16- or 8-byte load per split), and four splits are loaded before they are summed,
+// so a request split over many parts (small batches) is not a chain of dependent loads. Z = 4 normally; Z = 8
+// (kVec = 2) when the grid would give the GPU fewer than two CTAs per SM (one to a few requests, each split
+// over every part): the combine is then latency-bound, and twice the warps keep twice the loads in flight
+// (ncu at b = 1, h_q = 128: 64 CTAs, 4% of issue slots busy).
 //
 // Launched with programmatic dependent launch (PDL): the grid may start launching while the main kernel is
 // still running; every CTA first waits (griddepcontrol.wait) for the main kernel to complete, then reads
@@ -73,10 +73,10 @@ __device__ __forceinline__ void store_vec(T* out, const float (&v)[kVec]) {
 }
 
 template <typename T, int kVec>
-__device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n) {
+__device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n, int row_group) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row = blockIdx.y * kCombineWarps + warp;  // in [0, h_kv * q_seq_per_hk)
-  if (row >= p.h_kv * p.q_seq_per_hk) return;         // (warp-uniform; nothing after this synchronises)
+  const int row = row_group * kCombineWarps + warp;  // in [0, h_kv * q_seq_per_hk)
+  if (row >= p.h_kv * p.q_seq_per_hk) return;        // (warp-uniform; nothing after this synchronises)
   const int col = blockIdx.z * (32 * kVec) + lane * kVec;
   const int h_k = row / p.q_seq_per_hk;
   const int grow = row % p.q_seq_per_hk;
@@ -154,9 +154,13 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   // Grid-stride over requests: the grid has at most 2 * num_sm_parts columns (no more requests can be
   // split), so a large batch costs a short scan of num_splits per CTA, not b CTAs that exit at once.
+  // Row groups are strided too (the launcher caps gridDim.y): a batch that the scheduler left unsplit then
+  // costs one wave of CTAs that read num_splits and exit, not one CTA per (request, 8 rows, column slice).
+  const int row_groups = (p.h_kv * p.q_seq_per_hk + kCombineWarps - 1) / kCombineWarps;
   for (int req = blockIdx.x; req < p.b; req += gridDim.x) {
     const int n = p.num_splits[req + 1] - p.num_splits[req];
-    if (n != 0) combine_request<T, kVec>(p, req, n);
+    if (n == 0) continue;
+    for (int rg = blockIdx.y; rg < row_groups; rg += gridDim.y) combine_request<T, kVec>(p, req, n, rg);
   }
 }
 
@@ -171,7 +175,13 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   // The scheduler made num_sm_parts = SMs / (h_kv * m-blocks) parts, so this is the SM count it assumed.
   const int64_t sms = static_cast<int64_t>(params.num_sm_parts) * params.h_kv * params.num_m_blocks;
   const bool narrow = static_cast<int64_t>(grid_x) * grid_y * 4 < 2 * sms;  // see the top of this file
-  config.gridDim = dim3(grid_x, grid_y, narrow ? 8 : 4);
+  const int grid_z = narrow ? 8 : 4;
+  // At most about one wave (8 resident CTAs of 256 threads per SM): b = 128, h_q = 128 would otherwise launch
+  // 8,192 CTAs, which cost ~6 us of tail after the main kernel even when no request is split (the CTAs stride
+  // over the row groups instead).
+  const int64_t wave = 8 * sms, per_y = static_cast<int64_t>(grid_x) * grid_z;
+  const int64_t y_cap = (wave + per_y - 1) / per_y;
+  config.gridDim = dim3(grid_x, static_cast<unsigned>(grid_y < y_cap ? grid_y : y_cap), grid_z);
   config.blockDim = dim3(kCombineWarps * 32);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
