@@ -26,18 +26,17 @@
 // in that page's own RoPE tile (columns 512..575 of its buffer), which is free once Q K^T of the page is done
 // and is not reloaded before the last P V of the page: no separate P buffer.
 //
-// TMA: a page is nine 64x64 boxes (8 KB each), each completing its own mbarrier, so Q K^T of a page starts on
-// a box as soon as that box lands instead of waiting for a whole group (v7.0: the next page's copies are
-// issued when its buffer frees and land over several hundred cycles, box by box). Boxes are refilled in two
-// groups, each as soon as its last reader is done, by the warpgroup that read it last:
+// TMA: a page is nine 64x64 boxes (8 KB each). Each buffer has two mbarriers, one per group of boxes, and a
+// group is refilled with the next page as soon as its last reader is done, by the warpgroup that read it
+// last:
 //     buffer 0 (A): boxes 0-3 (V_L)          after WG0's P_A V_A[L]   (WG0, its first P V of the pair)
 //                   boxes 4-8 (V_R, P_A)     after WG1's P_A V_A[R]   (WG1, its first P V of the pair)
 //     buffer 1 (B): boxes 4-7 (V_R)          after WG1's P_B V_B[R]   (WG1)
 //                   boxes 0-3, 8 (V_L, P_B)  after WG0's P_B V_B[L]   (WG0)
 // Page A is consumed first by both warpgroups, so the next A is in flight from the middle of the pair and its
 // Q K^T (WG0) rarely waits; the next B lands while WG0 runs the next A's Q K^T and softmax.
-// Q K^T of the next page consumes the boxes in the order they were refilled, waiting for each box just before
-// its four wgmmas, so its first wgmmas start while the rest of the page is still landing.
+// Q K^T of the next page consumes the boxes in the order they were refilled, so its first wgmmas start while
+// the rest of the page is still landing.
 //
 // Correctness rules this file keeps (see docs/architecture.md):
 //   * V rows past seqlen (the tail of a request's last page, where stale data or NaN may sit) are zeroed in
@@ -77,7 +76,7 @@ struct alignas(1024) SeesawStorage {
   float m_b[kBlockM];         // running max after page B (WG1 -> WG0)
   float s_b[kBlockM];         // rescale by page B
   float row_sum[2][kBlockM];  // per-warpgroup softmax denominators, summed in the epilogue
-  uint64_t kbar[2][kNumBoxes];  // [buffer][box]: completes when that box of the buffer's page landed
+  uint64_t kbar[2][2];        // [buffer][box group]: completes when that group of the buffer's page landed
 };
 
 // Box `i` of group `grp` of buffer `buf` (see the refill table at the top of this file). Buffer 1's groups
@@ -90,21 +89,21 @@ __device__ __forceinline__ int group_boxes(int grp) {
   return grp == 0 ? 4 : 5;
 }
 
-// One thread: copy one box group of `page` (kv head h_k) into buffer `buf` with TMA, each box completing its
-// own mbarrier (bars = the buffer's kNumBoxes barriers), or, for page < 0, just complete those barriers'
-// phases (nothing to read; the consumer zero-fills the V rows instead).
-__device__ __forceinline__ void issue_group(const DecodeParams& p, void* buf_base, uint64_t* bars, int buf,
+// One thread: copy one box group of `page` (kv head h_k) into buffer `buf` with TMA, completing on the
+// group's mbarrier, or, for page < 0, just complete the barrier's phase (nothing to read; the consumer
+// zero-fills the V rows instead).
+__device__ __forceinline__ void issue_group(const DecodeParams& p, void* buf_base, uint64_t* bar, int buf,
                                             int grp, int h_k, int page) {
+  if (page < 0) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+    return;
+  }
   constexpr int kTileBytes = kBoxElems * 2;
   const int n = group_boxes(grp);
+  mbar_arrive_expect_tx(bar, kTileBytes * n);
   for (int i = 0; i < n; ++i) {
     const int box = group_box(buf, grp, i);
-    if (page < 0) {
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(&bars[box])) : "memory");
-    } else {
-      mbar_arrive_expect_tx(&bars[box], kTileBytes);
-      tma_load_box(p, static_cast<char*>(buf_base) + box * kTileBytes, &bars[box], box * kBoxCols, h_k, page);
-    }
+    tma_load_box(p, static_cast<char*>(buf_base) + box * kTileBytes, bar, box * kBoxCols, h_k, page);
   }
 }
 
@@ -140,25 +139,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
 
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int i = 0; i < 2 * kNumBoxes; ++i) mbar_init(&smem.kbar[i / kNumBoxes][i % kNumBoxes], 1);
+    for (int i = 0; i < 4; ++i) mbar_init(&smem.kbar[i / 2][i % 2], 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k) : "memory");
   }
   __syncthreads();
-  // Bit kNumBoxes * buf + box: parity of the next phase of kbar[buf][box] this thread waits for. Each
-  // warpgroup waits once for every fill of each box whose copied data it reads (a box holding the other
-  // warpgroup's P is published by a named barrier instead), so its parities stay in step with the fills.
+  // Bit 2 * buf + grp: parity of the next phase of kbar[buf][grp] this thread waits for. Each warpgroup waits
+  // once for every fill of each group it reads, so its parities stay in step with the fills.
   uint32_t kphase = 0;
   FMLA_PAIR_DECL();  // diagnostic builds only: index of the page pair being stamped (seg_trace.cuh)
-  auto wait_box = [&](int buf, int box) FMLA_INLINE {
-    const int bit = kNumBoxes * buf + box;
-    mbar_wait(&smem.kbar[buf][box], (kphase >> bit) & 1);
+  auto wait_group = [&](int buf, int grp) FMLA_INLINE {
+    const int bit = 2 * buf + grp;
+    mbar_wait(&smem.kbar[buf][grp], (kphase >> bit) & 1);
     kphase ^= 1u << bit;
-  };
-  // The V boxes [first, first + 4) of buffer `buf`, before a P V reads them.
-  auto wait_v_boxes = [&](int buf, int first) FMLA_INLINE {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) wait_box(buf, first + i);
   };
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Tr::SmemLayoutQK{});
@@ -185,41 +178,38 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   auto p_box = [&](int buf) FMLA_INLINE {
     return make_tensor(make_smem_ptr(smem.k[buf] + kPBox * kBoxElems), typename Tr::SmemLayoutP{});
   };
-  // S (+)= Q K^T over boxes [kFirst, kFirst + kN) of buffer `buf`: each box waited for just before its four
-  // wgmmas, which are committed as one wgmma group (kN groups in all). Diagnostic builds stamp pair point
-  // `stamp` (if >= 0) once the first box has landed.
-  auto issue_qk = [&](int buf, auto first_c, auto n_c, auto zero_c, auto stamp_c) FMLA_INLINE {
+  // S (+)= Q K^T over boxes [kFirst, kFirst + kN) of buffer `buf`, committed as one wgmma group.
+  auto issue_qk = [&](int buf, auto first_c, auto n_c, auto zero_c) FMLA_INLINE {
     constexpr int kFirst = decltype(first_c)::value, kN = decltype(n_c)::value;
     constexpr bool kZero = decltype(zero_c)::value;
     // A runtime buffer pointer only changes the descriptors' start address: no branch around the wgmmas.
     Tensor tSrK =
         thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{}));
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
 #pragma unroll
-    for (int box = kFirst; box < kFirst + kN; ++box) {
-      wait_box(buf, box);
-      if constexpr (decltype(stamp_c)::value >= 0) {
-        if (box == kFirst) FMLA_PAIR_STAMP(decltype(stamp_c)::value);
-      }
-      warpgroup_fence_operand(tSrS);
-      warpgroup_arrive();
-#pragma unroll
-      for (int kb = 4 * box; kb < 4 * (box + 1); ++kb) {
-        mma_qk.accumulate_ = (kZero && kb == 4 * kFirst) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
-        cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
-      }
-      warpgroup_commit_batch();
+    for (int kb = 4 * kFirst; kb < 4 * (kFirst + kN); ++kb) {
+      mma_qk.accumulate_ = (kZero && kb == 4 * kFirst) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
     }
+    warpgroup_commit_batch();
   };
-  using NoStamp = Int<-1>;
-  // Q K^T of a whole page (WG0 reads buffer 0 in box order; WG1 reads buffer 1 in the order its groups are
-  // refilled). Ends with nothing in flight.
+  // Q K^T of a whole page, each box group waited for just before its first wgmma (WG0 reads buffer 0 in box
+  // order; WG1 reads buffer 1 in the order its groups are refilled). Ends with nothing in flight.
   auto qk_page = [&](int buf) FMLA_INLINE {
     if (buf == 0) {
-      issue_qk(0, Int<0>{}, Int<kNumBoxes>{}, std::true_type{}, NoStamp{});
+      wait_group(0, 0);
+      issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
+      wait_group(0, 1);
+      issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
     } else {
-      issue_qk(1, Int<4>{}, Int<4>{}, std::true_type{}, Int<7>{});
-      issue_qk(1, Int<0>{}, Int<4>{}, std::false_type{}, Int<8>{});
-      issue_qk(1, Int<kPBox>{}, Int<1>{}, std::false_type{}, NoStamp{});
+      wait_group(1, 0);
+      FMLA_PAIR_STAMP(7);
+      issue_qk(1, Int<4>{}, Int<4>{}, std::true_type{});
+      wait_group(1, 1);
+      FMLA_PAIR_STAMP(8);
+      issue_qk(1, Int<0>{}, Int<4>{}, std::false_type{});
+      issue_qk(1, Int<8>{}, Int<1>{}, std::false_type{});
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
@@ -289,12 +279,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     cp_async_commit();
     if (threadIdx.x == 0 && ws.blk_begin < ws.blk_end) {
       const int pa = block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad);
-      issue_group(p, smem.k[0], smem.kbar[0], 0, 0, h_k, pa);
-      issue_group(p, smem.k[0], smem.kbar[0], 0, 1, h_k, pa);
+      issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, pa);
+      issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, pa);
       if (ws.blk_begin + 1 < ws.blk_end) {
         const int pb = block_page(p, req, ws.blk_begin + 1, ws.seqlen_safe, lookup_bad);
-        issue_group(p, smem.k[1], smem.kbar[1], 1, 0, h_k, pb);
-        issue_group(p, smem.k[1], smem.kbar[1], 1, 1, h_k, pb);
+        issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, pb);
+        issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, pb);
       }
     }
   };
@@ -445,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         warpgroup_fence_operand(tOrO);
         FMLA_PAIR_STAMP(3);
         // V_A[L] is consumed: boxes 0-3 of buffer 0 take the next A while WG1 still runs its softmax.
-        if (wtid == 0 && next_a) issue_group(p, smem.k[0], smem.kbar[0], 0, 0, h_k, page_a);
+        if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, page_a);
         if constexpr (kHasB) {
           named_barrier_sync(kBarBReady, kThreads);
           FMLA_PAIR_STAMP(4);
@@ -455,18 +445,22 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           rescale_o(sb[0], sb[1]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] *= sb[r];
-          wait_v_boxes(1, 0);
+          wait_group(1, 1);
           FMLA_PAIR_STAMP(5);
           issue_pv_ss(1);
           if (next_a) {
             // Q K^T of the next A starts on its first boxes (refilled above) while P_B V_B[L] runs.
-            issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{}, Int<6>{});
-            warpgroup_wait<4>();  // P_B V_B[L] done; the four box groups of Q K^T may still run
+            wait_group(0, 0);
+            FMLA_PAIR_STAMP(6);
+            issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
+            warpgroup_wait<1>();
             warpgroup_fence_operand(tOrO);
             FMLA_PAIR_STAMP(7);
             // V_B[L] and P_B are consumed: boxes 0-3 and 8 of buffer 1 take the next B.
-            if (wtid == 0 && next_b) issue_group(p, smem.k[1], smem.kbar[1], 1, 1, h_k, page_b);
-            issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{}, Int<8>{});
+            if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
+            wait_group(0, 1);
+            FMLA_PAIR_STAMP(8);
+            issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
             warpgroup_wait<0>();
             warpgroup_fence_operand(tSrS);
             FMLA_PAIR_STAMP(9);
@@ -484,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         rescale_o(sa[0], sa[1]);
 #pragma unroll
         for (int r = 0; r < 2; ++r) l_run[r] *= sa[r];
-        wait_v_boxes(0, 4);
+        wait_group(0, 1);
         FMLA_PAIR_STAMP(2);
         issue_pv_ss(0);
         if constexpr (kHasB) {
@@ -502,7 +496,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           warpgroup_fence_operand(tOrO);
           FMLA_PAIR_STAMP(5);
           // V_A[R] and P_A are consumed: boxes 4-8 of buffer 0 take the next A.
-          if (wtid == 0 && next_a) issue_group(p, smem.k[0], smem.kbar[0], 0, 1, h_k, page_a);
+          if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
           rescale_o(sc[0], sc[1]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
@@ -511,7 +505,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           warpgroup_fence_operand(tOrO);
           FMLA_PAIR_STAMP(6);
           // V_B[R] is consumed: boxes 4-7 of buffer 1 take the next B.
-          if (wtid == 0 && next_b) issue_group(p, smem.k[1], smem.kbar[1], 1, 0, h_k, page_b);
+          if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
           if (next_b) qk_page(1);
         } else {
           warpgroup_wait<0>();
