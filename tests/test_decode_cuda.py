@@ -91,10 +91,13 @@ def test_one_long_sequence(h_q):
     check_case(1, 2, 0, h_q, 1, False, True, torch.bfloat16, seqlens=seqlens)
 
 
-@pytest.mark.parametrize("softmax_scale", [0.01, 0.1352, 1.0])
-def test_softmax_scale(softmax_scale):
+# The kernels take the row max over unscaled logits and scale it (a negative scale takes the min instead), so
+# zero and negative scales are checked too, on both main loops (h_q 8 at s_q 2: serial; h_q 64: seesaw).
+@pytest.mark.parametrize("h_q", [8, 64])
+@pytest.mark.parametrize("softmax_scale", [0.01, 0.1352, 1.0, 0.0, -0.1352])
+def test_softmax_scale(softmax_scale, h_q):
     torch.manual_seed(2)
-    check_case(6, 2, 1000, 64, 1, True, True, torch.bfloat16, softmax_scale=softmax_scale)
+    check_case(6, 2, 1000, h_q, 1, True, True, torch.bfloat16, softmax_scale=softmax_scale)
 
 
 def test_functional_matches_out_variant_and_is_deterministic():

@@ -139,6 +139,102 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
+// Extreme (max, or min for kMin) of row r of this thread's share of a 64x64 wgmma accumulator tile (value
+// c + 2r + 4j holds column 8j + quad_col + c), over the columns < lim when kMask. Four independent partials:
+// one 16-deep fmax chain (~4 cycles per step) per row was the largest stall of the softmax (ncu, v7.1).
+template <bool kMin, bool kMask, class Frag>
+__device__ __forceinline__ float row_extreme(const Frag& s, int r, int lim, int quad_col) {
+  float a[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) a[k] = kMin ? INFINITY : -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float v = s(c + 2 * r + 4 * j);
+      const int k = (2 * j + c) & 3;
+      if (!kMask || 8 * j + quad_col + c < lim) a[k] = kMin ? fminf(a[k], v) : fmaxf(a[k], v);
+    }
+  }
+  return kMin ? fminf(fminf(a[0], a[1]), fminf(a[2], a[3])) : fmaxf(fmaxf(a[0], a[1]), fmaxf(a[2], a[3]));
+}
+
+// P = exp2(S * scale - m_new) of row r in place (0 for columns >= lim when kMask); returns the row's share of
+// the sum (four partial sums, for the same reason as above).
+template <bool kMask, class Frag>
+__device__ __forceinline__ float row_exp(Frag& s, int r, int lim, int quad_col, float scale, float m_use) {
+  float t[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int idx = c + 2 * r + 4 * j;
+      float e = exp2_ftz(fmaf(s(idx), scale, -m_use));
+      if (kMask && !(8 * j + quad_col + c < lim)) e = 0.f;
+      s(idx) = e;
+      t[(2 * j + c) & 3] += e;
+    }
+  }
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+// Online softmax of one page's 64x64 tile S (raw Q K^T, in this thread's accumulator registers), in place:
+// S -> P = exp2(S * scale - m_new), where scale = softmax_scale * log2(e) and m (per row, log2 domain) is the
+// running max, updated here to include the page. Returns the rescale of earlier state exp2(m_old - m_new) in
+// sc and this thread's share of the row sums in sum. Columns at or past limit[r] (sequence end, causal MTP)
+// are invisible: masked by index, never by value, and tested per element only when some row of the warp
+// ends inside this page (a warp-uniform branch). The max is taken over raw S and then scaled (the scale
+// folds into the exponent's FFMA instead of a multiply per element); a negative scale takes the min instead.
+// A row with nothing visible yet keeps m = -inf, and its exponent runs against 0 so exp2 stays finite.
+template <class Frag>
+__device__ __forceinline__ void tile_softmax(Frag& s, float scale, int col0, const int (&limit)[2], int quad_col,
+                                             float (&m)[2], float (&sc)[2], float (&sum)[2]) {
+  // 64-bit: col0 + 64 overflows int32 on the last page of a ~2^31-token (invalid, NaN-flagged) request.
+  const bool need_mask =
+      __any_sync(0xffffffffu, static_cast<int64_t>(col0) + kPageSize > min(limit[0], limit[1]));
+  const bool neg = scale < 0.f;
+  const int lim[2] = {limit[0] - col0, limit[1] - col0};  // columns < lim[r] are visible
+  // The branches are warp-uniform and sit outside the per-row work, so both rows' chains interleave.
+  float ext[2];
+  auto extremes = [&](auto min_c, auto mask_c) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      ext[r] = row_extreme<decltype(min_c)::value, decltype(mask_c)::value>(s, r, lim[r], quad_col);
+  };
+  if (!neg) {
+    if (need_mask) extremes(std::false_type{}, std::true_type{});
+    else extremes(std::false_type{}, std::false_type{});
+  } else {
+    if (need_mask) extremes(std::true_type{}, std::true_type{});
+    else extremes(std::true_type{}, std::false_type{});
+  }
+#pragma unroll
+  for (int sh = 1; sh <= 2; sh *= 2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float o = __shfl_xor_sync(0xffffffffu, ext[r], sh);
+      ext[r] = neg ? fminf(ext[r], o) : fmaxf(ext[r], o);
+    }
+  }
+  float m_use[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // Nothing visible in this row of the page (the extreme is still its start value): the page adds nothing
+    // to the max (and scale 0 must not turn the start value into NaN).
+    const float mx = ext[r] == (neg ? INFINITY : -INFINITY) ? -INFINITY : ext[r] * scale;
+    const float m_new = fmaxf(m[r], mx);
+    m_use[r] = m_new == -INFINITY ? 0.f : m_new;
+    sc[r] = exp2_ftz(m[r] - m_use[r]);
+    m[r] = m_new;
+  }
+  auto exps = [&](auto mask_c) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) sum[r] = row_exp<decltype(mask_c)::value>(s, r, lim[r], quad_col, scale, m_use[r]);
+  };
+  if (need_mask) exps(std::true_type{});
+  else exps(std::false_type{});
+}
+
 // Zero the V part (columns 0..511) of rows [valid, 64) of a K buffer, by the 128 threads of one warpgroup.
 template <class SK>
 __device__ __forceinline__ void zero_v_tail(SK& sK, int valid, int wtid) {
