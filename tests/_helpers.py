@@ -138,7 +138,9 @@ def scheduler_spec(seqlens: list[int], num_parts: int) -> tuple[list[list[int]],
     """The scheduler specification, written literally: parts filled piece by piece with Python ints."""
     fixed = 5
     nblk = [max(1, -(-max(s, 0) // PAGE)) for s in seqlens]
-    cap = -(-sum(n + fixed for n in nblk) // num_parts) + fixed
+    # Small batches (every request cut into >= 16 pieces) fill three quarters of the parts.
+    budget = num_parts - num_parts // 4 if 16 * len(seqlens) <= num_parts else num_parts
+    cap = -(-sum(n + fixed for n in nblk) // budget) + fixed
     parts_of: list[list[int]] = [[] for _ in seqlens]
     spans = []  # (begin_req, begin_blk, end_req, end_blk) per part with work
     req, blk = 0, 0
@@ -160,6 +162,7 @@ def scheduler_spec(seqlens: list[int], num_parts: int) -> tuple[list[list[int]],
                     end = (req, blk)
                 break
         spans.append((*begin, *end))
+    assert len(spans) <= budget, "more parts used than the budget"
     assert req == len(seqlens), "work left after the last part"
     meta = []
     for p, (bq, bb, eq, eb) in enumerate(spans):

@@ -106,6 +106,24 @@ def test_hand_computed_whole_requests_per_part():
     assert num_splits == [0, 0, 0]
 
 
+def test_small_batch_fills_three_quarters_of_the_parts():
+    # b * 16 <= P: the parts budget is P - P // 4 = 50 of 66. One request of 512 blocks costs 517: cap =
+    # ceil(517 / 50) + 5 = 16, so every piece holds 11 blocks (47 pieces, 19 empty parts); with all 66 parts
+    # (cap 13) it would be 64 pieces of 8 blocks.
+    meta, num_splits = schedule([32768], 66)
+    want = [[0, 11 * p, 0, min(11 * (p + 1), 512), p, 1, 1, 0] for p in range(47)]
+    assert meta == want + [EMPTY] * 19
+    assert num_splits == [0, 47]
+
+
+@pytest.mark.parametrize(("b", "num_parts", "budget"), [(4, 64, 48), (5, 64, 64), (1, 3, 3), (1, 16, 12)])
+def test_parts_budget_boundary(b, num_parts, budget):
+    # The budget applies exactly when b * 16 <= num_parts; long requests then use every part of the budget.
+    meta, _ = schedule([131072] * b, num_parts)
+    used = sum(rec != EMPTY for rec in meta)
+    assert used == budget
+
+
 @pytest.mark.parametrize(("num_parts", "per_part"), [(66, 2), (132, 1), (64, 2)])
 def test_uniform_batches_are_not_split(num_parts, per_part):
     # 128 requests of 4096 tokens (cost 69): the slack of one overhead per part keeps them whole, so the

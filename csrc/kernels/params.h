@@ -37,11 +37,22 @@ enum MetaField : int {
 // accumulators are sized by the part count, never by the batch size.
 // Cost model: request i has nblk_i = max(1, ceil(seqlen_i / 64)) blocks; a piece of a request costs
 // kFixedOverhead "block units" (its prologue/epilogue) plus its blocks. Parts are filled greedily in request
-// order up to cap = ceil(total / num_sm_parts) + kFixedOverhead units (total = sum of nblk_i +
+// order up to cap = ceil(total / parts_budget) + kFixedOverhead units (total = sum of nblk_i +
 // kFixedOverhead): a piece that fits is taken whole, the first that does not is cut to (room left -
 // kFixedOverhead) blocks when that is >= 1, and the next part starts where this one stopped (sched_meta.cu
 // has the details).
 constexpr int kFixedOverhead = 5;
+// Small batches: when every request would be cut into kSmallBatchPieces or more pieces (b * kSmallBatchPieces
+// <= num_sm_parts), only three quarters of the parts get work (parts_budget = P - P / 4, the others stay
+// empty), so fewer, longer pieces share the fixed cost of a piece (prologue, first-page latency, fp32
+// partials, their combine). Measured (benchmarks/NOTES.md, probe of the part count): 0-13 % faster at every
+// b <= 4 shape of the sweep, slower at b = 32. num_sm_parts itself keeps FlashMLA's formula.
+constexpr int kSmallBatchPieces = 16;
+// (Plain constexpr: host code includes this header too; the kernels call it through --expt-relaxed-constexpr.)
+constexpr int parts_budget(int b, int num_sm_parts) {
+  return static_cast<int64_t>(b) * kSmallBatchPieces <= num_sm_parts ? num_sm_parts - num_sm_parts / 4
+                                                                       : num_sm_parts;
+}
 
 // The scheduler keeps its per-request arrays (prefix sums of the costs, the transition from each request's
 // start; 16 bytes per request) in shared memory up to this many requests, beyond in `scratch`, a global

@@ -312,11 +312,62 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       qk_page(1);
     }
 
-    // S of block `blk` -> P in place against the running max m (updated to include this page); sc is the
-    // per-row rescale of earlier state, sum this thread's row sums (common.cuh). It runs twice per pair on the
-    // critical path (WG1's softmax waits for WG0's max), so it is kept short.
+    // Masks, scales and exponentiates S of block `blk` in place against the running max m (updated to include
+    // this page); returns the per-row rescale of earlier state in sc and this thread's row sums in sum. It
+    // runs twice per pair on the critical path (WG1's softmax waits for WG0's max), so it is kept short: the
+    // per-element mask only where some row of the warp ends inside this page (the sequence end, causal MTP),
+    // and ex2.approx.ftz (exp2f adds denormal handling to every element; p < 2^-126 flushing to 0 is
+    // harmless).
     auto softmax = [&](int blk, float (&m)[2], float (&sc)[2], float (&sum)[2]) FMLA_INLINE {
-      tile_softmax(tSrS, p.scale_log2, blk * kPageSize, limit, quad_col, m, sc, sum);
+      const int col0 = blk * kPageSize;
+      // 64-bit: col0 + 64 overflows int32 on the last page of a ~2^31-token (invalid, NaN-flagged) request.
+      const bool need_mask =
+          __any_sync(0xffffffffu, static_cast<int64_t>(col0) + kPageSize > min(limit[0], limit[1]));
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+        if (need_mask) {
+          const int lim = limit[r] - col0;  // columns < lim are visible
+#pragma unroll
+          for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
+              tSrS(idx) = v;
+              mx = fmaxf(mx, v);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              tSrS(idx) *= p.scale_log2;
+              mx = fmaxf(mx, tSrS(idx));
+            }
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[r], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
+        sc[r] = exp2_ftz(m[r] - m_use);
+        m[r] = m_new;
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int idx = c + 2 * r + 4 * j;
+            const float e = exp2_ftz(tSrS(idx) - m_use);
+            tSrS(idx) = e;
+            s += e;
+          }
+        }
+        sum[r] = s;
+      }
     };
 
     // The running max after a page and its rescale factor, handed between the warpgroups through smem (one
@@ -434,11 +485,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           // The softmax of B runs on the CUDA cores while P_A V_A[R] is on the tensor cores (it touches S and
           // the P registers only, not O).
           softmax(blk + 1, m_run, sc, sum);
-#ifdef FMLA_EARLY_A_REFILL
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tOrO);
-          if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
-#endif
           publish_stats(smem.m_b, smem.s_b, sc);
           p_to_regs();
           store_p_regs(1);
@@ -446,13 +492,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           FMLA_PAIR_STAMP(3);
           named_barrier_sync(kBarBReady, kThreads);
           FMLA_PAIR_STAMP(4);
-#ifndef FMLA_EARLY_A_REFILL
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
           FMLA_PAIR_STAMP(5);
           // V_A[R] and P_A are consumed: boxes 4-8 of buffer 0 take the next A.
           if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
-#endif
           rescale_o(sc[0], sc[1]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];

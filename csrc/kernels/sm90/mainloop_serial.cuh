@@ -188,12 +188,40 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
         next_page = block_page(p, req, blk + 2, w.seqlen_safe, bad);
 
       if (wg == 0) {
-        float sc[2], sum[2];
-        tile_softmax(tSrS, p.scale_log2, blk * kPageSize, limit, quad_col, m_run, sc, sum);
+        const int col0 = blk * kPageSize;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          l_run[r] = l_run[r] * sc[r] + sum[r];
-          if (lane % 4 == 0) smem.scale[r0 + 8 * r] = sc[r];
+          const int lim = limit[r] - col0;  // columns < lim are visible
+          float mx = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
+              tSrS(idx) = v;
+              mx = fmaxf(mx, v);
+            }
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m_run[r], mx);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
+          const float sc = exp2f(m_run[r] - m_use);
+          m_run[r] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < kPageSize / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int idx = c + 2 * r + 4 * j;
+              const float e = exp2f(tSrS(idx) - m_use);
+              tSrS(idx) = e;
+              sum += e;
+            }
+          }
+          l_run[r] = l_run[r] * sc + sum;
+          if (lane % 4 == 0) smem.scale[r0 + 8 * r] = sc;
         }
         // Values c = 0, 1 of a pair are adjacent columns of one row (the swizzle moves whole 16-byte chunks),
         // so P goes to smem as 32-bit pairs.
