@@ -71,7 +71,8 @@ for st in $stages; do
     ab-quick)
       # A/B: AB_TREES="name=X ...", X either a tree (path.tar: git archive of csrc flashmla_ops meta integration
       # CMakeLists.txt pyproject.toml README.md, carried in .carry/) or CUDA flags for this tree (commas for
-      # spaces: -DA=1,-DB). Each is built into /tmp/ab_NAME; bench-quick on each in turn, then on this tree.
+      # spaces: -DA=1,-DB). Each is built into /tmp/ab_NAME; bench-quick on each in turn, then on this tree
+      # (AB_BENCH="--small" or "" for other benchmark rows, AB_ROUNDS for repeated alternating rounds).
       for spec in ${AB_TREES:-}; do
         name=${spec%%=*}; x=${spec#*=}; src=$REPO; flags=""
         if [ -f "$x" ]; then
@@ -84,15 +85,17 @@ for st in $stages; do
           --target "/tmp/ab_$name" -C "build-dir=$REPO/build/ab_$name" -C "cmake.define.CMAKE_CUDA_FLAGS=$flags" \
           "$src" > "$OUT/build_ab_$name.log" 2>&1 || { tail -30 "$OUT/build_ab_$name.log"; exit 1; }
       done
-      for spec in ${AB_TREES:-}; do
-        name=${spec%%=*}
-        echo "--- $name"
-        (cd /tmp && PYTHONPATH="/tmp/ab_$name:/tmp/site:/tmp/peers" python3 "$REPO/benchmarks/bench_mla_decode.py" \
-          --quick --no-torch --json "$OUT/bench_ab_$name.json") 2>&1 | tail -11
+      for round in $(seq 1 "${AB_ROUNDS:-1}"); do
+        for spec in ${AB_TREES:-}; do
+          name=${spec%%=*}
+          echo "--- $name (round $round)"
+          (cd /tmp && PYTHONPATH="/tmp/ab_$name:/tmp/site:/tmp/peers" python3 "$REPO/benchmarks/bench_mla_decode.py" \
+            ${AB_BENCH---quick} --no-torch --json "$OUT/bench_ab_${name}_$round.json") 2>&1 | tail -11
+        done
+        echo "--- this tree (round $round)"
+        (cd /tmp && PYTHONPATH=/tmp/site:/tmp/peers python3 "$REPO/benchmarks/bench_mla_decode.py" \
+          ${AB_BENCH---quick} --no-torch --json "$OUT/bench_ab_this_$round.json") 2>&1 | tail -11
       done
-      echo "--- this tree"
-      (cd /tmp && PYTHONPATH=/tmp/site:/tmp/peers python3 "$REPO/benchmarks/bench_mla_decode.py" \
-        --quick --no-torch --json "$OUT/bench_quick.json") 2>&1 | tail -11
       ;;
     bench)
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --json "$OUT/bench.json" \
