@@ -49,14 +49,16 @@ __all__ = [
 #: (csrc/kernels/params.h: kFixedOverhead).
 FIXED_OVERHEAD = 5
 
-#: Small batches (``b * SMALL_BATCH_PIECES <= num_sm_parts``) fill only ``P - P // 4`` of the parts
-#: (csrc/kernels/params.h: kSmallBatchPieces, parts_budget).
+#: Small batches of short pieces (``b * SMALL_BATCH_PIECES <= num_sm_parts`` and ``total <=
+#: SMALL_BATCH_PIECES * num_sm_parts``) fill only ``P - P // 4`` of the parts (csrc/kernels/params.h:
+#: kSmallBatchPieces, parts_budget).
 SMALL_BATCH_PIECES = 16
 
 
-def parts_budget(b: int, num_sm_parts: int) -> int:
-    """How many of the ``num_sm_parts`` parts the scheduler fills for a batch of ``b`` requests."""
-    return num_sm_parts - num_sm_parts // 4 if b * SMALL_BATCH_PIECES <= num_sm_parts else num_sm_parts
+def parts_budget(b: int, total: int, num_sm_parts: int) -> int:
+    """How many of the ``num_sm_parts`` parts the scheduler fills for ``b`` requests of ``total`` cost."""
+    small = b * SMALL_BATCH_PIECES <= num_sm_parts and total <= SMALL_BATCH_PIECES * num_sm_parts
+    return num_sm_parts - num_sm_parts // 4 if small else num_sm_parts
 
 # Rough upper bound, in bytes, of the temporaries of one batch chunk of the decode reference.
 _CHUNK_BYTES = 256 * 2**20
@@ -85,8 +87,9 @@ def get_mla_metadata_reference(
 
     * request i has ``nblk_i = max(1, ceil(max(seqlen_i, 0) / 64))`` blocks; a piece of a request costs
       ``F`` plus its blocks; ``total = sum(nblk_i + F)``; every part has a capacity ``ceil(total / P') + F``,
-      where ``P' = P`` or, for small batches (``b * 16 <= P``: every request would be cut into 16 or more
-      pieces), ``P' = P - P // 4`` (fewer, longer pieces; the parts past ``P'`` stay empty);
+      where ``P' = P`` or, for small batches of short pieces (``b * 16 <= P``: every request would be cut
+      into 16 or more pieces, and ``total <= 16 * P``), ``P' = P - P // 4`` (fewer, longer pieces; the parts
+      past ``P'`` stay empty);
     * parts are filled in order, each starting where the previous one stopped: the next piece (a whole
       request, or the rest of a cut one) is taken whole while its cost fits in the room left; the first piece
       that does not fit is cut to ``room - F`` blocks if that is >= 1 (the part is then full), else the part
@@ -104,7 +107,7 @@ def get_mla_metadata_reference(
     b = len(nblk)
     # ends[i]: cost of requests 0..i, so whole requests r+1..j cost ends[j] - ends[r].
     ends = list(itertools.accumulate(n + FIXED_OVERHEAD for n in nblk))
-    budget = parts_budget(b, num_sm_parts)
+    budget = parts_budget(b, ends[-1], num_sm_parts)
     cap = -(-ends[-1] // budget) + FIXED_OVERHEAD
 
     records: list[list[int]] = []

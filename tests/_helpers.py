@@ -138,9 +138,12 @@ def scheduler_spec(seqlens: list[int], num_parts: int) -> tuple[list[list[int]],
     """The scheduler specification, written literally: parts filled piece by piece with Python ints."""
     fixed = 5
     nblk = [max(1, -(-max(s, 0) // PAGE)) for s in seqlens]
-    # Small batches (every request cut into >= 16 pieces) fill three quarters of the parts.
-    budget = num_parts - num_parts // 4 if 16 * len(seqlens) <= num_parts else num_parts
-    cap = -(-sum(n + fixed for n in nblk) // budget) + fixed
+    total = sum(n + fixed for n in nblk)
+    # Small batches of short pieces (every request cut into >= 16 pieces, <= 16 units per part) fill three
+    # quarters of the parts.
+    small = 16 * len(seqlens) <= num_parts and total <= 16 * num_parts
+    budget = num_parts - num_parts // 4 if small else num_parts
+    cap = -(-total // budget) + fixed
     parts_of: list[list[int]] = [[] for _ in seqlens]
     spans = []  # (begin_req, begin_blk, end_req, end_blk) per part with work
     req, blk = 0, 0

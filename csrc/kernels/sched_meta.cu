@@ -10,7 +10,8 @@
 // fixed-width cut of the cost space cannot do. A part that ends with a cut is charged cap units (and its
 // continuation pays one overhead again), any other part but the last at least cap - kFixedOverhead, so the
 // m parts before the last cover at least m * ceil(total / P') units of the batch's cost: P' parts suffice.
-// P' = parts_budget(b, P) is P, or three quarters of it for small batches (params.h); the rest stay empty.
+// P' = parts_budget(b, total, P) is P, or three quarters of it for small batches of short pieces (params.h);
+// the parts past P' stay empty.
 //
 // Only the chain of part starts is sequential, so it is kept short. A part that starts at the beginning of a
 // request r ends where the same rule says, whatever came before: that transition is computed for every r in
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
     if (tid == kSchedThreads - 1) s_carry += incl;
     __syncthreads();
   }
-  const int budget = parts_budget(b, P);
+  const int budget = parts_budget(b, s_carry, P);
   const int64_t cap = (s_carry + budget - 1) / budget + kFixedOverhead;
   const CostSpace cs{ends, b};
 
