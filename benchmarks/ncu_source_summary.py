@@ -1,6 +1,6 @@
-"""Summarise Nsight Compute per-instruction warp-state samples (tools/ncu_source.sh writes the CSVs): samples by
-stall reason for the whole kernel, and the instructions with the most samples, each with its neighbours' opcodes
-so the loop region can be recognised.
+"""Summarise Nsight Compute per-instruction warp-state samples (tools/ncu_source.sh writes the CSVs):
+samples by stall reason for the whole kernel, and the instructions with the most samples, each with its two
+main stall reasons and its index in the SASS listing (to find its neighbours in the CSV).
 
     python benchmarks/ncu_source_summary.py src_ours.csv.gz [src_flashmla.csv.gz ...] [--top 40]
 """
@@ -32,7 +32,7 @@ def summarise(path: str, top: int) -> None:
     reasons = [k for k in rows[0] if k.startswith("stall_") and "Not Issued" not in k]
     total = sum(num(r["Warp Stall Sampling (All Samples)"]) for r in rows)
     executed = sum(num(r["Instructions Executed"]) for r in rows)
-    print(f"== {path}: {len(rows)} instructions, {total:.0f} samples, {executed:.0f} warp instructions executed")
+    print(f"== {path}: {len(rows)} instructions, {total:.0f} samples, {executed:.0f} warp instructions run")
     by_reason = {k: sum(num(r[k]) for r in rows) for k in reasons}
     for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]):
         if v > 0.005 * total:

@@ -50,7 +50,8 @@ constexpr int kFixedOverhead = 5;
 // -12 %, b1 h128 32768 -2.5 %, b8 h16 8192 -3 %; with longer pieces (b8 h16 32768, 31 blocks per part) it
 // was 2 % slower, hence the second condition. num_sm_parts itself keeps FlashMLA's formula.
 constexpr int kSmallBatchPieces = 16;
-// (Plain constexpr: host code includes this header too; the kernels call it through --expt-relaxed-constexpr.)
+// (Plain constexpr: host code includes this header too; the kernels call it through
+// --expt-relaxed-constexpr.)
 constexpr int parts_budget(int b, int64_t total, int num_sm_parts) {
   return static_cast<int64_t>(b) * kSmallBatchPieces <= num_sm_parts &&
                  total <= static_cast<int64_t>(kSmallBatchPieces) * num_sm_parts
