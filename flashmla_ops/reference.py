@@ -60,6 +60,7 @@ def parts_budget(b: int, total: int, num_sm_parts: int) -> int:
     small = b * SMALL_BATCH_PIECES <= num_sm_parts and total <= SMALL_BATCH_PIECES * num_sm_parts
     return num_sm_parts - num_sm_parts // 4 if small else num_sm_parts
 
+
 # Rough upper bound, in bytes, of the temporaries of one batch chunk of the decode reference.
 _CHUNK_BYTES = 256 * 2**20
 
