@@ -40,6 +40,7 @@ from ._validation import (
 __all__ = [
     "FIXED_OVERHEAD",
     "SMALL_BATCH_PIECES",
+    "parts_budget",
     "get_mla_metadata_reference",
     "mla_decode_out_reference",
     "mla_decode_reference",
@@ -88,9 +89,9 @@ def get_mla_metadata_reference(
 
     * request i has ``nblk_i = max(1, ceil(max(seqlen_i, 0) / 64))`` blocks; a piece of a request costs
       ``F`` plus its blocks; ``total = sum(nblk_i + F)``; every part has a capacity ``ceil(total / P') + F``,
-      where ``P' = P`` or, for small batches of short pieces (``b * 16 <= P``: every request would be cut
-      into 16 or more pieces, and ``total <= 16 * P``), ``P' = P - P // 4`` (fewer, longer pieces; the parts
-      past ``P'`` stay empty);
+      where ``P' = P`` or, for small batches of short pieces (``b * 16 <= P``: at least 16 parts per request
+      on average, and ``total <= 16 * P``), ``P' = P - P // 4`` (fewer, longer pieces; the parts past ``P'``
+      stay empty);
     * parts are filled in order, each starting where the previous one stopped: the next piece (a whole
       request, or the rest of a cut one) is taken whole while its cost fits in the room left; the first piece
       that does not fit is cut to ``room - F`` blocks if that is >= 1 (the part is then full), else the part

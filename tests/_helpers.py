@@ -139,7 +139,7 @@ def scheduler_spec(seqlens: list[int], num_parts: int) -> tuple[list[list[int]],
     fixed = 5
     nblk = [max(1, -(-max(s, 0) // PAGE)) for s in seqlens]
     total = sum(n + fixed for n in nblk)
-    # Small batches of short pieces (every request cut into >= 16 pieces, <= 16 units per part) fill three
+    # Small batches of short pieces (>= 16 parts per request on average, <= 16 units per part) fill three
     # quarters of the parts.
     small = 16 * len(seqlens) <= num_parts and total <= 16 * num_parts
     budget = num_parts - num_parts // 4 if small else num_parts

@@ -91,8 +91,8 @@ def test_one_long_sequence(h_q):
     check_case(1, 2, 0, h_q, 1, False, True, torch.bfloat16, seqlens=seqlens)
 
 
-# The kernels take the row max over unscaled logits and scale it (a negative scale takes the min instead), so
-# zero and negative scales are checked too, on both main loops (h_q 8 at s_q 2: serial; h_q 64: seesaw).
+# Zero and negative scales too, on both main loops (h_q 8 at s_q 2: serial; h_q 64: seesaw): a kernel that
+# took the row max before scaling (cheaper; tried in v7.1) would be wrong for them unless it took the min.
 @pytest.mark.parametrize("h_q", [8, 64])
 @pytest.mark.parametrize("softmax_scale", [0.01, 0.1352, 1.0, 0.0, -0.1352])
 def test_softmax_scale(softmax_scale, h_q):

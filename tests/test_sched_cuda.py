@@ -59,3 +59,18 @@ def test_gpu_scheduler_edges(b, num_sm_parts):
     got = torch.ops.flashmla.get_mla_metadata(seqlens.cuda(), 16, 1, num_sm_parts)
     assert torch.equal(got[0].cpu(), want[0]), "records differ"
     assert torch.equal(got[1].cpu(), want[1]), "num_splits differ"
+
+
+# The small-batch parts budget (b * 16 <= P and total <= 16 * P) at its exact bounds: total 1024 and 1025 on
+# 64 parts, and b * 16 = 64 against 80.
+@pytest.mark.parametrize(
+    "seqlens",
+    [[16064] * 4, [16064] * 3 + [16128], [15040] * 4, [11520] * 5],
+    ids=["total_1024", "total_1025", "b4", "b5"],
+)
+def test_gpu_scheduler_parts_budget_bounds(seqlens):
+    sl = torch.tensor(seqlens, dtype=torch.int32)
+    want = get_mla_metadata_reference(sl, 16, 1, 64)
+    got = torch.ops.flashmla.get_mla_metadata(sl.cuda(), 16, 1, 64)
+    assert torch.equal(got[0].cpu(), want[0]), "records differ"
+    assert torch.equal(got[1].cpu(), want[1]), "num_splits differ"

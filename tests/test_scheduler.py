@@ -117,18 +117,20 @@ def test_small_batch_fills_three_quarters_of_the_parts():
 
 
 @pytest.mark.parametrize(
-    ("b", "seqlen", "num_parts", "small"),
+    ("seqlens", "num_parts", "small"),
     [
-        (4, 15040, 64, True),  # b * 16 = 64 <= 64 and total = 4 * (235 + 5) = 960 <= 16 * 64 = 1024
-        (5, 15040, 64, False),  # b * 16 > num_parts
-        (4, 16384, 64, False),  # total = 4 * 261 = 1044 > 1024: long pieces keep every part
-        (1, 15040, 16, True),
+        ([15040] * 4, 64, True),  # b * 16 = 64 <= 64 and total = 4 * (235 + 5) = 960 <= 16 * 64 = 1024
+        ([11520] * 5, 64, False),  # total = 5 * 185 = 925 <= 1024, but b * 16 = 80 > 64
+        ([16064] * 4, 64, True),  # total = 4 * 256 = 1024: exactly at the bound
+        ([16064] * 3 + [16128], 64, False),  # total = 1025: one unit past it
+        ([16384] * 4, 64, False),  # total = 4 * 261 = 1044: long pieces keep every part
+        ([15040], 16, True),
     ],
 )
-def test_parts_budget_boundary(b, seqlen, num_parts, small):
+def test_parts_budget_boundary(seqlens, num_parts, small):
     # The budget (P - P // 4 parts) applies exactly when b * 16 <= num_parts and total <= 16 * num_parts;
     # these requests are long enough to be cut over (nearly) every part they are given.
-    meta, _ = schedule([seqlen] * b, num_parts)
+    meta, _ = schedule(seqlens, num_parts)
     used = sum(rec != EMPTY for rec in meta)
     budget = num_parts - num_parts // 4
     if small:

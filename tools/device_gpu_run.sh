@@ -89,7 +89,8 @@ for st in $stages; do
         for spec in ${AB_TREES:-}; do
           name=${spec%%=*}
           echo "--- $name (round $round)"
-          (cd /tmp && PYTHONPATH="/tmp/ab_$name:/tmp/site:/tmp/peers" python3 "$REPO/benchmarks/bench_mla_decode.py" \
+          (cd /tmp && FLASHMLA_COMMIT="ab:$name" PYTHONPATH="/tmp/ab_$name:/tmp/site:/tmp/peers" \
+            python3 "$REPO/benchmarks/bench_mla_decode.py" \
             ${AB_BENCH---quick} --no-torch --json "$OUT/bench_ab_${name}_$round.json") 2>&1 | tail -11
         done
         echo "--- this tree (round $round)"

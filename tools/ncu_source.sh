@@ -4,7 +4,7 @@
 # and FlashMLA's, written as CSV (one row per instruction: stall samples by reason), plus the warp-state summary
 # and L2 traffic counters by shape. Read the CSVs with benchmarks/ncu_source_summary.py.
 # Shape: ARGS (default b = 128, s_q = 1, h_q = 128, s_k = 4096: the seesaw loop).
-set -u
+set -uo pipefail
 OUT=${OUT:-/tmp/flashmla_out}
 ARGS=${ARGS:---b 128 --s-q 1 --h-q 128 --s-k 4096}
 KERNELS='regex:decode_(serial|seesaw)_kernel|splitkv_mla_kernel'

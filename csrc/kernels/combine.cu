@@ -10,7 +10,7 @@
 // consecutive columns (one 16- or 8-byte load per split), and four splits are loaded before they are summed,
 // so a request split over many parts (small batches) is not a chain of dependent loads. Z = 4 normally; Z = 8
 // (kVec = 2) when the grid would give the GPU fewer than two CTAs per SM (one to a few requests, each split
-// over every part): the combine is then latency-bound, and twice the warps keep twice the loads in flight
+// over many parts): the combine is then latency-bound, and twice the warps keep twice the loads in flight
 // (ncu at b = 1, h_q = 128: 64 CTAs, 4% of issue slots busy).
 //
 // Launched with programmatic dependent launch (PDL): the grid may start launching while the main kernel is

@@ -42,12 +42,12 @@ enum MetaField : int {
 // kFixedOverhead) blocks when that is >= 1, and the next part starts where this one stopped (sched_meta.cu
 // has the details).
 constexpr int kFixedOverhead = 5;
-// Small batches of short pieces: when every request would be cut into kSmallBatchPieces or more pieces
+// Small batches of short pieces: when there are kSmallBatchPieces or more parts per request on average
 // (b * kSmallBatchPieces <= num_sm_parts) and a part would hold at most kSmallBatchPieces cost units
 // (total <= kSmallBatchPieces * num_sm_parts), only three quarters of the parts get work (parts_budget =
 // P - P / 4, the others stay empty): fewer, longer pieces share the fixed cost of a piece (prologue,
 // first-page latency, fp32 partials, their combine). Measured (benchmarks/NOTES.md, v7.2): b1 h16 32768
-// -12 %, b1 h128 32768 -2.5 %, b8 h16 8192 -3 %; with longer pieces (b8 h16 32768, 31 blocks per part) it
+// -12 %, b1 h128 32768 -3 %, b8 h16 8192 -3 %; with longer pieces (b8 h16 32768, 31 blocks per part) it
 // was 2 % slower, hence the second condition. num_sm_parts itself keeps FlashMLA's formula.
 constexpr int kSmallBatchPieces = 16;
 // (Plain constexpr: host code includes this header too; the kernels call it through
