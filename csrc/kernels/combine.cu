@@ -98,23 +98,44 @@ __device__ __forceinline__ RowRefs row_refs(const DecodeParams& p, int req, int 
 
 // log2 of the row's total softmax mass over its n pieces: l = log2(sum_s 2^(l_s - m)) + m, computed by one
 // warp (every lane gets it). Two passes over the n lse values (max, then sum), so a NaN l_s gives l = NaN
-// whatever the other pieces hold. Sets `empty` when every piece is empty (all l_s = -inf).
+// whatever the other pieces hold. Sets `empty` when every piece is empty (all l_s = -inf). Each pass loads
+// up to 128 values per round, all in flight together (indices past n load piece n - 1 and are ignored).
 __device__ __forceinline__ float merged_lse(const RowRefs& r, int n, int lane, bool& empty) {
+  constexpr int kPer = 4;
   float m = -INFINITY;
-  for (int s = lane; s < n; s += 32) m = fmaxf(m, __ldcg(r.lse_acc + s * r.rows_per_slot));
+  for (int base = 0; base < n; base += 32 * kPer) {
+    float v[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int s = base + 32 * k + lane;
+      v[k] = __ldcg(r.lse_acc + min(s, n - 1) * r.rows_per_slot);
+    }
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) m = base + 32 * k + lane < n ? fmaxf(m, v[k]) : m;
+  }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
   const float m_use = m == -INFINITY ? 0.f : m;  // all pieces empty: avoid (-inf) - (-inf)
   float sum = 0.f;
-  for (int s = lane; s < n; s += 32) sum += exp2f(__ldcg(r.lse_acc + s * r.rows_per_slot) - m_use);
+  for (int base = 0; base < n; base += 32 * kPer) {
+    float v[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int s = base + 32 * k + lane;
+      v[k] = __ldcg(r.lse_acc + min(s, n - 1) * r.rows_per_slot);
+    }
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) sum += base + 32 * k + lane < n ? exp2f(v[k] - m_use) : 0.f;
+  }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   empty = sum == 0.f;
   return log2f(sum) + m_use;
 }
 
-// acc += sum over pieces s = first, first + step, ... < n of 2^(l_s - l) * O_s[kVec columns at o_acc].
-// kUnroll pieces are loaded before any is summed, so the loads of one round are in flight together.
+// acc += sum over pieces s = first, first + step, ... < n of 2^(l_s - l) * O_s[kVec columns at o_acc]. The
+// kUnroll loads of a round are unconditional (indices past n load piece n - 1, whose term is then dropped by
+// a select, never multiplied by 0: it may hold NaN), so they are all in flight together.
 template <int kVec, int kUnroll>
 __device__ __forceinline__ void accumulate_pieces(const RowRefs& r, const float* o_acc, int first, int step,
                                                   int n, float l, float (&acc)[kVec]) {
@@ -125,19 +146,16 @@ __device__ __forceinline__ void accumulate_pieces(const RowRefs& r, const float*
     float w[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int su = s + u * step;
-      if (su < n) {
-        x[u] = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + su * piece_stride));
-        w[u] = __ldcg(r.lse_acc + su * r.rows_per_slot);
-      }
+      const int su = min(s + u * step, n - 1);
+      x[u] = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + su * piece_stride));
+      w[u] = __ldcg(r.lse_acc + su * r.rows_per_slot);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (s + u * step < n) {
-        const float wu = exp2f(w[u] - l);
+      const bool in = s + u * step < n;
+      const float wu = exp2f(w[u] - l);
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[i] += wu * V::get(x[u], i);
-      }
+      for (int i = 0; i < kVec; ++i) acc[i] = in ? acc[i] + wu * V::get(x[u], i) : acc[i];
     }
   }
 }
@@ -253,11 +271,13 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   const bool narrow = static_cast<int64_t>(grid_x) * grid_y * 4 < 2 * sms;  // see the top of this file
 #if FMLA_COMBINE_NARROW_ROWS  // A/B knob: the one-warp-per-row layout with 8-byte lanes for few requests too
   const bool splits_grid = false;
-  const int grid_z = narrow ? 8 : 4;
 #else
-  const bool splits_grid = narrow && rows <= 65535;  // (gridDim.y limit; always true for real models)
-  const int grid_z = 4;
+  // The few-requests grid where requests have ~8 or more pieces on average (num_splits[b] <= 2 * parts), so
+  // the merge of one row is long enough to share among eight warps.
+  const bool splits_grid =
+      narrow && static_cast<int64_t>(params.b) * 8 <= params.num_sm_parts && rows <= 65535;  // (gridDim.y)
 #endif
+  const int grid_z = narrow && !splits_grid ? 8 : 4;
   // At most about one wave (8 resident CTAs of 256 threads per SM): b = 128, h_q = 128 would otherwise launch
   // 8,192 CTAs, which cost ~6 us of tail after the main kernel even when no request is split (the CTAs stride
   // over the row groups instead). The few-requests grid has one CTA per row: at most ~528 rows per the
