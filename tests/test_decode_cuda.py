@@ -192,6 +192,42 @@ def test_invalid_values_give_nan_not_memory_errors():
     assert_allclose_flashmla(lse[:1], ref_lse, **LSE_TOL)
 
 
+# Both combine grids: few requests split over many parts (b * 8 <= num_sm_parts: eight warps per row) and the
+# one-warp-per-row grid.
+@pytest.mark.parametrize("b,h_q,s_k", [(1, 16, 8192), (1, 128, 8192), (4, 128, 4096), (64, 16, 1024)])
+def test_num_splits_from_another_call_gives_nan_rows(b, h_q, s_k):
+    """A num_splits tensor that does not match the metadata (its last request naming more pieces than the
+    workspace holds) makes that request NaN, reads and writes nothing out of bounds, and leaves the other
+    requests correct."""
+    torch.manual_seed(8)
+    seqlens = make_seqlens(b, s_k, False)
+    q, k_cache, block_table = make_inputs(b, 1, h_q, 1, seqlens, torch.bfloat16)
+    meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, h_q, 1)
+    wrong = num_splits.clone()
+    wrong[b] = 2 * meta.shape[0] + 5
+    out = torch.full((b, 1, h_q, 512), float("nan"), dtype=q.dtype, device=q.device)
+    lse = torch.full((b, h_q, 1), float("nan"), dtype=torch.float32, device=q.device)
+    flashmla_ops.flash_mla_with_kvcache(
+        q, k_cache, block_table, seqlens, 512, meta, wrong, None, False, out=out, lse=lse
+    )
+    torch.cuda.synchronize()
+    assert torch.isnan(out[b - 1]).all() and torch.isnan(lse[b - 1]).all()
+    if b > 1:
+        ref_out, ref_lse = mla_decode_reference(
+            q[: b - 1],
+            k_cache,
+            block_table[: b - 1],
+            seqlens[: b - 1],
+            512,
+            meta,
+            num_splits[:b],
+            576**-0.5,
+            False,
+        )
+        assert_allclose_flashmla(out[: b - 1], ref_out, **OUT_TOL)
+        assert_allclose_flashmla(lse[: b - 1], ref_lse, **LSE_TOL)
+
+
 def test_cuda_input_errors_match_the_python_messages():
     """The C++ launcher raises the same messages as the Python validation used by the CPU kernels/fakes."""
     seqlens = torch.tensor([100], dtype=torch.int32, device="cuda")

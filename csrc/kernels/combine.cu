@@ -72,127 +72,78 @@ __device__ __forceinline__ void store_vec(T* out, const float (&v)[kVec]) {
   }
 }
 
-// Where one (request, row) of the merge reads and writes.
-struct RowRefs {
-  int64_t slot0;          // first partial slot of the request (num_splits[req])
-  int64_t rows_per_slot;  // rows of one slot (h_kv * q_seq_per_hk)
-  const float* lse_acc;   // lse_accum of the row in slot0 (next slot: + rows_per_slot)
-  float* lse_out;         // the row's final lse
-  int64_t out_offset;     // element offset of the row's output (column 0)
-  bool bad;               // num_splits does not match the metadata (mixed-up calls)
-};
-__device__ __forceinline__ RowRefs row_refs(const DecodeParams& p, int req, int n, int row) {
-  RowRefs r;
-  const int h_k = row / p.q_seq_per_hk;
-  const int grow = row % p.q_seq_per_hk;
-  r.slot0 = p.num_splits[req];
-  r.rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
-  r.lse_acc = p.lse_accum + r.slot0 * r.rows_per_slot + row;
-  const int s_idx = grow / p.q_heads_per_hk;
-  const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
-  r.out_offset = req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride;
-  r.lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
-  r.bad = n < 0 || r.slot0 < 0 || r.slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts);
-  return r;
-}
-
-// log2 of the row's total softmax mass over its n pieces: l = log2(sum_s 2^(l_s - m)) + m, computed by one
-// warp (every lane gets it). Two passes over the n lse values (max, then sum), so a NaN l_s gives l = NaN
-// whatever the other pieces hold. Sets `empty` when every piece is empty (all l_s = -inf). Each pass loads
-// up to 128 values per round, all in flight together (indices past n load piece n - 1 and are ignored).
-__device__ __forceinline__ float merged_lse(const RowRefs& r, int n, int lane, bool& empty) {
-  constexpr int kPer = 4;
-  float m = -INFINITY;
-  for (int base = 0; base < n; base += 32 * kPer) {
-    float v[kPer];
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int s = base + 32 * k + lane;
-      v[k] = __ldcg(r.lse_acc + min(s, n - 1) * r.rows_per_slot);
-    }
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) m = base + 32 * k + lane < n ? fmaxf(m, v[k]) : m;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  const float m_use = m == -INFINITY ? 0.f : m;  // all pieces empty: avoid (-inf) - (-inf)
-  float sum = 0.f;
-  for (int base = 0; base < n; base += 32 * kPer) {
-    float v[kPer];
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int s = base + 32 * k + lane;
-      v[k] = __ldcg(r.lse_acc + min(s, n - 1) * r.rows_per_slot);
-    }
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) sum += base + 32 * k + lane < n ? exp2f(v[k] - m_use) : 0.f;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  empty = sum == 0.f;
-  return log2f(sum) + m_use;
-}
-
-// acc += sum over pieces s = first, first + step, ... < n of 2^(l_s - l) * O_s[kVec columns at o_acc]. The
-// kUnroll loads of a round are unconditional (indices past n load piece n - 1, whose term is then dropped by
-// a select, never multiplied by 0: it may hold NaN), so they are all in flight together.
-template <int kVec, int kUnroll>
-__device__ __forceinline__ void accumulate_pieces(const RowRefs& r, const float* o_acc, int first, int step,
-                                                  int n, float l, float (&acc)[kVec]) {
-  using V = VecF<kVec>;
-  const int64_t piece_stride = r.rows_per_slot * kHeadDimV;
-  for (int s = first; s < n; s += kUnroll * step) {
-    typename V::type x[kUnroll];
-    float w[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int su = min(s + u * step, n - 1);
-      x[u] = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + su * piece_stride));
-      w[u] = __ldcg(r.lse_acc + su * r.rows_per_slot);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const bool in = s + u * step < n;
-      const float wu = exp2f(w[u] - l);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[i] = in ? acc[i] + wu * V::get(x[u], i) : acc[i];
-    }
-  }
-}
-
-template <typename T, int kVec>
-__device__ __forceinline__ void store_nan(T* out) {
-  float nan[kVec];
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) nan[i] = __int_as_float(0x7fc00000);
-  store_vec<T, kVec>(out, nan);
-}
-
-// Many-requests grid: one warp merges one (row, 512 / Z columns) slice of a request, all n pieces.
 template <typename T, int kVec>
 __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n, int row_group) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = row_group * kCombineWarps + warp;  // in [0, h_kv * q_seq_per_hk)
   if (row >= p.h_kv * p.q_seq_per_hk) return;        // (warp-uniform; nothing after this synchronises)
   const int col = blockIdx.z * (32 * kVec) + lane * kVec;
-  const RowRefs r = row_refs(p, req, n, row);
-  T* out = static_cast<T*>(p.out) + r.out_offset + col;
-  if (r.bad) {  // flag the request instead of reading garbage
-    store_nan<T, kVec>(out);
-    if (lane == 0 && blockIdx.z == 0) *r.lse_out = __int_as_float(0x7fc00000);
+  const int h_k = row / p.q_seq_per_hk;
+  const int grow = row % p.q_seq_per_hk;
+  const int64_t slot0 = p.num_splits[req];
+  const int64_t rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
+  const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
+  const int s_idx = grow / p.q_heads_per_hk;
+  const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
+  T* out =
+      static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride + col;
+  float* lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
+  if (n < 0 || slot0 < 0 || slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts)) {
+    // num_splits does not match the metadata (mixed-up calls): flag the request instead of reading garbage.
+    float nan[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) nan[i] = __int_as_float(0x7fc00000);
+    store_vec<T, kVec>(out, nan);
+    if (lane == 0 && blockIdx.z == 0) *lse_out = nan[0];
     return;
   }
-  bool empty;
-  const float l = merged_lse(r, n, lane, empty);
+
+  float m = -INFINITY;
+  for (int s = lane; s < n; s += 32) m = fmaxf(m, __ldcg(lse_acc + s * rows_per_slot));
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  const float m_use = m == -INFINITY ? 0.f : m;  // all pieces empty: avoid (-inf) - (-inf)
+  float sum = 0.f;
+  for (int s = lane; s < n; s += 32) sum += exp2f(__ldcg(lse_acc + s * rows_per_slot) - m_use);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  const bool empty = sum == 0.f;
+  const float l = log2f(sum) + m_use;
+
+  using V = VecF<kVec>;
   float acc[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
   if (!empty) {
-    const float* o_acc = p.o_accum + (r.slot0 * r.rows_per_slot + row) * kHeadDimV + col;
-    accumulate_pieces<kVec, 4>(r, o_acc, 0, 1, n, l, acc);
+    const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col;
+    const int64_t piece_stride = rows_per_slot * kHeadDimV;
+    constexpr int kUnroll = 4;
+    int s = 0;
+    for (; s + kUnroll <= n; s += kUnroll) {
+      typename V::type x[kUnroll];
+      float w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        x[u] = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + (s + u) * piece_stride));
+        w[u] = __ldcg(lse_acc + (s + u) * rows_per_slot);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const float wu = exp2f(w[u] - l);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[i] += wu * V::get(x[u], i);
+      }
+    }
+    for (; s < n; ++s) {
+      const typename V::type x = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + s * piece_stride));
+      const float wu = exp2f(__ldcg(lse_acc + s * rows_per_slot) - l);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] += wu * V::get(x, i);
+    }
   }
+
   store_vec<T, kVec>(out, acc);
-  if (lane == 0 && blockIdx.z == 0) *r.lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
+  if (lane == 0 && blockIdx.z == 0) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
 }
 
 template <typename T, int kVec>
@@ -214,47 +165,108 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 }
 
 // Few-requests grid (one to a few requests, each split over many parts): CTA (request, row, 128-column
-// slice). Its eight warps take every eighth piece each, with up to eight loads per lane in flight, and add
-// their sums through shared memory: a request split into ~100 pieces costs about two load round trips
-// instead of ~25 in the one-warp-per-row layout, which is what the merge waits for at these sizes.
+// slice). Warp w merges pieces w, w + 8, w + 16, ... in one pass, the lse and the O values of up to eight
+// pieces per lane in flight together, keeping its own running max, sum and weighted O (online, as in the main
+// kernel's softmax); the eight partial merges are then joined through shared memory. A request split into
+// ~100 pieces costs about two load round trips, against ~25 dependent ones when one warp walks all pieces.
+// Same results as combine_request up to fp32 rounding, NaN and empty rows included: a NaN lse makes the
+// warp's sum NaN (fmaxf skips it, exp2f does not), and a warp or row with only empty pieces has max -inf and
+// sum 0.
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_splits_kernel(const DecodeParams p) {
-  constexpr int kVec = 4, kCols = 32 * kVec;
-  __shared__ float4 partial[kCombineWarps][32];
+  constexpr int kUnroll = 8, kCols = 32 * 4;
+  __shared__ float4 s_acc[kCombineWarps][32];
+  __shared__ float s_max[kCombineWarps], s_sum[kCombineWarps];
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // as in combine_kernel
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row = blockIdx.y, col = blockIdx.z * kCols;
+  const int row = blockIdx.y;  // in [0, h_kv * q_seq_per_hk)
+  const int h_k = row / p.q_seq_per_hk, grow = row % p.q_seq_per_hk;
+  const int s_idx = grow / p.q_heads_per_hk, head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
+  const int64_t rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
+  const int64_t piece_stride = rows_per_slot * kHeadDimV;
+  const int col = blockIdx.z * kCols;
   for (int req = blockIdx.x; req < p.b; req += gridDim.x) {
     const int n = p.num_splits[req + 1] - p.num_splits[req];
     if (n == 0) continue;  // (CTA-uniform, as every branch below)
-    const RowRefs r = row_refs(p, req, n, row);
-    T* out = static_cast<T*>(p.out) + r.out_offset + col;
-    if (r.bad) {
-      if (warp == 0) store_nan<T, kVec>(out + lane * kVec);
-      if (threadIdx.x == 0 && blockIdx.z == 0) *r.lse_out = __int_as_float(0x7fc00000);
+    const int64_t slot0 = p.num_splits[req];
+    T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride +
+             head * p.o_head_stride + col;
+    float* lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
+    if (n < 0 || slot0 < 0 || slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts)) {
+      // num_splits does not match the metadata (mixed-up calls): flag the request instead of reading garbage.
+      if (threadIdx.x < kCols / 2) {
+        const float nan[2] = {__int_as_float(0x7fc00000), __int_as_float(0x7fc00000)};
+        store_vec<T, 2>(out + 2 * threadIdx.x, nan);
+      }
+      if (threadIdx.x == 0 && blockIdx.z == 0) *lse_out = __int_as_float(0x7fc00000);
       continue;
     }
-    bool empty;
-    const float l = merged_lse(r, n, lane, empty);
-    float acc[kVec] = {0.f, 0.f, 0.f, 0.f};
-    if (!empty) {
-      const float* o_acc = p.o_accum + (r.slot0 * r.rows_per_slot + row) * kHeadDimV + col + lane * kVec;
-      accumulate_pieces<kVec, 8>(r, o_acc, warp, kCombineWarps, n, l, acc);
+    const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
+    const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col + 4 * lane;
+    float m = -INFINITY, sum = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = warp; s < n; s += kUnroll * kCombineWarps) {
+      float4 x[kUnroll];
+      float w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int su = s + u * kCombineWarps;
+        x[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        w[u] = -INFINITY;
+        if (su < n) {
+          x[u] = __ldcg(reinterpret_cast<const float4*>(o_acc + su * piece_stride));
+          w[u] = __ldcg(lse_acc + su * rows_per_slot);
+        }
+      }
+      float m_new = m;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) m_new = fmaxf(m_new, w[u]);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing but empty pieces yet
+      const float c = exp2f(m - m_use);                      // earlier pieces to the new max
+      sum *= c;
+      acc = make_float4(acc.x * c, acc.y * c, acc.z * c, acc.w * c);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const float e = exp2f(w[u] - m_use);
+        sum += e;
+        acc = make_float4(acc.x + e * x[u].x, acc.y + e * x[u].y, acc.z + e * x[u].z, acc.w + e * x[u].w);
+      }
+      m = m_new;
     }
-    partial[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    s_acc[warp][lane] = acc;
+    if (lane == 0) {
+      s_max[warp] = m;
+      s_sum[warp] = sum;
+    }
     __syncthreads();
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kCombineWarps; ++w) m_all = fmaxf(m_all, s_max[w]);
+    const float m_use = m_all == -INFINITY ? 0.f : m_all;
+    float scale[kCombineWarps], total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kCombineWarps; ++w) {
+      scale[w] = exp2f(s_max[w] - m_use);
+      total += s_sum[w] * scale[w];
+    }
+    const bool empty = total == 0.f;
+    const float inv = empty ? 0.f : 1.f / total;
     if (threadIdx.x < kCols / 2) {  // two adjacent columns per thread: one packed store
-      const float* flat = reinterpret_cast<const float*>(partial);
+      const float* flat = reinterpret_cast<const float*>(s_acc);
       float v[2] = {0.f, 0.f};
 #pragma unroll
       for (int w = 0; w < kCombineWarps; ++w) {
-        v[0] += flat[w * kCols + 2 * threadIdx.x];
-        v[1] += flat[w * kCols + 2 * threadIdx.x + 1];
+        v[0] += flat[w * kCols + 2 * threadIdx.x] * scale[w];
+        v[1] += flat[w * kCols + 2 * threadIdx.x + 1] * scale[w];
       }
+      v[0] *= inv;
+      v[1] *= inv;
       store_vec<T, 2>(out + 2 * threadIdx.x, v);
     }
-    if (threadIdx.x == 0 && blockIdx.z == 0) *r.lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
-    __syncthreads();  // `partial` is rewritten by the next request's round
+    if (threadIdx.x == 0 && blockIdx.z == 0) {
+      *lse_out = empty ? INFINITY : (log2f(total) + m_use) * 0.69314718055994530942f;
+    }
+    __syncthreads();  // the shared arrays are rewritten by the next request's round
   }
 }
 
@@ -269,26 +281,22 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   // The scheduler made num_sm_parts = SMs / (h_kv * m-blocks) parts, so this is the SM count it assumed.
   const int64_t sms = static_cast<int64_t>(params.num_sm_parts) * params.h_kv * params.num_m_blocks;
   const bool narrow = static_cast<int64_t>(grid_x) * grid_y * 4 < 2 * sms;  // see the top of this file
-#if FMLA_COMBINE_NARROW_ROWS  // A/B knob: the one-warp-per-row layout with 8-byte lanes for few requests too
+#ifdef FMLA_COMBINE_NO_SPLITS_GRID  // A/B knob: the one-warp-per-row layout for few requests too
   const bool splits_grid = false;
 #else
   // The few-requests grid where requests have ~8 or more pieces on average (num_splits[b] <= 2 * parts), so
-  // the merge of one row is long enough to share among eight warps.
+  // the merge of one row is long enough to share among eight warps; one CTA per row (gridDim.y).
   const bool splits_grid =
-      narrow && static_cast<int64_t>(params.b) * 8 <= params.num_sm_parts && rows <= 65535;  // (gridDim.y)
+      narrow && static_cast<int64_t>(params.b) * 8 <= params.num_sm_parts && rows <= 65535;
 #endif
   const int grid_z = narrow && !splits_grid ? 8 : 4;
   // At most about one wave (8 resident CTAs of 256 threads per SM): b = 128, h_q = 128 would otherwise launch
   // 8,192 CTAs, which cost ~6 us of tail after the main kernel even when no request is split (the CTAs stride
-  // over the row groups instead). The few-requests grid has one CTA per row: at most ~528 rows per the
-  // `narrow` test, under a wave.
+  // over the row groups instead).
   const int64_t wave = 8 * sms, per_y = static_cast<int64_t>(grid_x) * grid_z;
   const int64_t y_cap = (wave + per_y - 1) / per_y;
-  if (splits_grid) {
-    config.gridDim = dim3(grid_x, rows, grid_z);
-  } else {
-    config.gridDim = dim3(grid_x, static_cast<unsigned>(grid_y < y_cap ? grid_y : y_cap), grid_z);
-  }
+  config.gridDim = dim3(grid_x, static_cast<unsigned>(grid_y < y_cap ? grid_y : y_cap), grid_z);
+  if (splits_grid) config.gridDim = dim3(grid_x, rows, grid_z);
   config.blockDim = dim3(kCombineWarps * 32);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
