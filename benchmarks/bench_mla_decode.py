@@ -43,6 +43,8 @@ SWEEP = [
     (1, 1, 128, 32768, False),
     (32, 1, 16, 1024, True),
 ]
+# The small-batch range: one to four requests, 1k-32k tokens, h_q 16 and 128.
+SMALL_B = [(b, 1, h_q, s_k, False) for b in (1, 2, 4) for h_q in (16, 128) for s_k in (1024, 8192, 32768)]
 QUICK = [
     (128, 1, 16, 8192, False),
     (128, 1, 64, 8192, False),
@@ -227,6 +229,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8 representative rows instead of the full sweep")
     ap.add_argument("--small", action="store_true", help="only the sweep's small-batch rows (b <= 32)")
+    ap.add_argument("--small-b", action="store_true", help="b = 1, 2, 4 x h_q 16, 128 x s_k 1k, 8k, 32k")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
     ap.add_argument("--no-torch", action="store_true")
@@ -251,7 +254,12 @@ def main():
     )
     print(json.dumps(info))
     results = []
-    rows = QUICK if args.quick else [r for r in SWEEP if r[0] <= 32] if args.small else SWEEP
+    if args.quick:
+        rows = QUICK
+    elif args.small:
+        rows = [r for r in SWEEP if r[0] <= 32]
+    else:
+        rows = SMALL_B if args.small_b else SWEEP
     for b, s_q, h_q, s_k, varlen in rows:
         causal = True
         q, k_cache, block_table, seqlens, nblk = make_case(b, s_q, h_q, s_k, varlen, dtype)

@@ -5,13 +5,17 @@
 // empty (l_s = -inf for every s) gets out 0 and lse +inf; NaN (a request the main kernel flagged as invalid)
 // propagates.
 //
-// One warp per (output row, 512 / Z columns); 8 rows per CTA; grid (min(b, 2 * num_sm_parts), ceil(rows / 8)
-// capped to about one wave, Z), striding over the requests and the row groups. Each lane owns kVec = 128 / Z
-// consecutive columns (one 16- or 8-byte load per split), and four splits are loaded before they are summed,
-// so a request split over many parts (small batches) is not a chain of dependent loads. Z = 4 normally; Z = 8
-// (kVec = 2) when the grid would give the GPU fewer than two CTAs per SM (one to a few requests, each split
-// over many parts): the combine is then latency-bound, and twice the warps keep twice the loads in flight
-// (ncu at b = 1, h_q = 128: 64 CTAs, 4% of issue slots busy).
+// Two grids, chosen on the host from shapes only:
+//  * many requests (the usual case): one warp per (output row, 512 / Z columns); 8 rows per CTA; grid
+//    (min(b, 2 * num_sm_parts), ceil(rows / 8) capped to about one wave, Z), striding over the requests and
+//    the row groups. Each lane owns kVec = 128 / Z consecutive columns (one 16- or 8-byte load per split),
+//    and four splits are loaded before they are summed. Z = 4 normally; Z = 8 (kVec = 2) when the grid would
+//    give the GPU fewer than two CTAs per SM: the combine is then latency-bound, and twice the warps keep
+//    twice the loads in flight (ncu at b = 1, h_q = 128: 64 CTAs, 4% of issue slots busy);
+//  * few requests, each split into many pieces (that small grid, and b * kSplitsGridMinPieces <=
+//    num_sm_parts): combine_splits_kernel, one CTA per (request, row, 128 columns) whose eight warps share
+//    the pieces (below). At b = 1 a row has 50-100 pieces; one warp walking them took ~25 dependent load
+//    round trips (benchmarks/NOTES.md, v7.3).
 //
 // Launched with programmatic dependent launch (PDL): the grid may start launching while the main kernel is
 // still running; every CTA first waits (griddepcontrol.wait) for the main kernel to complete, then reads
@@ -28,6 +32,11 @@ namespace flashmla {
 namespace {
 
 constexpr int kCombineWarps = 8;
+// The eight-warp grid needs about this many pieces per request on average (num_splits[b] <= 2 * parts).
+#ifndef FMLA_SPLITS_GRID_MIN_PIECES  // (an A/B knob)
+#define FMLA_SPLITS_GRID_MIN_PIECES 8
+#endif
+constexpr int kSplitsGridMinPieces = FMLA_SPLITS_GRID_MIN_PIECES;
 
 template <typename T>
 struct Pack2;
@@ -281,14 +290,10 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   // The scheduler made num_sm_parts = SMs / (h_kv * m-blocks) parts, so this is the SM count it assumed.
   const int64_t sms = static_cast<int64_t>(params.num_sm_parts) * params.h_kv * params.num_m_blocks;
   const bool narrow = static_cast<int64_t>(grid_x) * grid_y * 4 < 2 * sms;  // see the top of this file
-#ifdef FMLA_COMBINE_NO_SPLITS_GRID  // A/B knob: the one-warp-per-row layout for few requests too
-  const bool splits_grid = false;
-#else
-  // The few-requests grid where requests have ~8 or more pieces on average (num_splits[b] <= 2 * parts), so
-  // the merge of one row is long enough to share among eight warps; one CTA per row (gridDim.y).
+  // The eight-warp grid where the merge of one row is long enough to share among eight warps; one CTA per
+  // row (gridDim.y).
   const bool splits_grid =
-      narrow && static_cast<int64_t>(params.b) * 8 <= params.num_sm_parts && rows <= 65535;
-#endif
+      narrow && static_cast<int64_t>(params.b) * kSplitsGridMinPieces <= params.num_sm_parts && rows <= 65535;
   const int grid_z = narrow && !splits_grid ? 8 : 4;
   // At most about one wave (8 resident CTAs of 256 threads per SM): b = 128, h_q = 128 would otherwise launch
   // 8,192 CTAs, which cost ~6 us of tail after the main kernel even when no request is split (the CTAs stride

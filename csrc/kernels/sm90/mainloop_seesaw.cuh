@@ -55,10 +55,6 @@
 
 #include "kernels/sm90/common.cuh"
 
-#ifndef FMLA_QK_B_AFTER_A
-#define FMLA_QK_B_AFTER_A 0
-#endif
-
 namespace flashmla::sm90 {
 
 // Named barriers (0 is __syncthreads). Each handoff between the warpgroups is a bar.sync of all 256 threads
@@ -69,7 +65,6 @@ enum NamedBarrier : int {
   kBarAReady = 1,  // m_A, s_A and P_A of the pair are in smem (WG0 -> WG1)
   kBarBReady = 2,  // m_B, s_B and P_B are in smem (WG1 -> WG0)
   kBarZero = 3,    // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
-  kBarQkA = 4,     // A/B knob FMLA_QK_B_AFTER_A: WG0's Q K^T of the next A is issued (or done)
 };
 
 template <typename T>
@@ -466,14 +461,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
             wait_group(0, 1);
             FMLA_PAIR_STAMP(8);
             issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
-#if FMLA_QK_B_AFTER_A == 1
-            named_barrier_arrive(kBarQkA, kThreads);  // queued: WG1's Q K^T of B' may go behind it
-#endif
             warpgroup_wait<0>();
             warpgroup_fence_operand(tSrS);
-#if FMLA_QK_B_AFTER_A == 2
-            named_barrier_arrive(kBarQkA, kThreads);  // done: WG1's Q K^T of B' runs under softmax(A')
-#endif
             FMLA_PAIR_STAMP(9);
           } else {
             warpgroup_wait<0>();
@@ -517,12 +506,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           FMLA_PAIR_STAMP(6);
           // V_B[R] is consumed: boxes 4-7 of buffer 1 take the next B.
           if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
-#if FMLA_QK_B_AFTER_A
-          // A/B knob: keep the next B's Q K^T off the tensor pipe until WG0's next A is queued / done, so the
-          // Q K^T on WG0's critical chain does not share the pipe with it. next_a is CTA-uniform, so WG0's
-          // arrive and this sync pair up.
-          if (next_a) named_barrier_sync(kBarQkA, kThreads);
-#endif
           if (next_b) qk_page(1);
         } else {
           warpgroup_wait<0>();
