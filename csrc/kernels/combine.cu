@@ -8,8 +8,9 @@
 // Two grids, chosen on the host from shapes only:
 //  * many requests (the usual case): one warp per (output row, 512 / Z columns); 8 rows per CTA; grid
 //    (min(b, 2 * num_sm_parts), ceil(rows / 8) capped to about one wave, Z), striding over the requests and
-//    the row groups. Each lane owns kVec = 128 / Z consecutive columns (one 16- or 8-byte load per split),
-//    and four splits are loaded before they are summed. Z = 4 normally; Z = 8 (kVec = 2) when the grid would
+//    the row groups. Each lane owns kVec = 128 / Z consecutive columns (one 16- or 8-byte load per split)
+//    and merges the pieces in one online pass, four pieces' loads in flight per round (merge_online). Z = 4
+//    normally; Z = 8 (kVec = 2) when the grid would
 //    give the GPU fewer than two CTAs per SM: the combine is then latency-bound, and twice the warps keep
 //    twice the loads in flight (ncu at b = 1, h_q = 128: 64 CTAs, 4% of issue slots busy);
 //  * few requests, each split into many pieces (that small grid, and b * kSplitsGridMinPieces <=
@@ -81,6 +82,53 @@ __device__ __forceinline__ void store_vec(T* out, const float (&v)[kVec]) {
   }
 }
 
+// One warp's online merge of pieces first, first + step, ... < n into a running max m (log2 domain), sum
+// = sum_s 2^(l_s - m) and acc = sum_s 2^(l_s - m) * O_s (kVec columns per lane at o_acc; every lane loads the
+// same lse, a broadcast). The lse and O loads of kUnroll pieces are issued before any is used, so a row of up
+// to kUnroll pieces per warp costs one load round trip; no separate lse passes. Pieces past n contribute
+// exactly nothing (lse -inf, O 0). NaN propagates: fmaxf skips a NaN lse but exp2f does not, so sum and acc
+// become NaN; empty pieces (lse -inf) add 0; with nothing but empty pieces m stays -inf and sum 0.
+template <int kVec, int kUnroll>
+__device__ __forceinline__ void merge_online(const float* lse_acc, int64_t lse_stride, const float* o_acc,
+                                             int64_t o_stride, int first, int step, int n, float& m,
+                                             float& sum, float (&acc)[kVec]) {
+  using V = VecF<kVec>;
+  for (int s = first; s < n; s += kUnroll * step) {
+    float x[kUnroll][kVec], w[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      // Initialised, then overwritten under the predicate: the loads stay where they are (a load only used
+      // inside a branch can be sunk into it, one round trip per piece).
+      w[u] = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) x[u][i] = 0.f;
+      const int su = s + u * step;
+      if (su < n) {
+        const typename V::type v = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + su * o_stride));
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) x[u][i] = V::get(v, i);
+        w[u] = __ldcg(lse_acc + su * lse_stride);
+      }
+    }
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) m_new = fmaxf(m_new, w[u]);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing but empty pieces yet
+    const float c = exp2f(m - m_use);                      // earlier pieces to the new max
+    sum *= c;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc[i] *= c;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const float e = exp2f(w[u] - m_use);
+      sum += e;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] += e * x[u][i];
+    }
+    m = m_new;
+  }
+}
+
 template <typename T, int kVec>
 __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n, int row_group) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -107,6 +155,7 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
     return;
   }
 
+#ifdef FMLA_COMBINE_TWO_PASS  // A/B knob: the two lse passes, then the O loop (6027b12's merge)
   float m = -INFINITY;
   for (int s = lane; s < n; s += 32) m = fmaxf(m, __ldcg(lse_acc + s * rows_per_slot));
 #pragma unroll
@@ -150,13 +199,29 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
       for (int i = 0; i < kVec; ++i) acc[i] += wu * V::get(x, i);
     }
   }
+#else
+  // Four pieces per round: enough for the 2-6 pieces of a request in a large batch, and ~64 registers, so
+  // the one-wave grid keeps four CTAs per SM resident (eight per round would take ~120).
+  constexpr int kRowUnroll = 4;
+  const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col;
+  float m = -INFINITY, sum = 0.f, acc[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
+  merge_online<kVec, kRowUnroll>(lse_acc, rows_per_slot, o_acc, rows_per_slot * kHeadDimV, 0, 1, n, m, sum,
+                                 acc);
+  const bool empty = sum == 0.f;
+  const float inv = empty ? 0.f : 1.f / sum;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) acc[i] *= inv;
+  const float l = log2f(sum) + (m == -INFINITY ? 0.f : m);
+#endif
 
   store_vec<T, kVec>(out, acc);
   if (lane == 0 && blockIdx.z == 0) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
 }
 
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const DecodeParams p) {
   // Every CTA waits for the main kernel before it may finish: if a CTA with nothing to merge returned
   // first, a grid with no split request could complete while the main kernel still writes `out`, and stream
   // order for the kernels after this one would then rest on the main kernel alone.
@@ -176,11 +241,10 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 // Few-requests grid (one to a few requests, each split over many parts): CTA (request, row, 128-column
 // slice). Warp w merges pieces w, w + 8, w + 16, ... in one pass, the lse and the O values of up to eight
 // pieces per lane in flight together, keeping its own running max, sum and weighted O (online, as in the main
-// kernel's softmax); the eight partial merges are then joined through shared memory. A request split into
-// ~100 pieces costs about two load round trips, against ~25 dependent ones when one warp walks all pieces.
-// Same results as combine_request up to fp32 rounding, NaN and empty rows included: a NaN lse makes the
-// warp's sum NaN (fmaxf skips it, exp2f does not), and a warp or row with only empty pieces has max -inf and
-// sum 0.
+// kernel's softmax; merge_online); the eight partial merges are then joined through shared memory. A request
+// split into ~100 pieces costs about two load round trips, against ~25 when one warp walks all pieces four
+// at a time. Same results as combine_request up to fp32 rounding, NaN and empty rows included (a warp with
+// only empty pieces has max -inf and sum 0, and weighs 0 in the join).
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_splits_kernel(const DecodeParams p) {
   constexpr int kUnroll = 8, kCols = 32 * 4;
@@ -212,37 +276,10 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_splits_kernel(cons
     }
     const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
     const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col + 4 * lane;
-    float m = -INFINITY, sum = 0.f;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s = warp; s < n; s += kUnroll * kCombineWarps) {
-      float4 x[kUnroll];
-      float w[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int su = s + u * kCombineWarps;
-        x[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-        w[u] = -INFINITY;
-        if (su < n) {
-          x[u] = __ldcg(reinterpret_cast<const float4*>(o_acc + su * piece_stride));
-          w[u] = __ldcg(lse_acc + su * rows_per_slot);
-        }
-      }
-      float m_new = m;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) m_new = fmaxf(m_new, w[u]);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing but empty pieces yet
-      const float c = exp2f(m - m_use);                      // earlier pieces to the new max
-      sum *= c;
-      acc = make_float4(acc.x * c, acc.y * c, acc.z * c, acc.w * c);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const float e = exp2f(w[u] - m_use);
-        sum += e;
-        acc = make_float4(acc.x + e * x[u].x, acc.y + e * x[u].y, acc.z + e * x[u].z, acc.w + e * x[u].w);
-      }
-      m = m_new;
-    }
-    s_acc[warp][lane] = acc;
+    float m = -INFINITY, sum = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+    merge_online<4, kUnroll>(lse_acc, rows_per_slot, o_acc, piece_stride, warp, kCombineWarps, n, m, sum,
+                             acc);
+    s_acc[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     if (lane == 0) {
       s_max[warp] = m;
       s_sum[warp] = sum;
