@@ -10,9 +10,8 @@
 //    (min(b, 2 * num_sm_parts), ceil(rows / 8) capped to about one wave, Z), striding over the requests and
 //    the row groups. Each lane owns kVec = 128 / Z consecutive columns (one 16- or 8-byte load per split)
 //    and merges the pieces in one online pass, four pieces' loads in flight per round (merge_online). Z = 4
-//    normally; Z = 8 (kVec = 2) when the grid would
-//    give the GPU fewer than two CTAs per SM: the combine is then latency-bound, and twice the warps keep
-//    twice the loads in flight (ncu at b = 1, h_q = 128: 64 CTAs, 4% of issue slots busy);
+//    normally; Z = 8 (kVec = 2) when the grid would give the GPU fewer than two CTAs per SM: the combine is
+//    then latency-bound, and twice the warps keep twice the loads in flight;
 //  * few requests, each split into many pieces (that small grid, and b * kSplitsGridMinPieces <=
 //    num_sm_parts): combine_splits_kernel, one CTA per (request, row, 128 columns) whose eight warps share
 //    the pieces (below). At b = 1 a row has 50-100 pieces; one warp walking them took ~25 dependent load
@@ -155,51 +154,6 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
     return;
   }
 
-#ifdef FMLA_COMBINE_TWO_PASS  // A/B knob: the two lse passes, then the O loop (6027b12's merge)
-  float m = -INFINITY;
-  for (int s = lane; s < n; s += 32) m = fmaxf(m, __ldcg(lse_acc + s * rows_per_slot));
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  const float m_use = m == -INFINITY ? 0.f : m;  // all pieces empty: avoid (-inf) - (-inf)
-  float sum = 0.f;
-  for (int s = lane; s < n; s += 32) sum += exp2f(__ldcg(lse_acc + s * rows_per_slot) - m_use);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  const bool empty = sum == 0.f;
-  const float l = log2f(sum) + m_use;
-
-  using V = VecF<kVec>;
-  float acc[kVec];
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
-  if (!empty) {
-    const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col;
-    const int64_t piece_stride = rows_per_slot * kHeadDimV;
-    constexpr int kUnroll = 4;
-    int s = 0;
-    for (; s + kUnroll <= n; s += kUnroll) {
-      typename V::type x[kUnroll];
-      float w[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        x[u] = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + (s + u) * piece_stride));
-        w[u] = __ldcg(lse_acc + (s + u) * rows_per_slot);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const float wu = exp2f(w[u] - l);
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[i] += wu * V::get(x[u], i);
-      }
-    }
-    for (; s < n; ++s) {
-      const typename V::type x = __ldcg(reinterpret_cast<const typename V::type*>(o_acc + s * piece_stride));
-      const float wu = exp2f(__ldcg(lse_acc + s * rows_per_slot) - l);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[i] += wu * V::get(x, i);
-    }
-  }
-#else
   // Four pieces per round: enough for the 2-6 pieces of a request in a large batch, and ~64 registers, so
   // the one-wave grid keeps four CTAs per SM resident (eight per round would take ~120).
   constexpr int kRowUnroll = 4;
@@ -214,7 +168,6 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
 #pragma unroll
   for (int i = 0; i < kVec; ++i) acc[i] *= inv;
   const float l = log2f(sum) + (m == -INFINITY ? 0.f : m);
-#endif
 
   store_vec<T, kVec>(out, acc);
   if (lane == 0 && blockIdx.z == 0) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
