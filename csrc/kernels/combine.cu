@@ -7,13 +7,14 @@
 //
 // Two grids, chosen on the host from shapes only:
 //  * many requests (the usual case): one warp per (output row, 512 / Z columns); 8 rows per CTA; grid
-//    (min(b, 2 * num_sm_parts), ceil(rows / 8) capped to about one wave, Z), striding over the requests and
+//    (min(b, 2 * num_sm_parts), ceil(rows / 8) capped at 8 CTAs per SM, Z), striding over the requests and
 //    the row groups. Each lane owns kVec = 128 / Z consecutive columns (one 16- or 8-byte load per split)
 //    and merges the pieces in one online pass, four pieces' loads in flight per round (merge_online). Z = 4
 //    normally; Z = 8 (kVec = 2) when the grid would give the GPU fewer than two CTAs per SM: the combine is
 //    then latency-bound, and twice the warps keep twice the loads in flight;
-//  * few requests, each split into many pieces (that small grid, and b * kSplitsGridMinPieces <=
-//    num_sm_parts): combine_splits_kernel, one CTA per (request, row, 128 columns) whose eight warps share
+//  * few requests, each split into many pieces (that small grid, b * kSplitsGridMinPieces <= num_sm_parts,
+//    and rows <= 65535 for gridDim.y; for h_q = 128 the small-grid test is the one that binds, b <= 4 on
+//    132 SMs): combine_splits_kernel, one CTA per (request, row, 128 columns) whose eight warps share
 //    the pieces (below). At b = 1 a row has 50-100 pieces; one warp walking them took ~25 dependent load
 //    round trips (benchmarks/NOTES.md, v7.3).
 //
@@ -32,7 +33,8 @@ namespace flashmla {
 namespace {
 
 constexpr int kCombineWarps = 8;
-// The eight-warp grid needs about this many pieces per request on average (num_splits[b] <= 2 * parts).
+// The eight-warp grid needs at least this many parts per request (b * kSplitsGridMinPieces <= num_sm_parts),
+// i.e. requests cut into about that many pieces or more.
 #ifndef FMLA_SPLITS_GRID_MIN_PIECES  // (an A/B knob)
 #define FMLA_SPLITS_GRID_MIN_PIECES 8
 #endif
@@ -51,7 +53,7 @@ struct Pack2<__half> {
   static __device__ type make(float a, float b) { return __floats2half2_rn(a, b); }
 };
 
-// Merges the n > 0 partials of request `req` for one (row, 4-column) slice.
+// kVec fp32 values loaded at once (float4 or float2) and their elements.
 template <int kVec>
 struct VecF;
 template <>
@@ -285,9 +287,9 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   const bool splits_grid =
       narrow && static_cast<int64_t>(params.b) * kSplitsGridMinPieces <= params.num_sm_parts && rows <= 65535;
   const int grid_z = narrow && !splits_grid ? 8 : 4;
-  // At most about one wave (8 resident CTAs of 256 threads per SM): b = 128, h_q = 128 would otherwise launch
-  // 8,192 CTAs, which cost ~6 us of tail after the main kernel even when no request is split (the CTAs stride
-  // over the row groups instead).
+  // At most 8 CTAs per SM (about two waves: four CTAs of 256 threads fit per SM at <= 64 registers): b = 128,
+  // h_q = 128 would otherwise launch 8,192 CTAs, which cost ~6 us of tail after the main kernel even when no
+  // request is split (the CTAs stride over the row groups instead).
   const int64_t wave = 8 * sms, per_y = static_cast<int64_t>(grid_x) * grid_z;
   const int64_t y_cap = (wave + per_y - 1) / per_y;
   config.gridDim = dim3(grid_x, static_cast<unsigned>(grid_y < y_cap ? grid_y : y_cap), grid_z);
