@@ -193,11 +193,19 @@ def test_invalid_values_give_nan_not_memory_errors():
 
 
 # All three combine grids (on 114 to 132 SMs): eight warps per row where a few requests are split into many
-# pieces (b = 1 and 2; at b = 2 the first request's merge is checked), one warp per row with 8-byte lanes
-# (b = 24: a small grid but ~5 pieces per request) and with 16-byte lanes (b = 64).
+# pieces (b = 1, 2 and 4; from b = 2 the other requests' merges are checked), one warp per row with 8-byte
+# lanes (b = 24: a small grid but ~4 pieces per request) and with 16-byte lanes (b = 64).
 @pytest.mark.parametrize(
     "b,h_q,s_k",
-    [(1, 16, 8192), (1, 128, 8192), (2, 16, 8192), (2, 128, 8192), (24, 16, 1024), (64, 16, 1024)],
+    [
+        (1, 16, 8192),
+        (1, 128, 8192),
+        (2, 16, 8192),
+        (2, 128, 8192),
+        (4, 128, 4096),
+        (24, 16, 1024),
+        (64, 16, 1024),
+    ],
 )
 def test_num_splits_from_another_call_gives_nan_rows(b, h_q, s_k):
     """A num_splits tensor that does not match the metadata (its last request naming more pieces than the
