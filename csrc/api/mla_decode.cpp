@@ -207,7 +207,8 @@ void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_tabl
   const int64_t num_sm_parts = meta.size(0);
   // CUDA grid limits (checked before anything is launched, so a refused call writes nothing): the main
   // kernel's grid is (m-blocks, h_kv, num_sm_parts), the combine's (min(b, 2 * num_sm_parts), at most
-  // ceil(h_kv * rows / 8), 4 or 8).
+  // ceil(h_kv * rows / 8), 4 or 8), or (b, h_kv * rows, 4) for a few requests split into many pieces, which
+  // the launcher only picks when h_kv * rows <= 65535.
   constexpr int64_t kMaxGridYZ = 65535;
   FLASHMLA_CHECK(num_sm_parts <= kMaxGridYZ, "tile_scheduler_metadata has ", num_sm_parts,
                  " parts; the CUDA kernels support at most 65535");
