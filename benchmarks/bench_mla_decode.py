@@ -233,11 +233,16 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument(
+        "--only-ours", action="store_true", help="time flashmla_ops alone (A/B runs), no workspace report"
+    )
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     torch.manual_seed(0)
     impls = [Ours, FlashMLA, FlashInfer] + ([] if args.no_torch else [TorchPadded])
+    if args.only_ours:
+        impls = [Ours]
     # The GPU machine's copy of the tree has no .git: tools/device_gpu_run.sh passes the commit.
     commit = os.environ.get("FLASHMLA_COMMIT", "")
     if not commit:
@@ -295,7 +300,7 @@ def main():
         torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
 
-    ws = workspace_report(dtype)
+    ws = [] if args.only_ours else workspace_report(dtype)
     # Final table (the reply shows the end of the output).
     print("\nworkspace bytes per call (h_q=128, s_q=1):")
     for r in ws:

@@ -12,7 +12,7 @@ import argparse
 import json
 
 import torch
-from bench_mla_decode import SWEEP, bench, make_case
+from bench_mla_decode import SMALL_B, SWEEP, bench, make_case
 
 import flashmla_ops  # noqa: F401  (registers torch.ops.flashmla)
 
@@ -28,12 +28,16 @@ FRACTIONS = [1.0, 0.75, 0.5, 0.33, 0.25]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--small-b", action="store_true", help="bench_mla_decode's --small-b shapes instead")
+    ap.add_argument("--fractions", default=None, help="fractions of the default P (default 1,.75,.5,.33,.25)")
     args = ap.parse_args()
+    shapes = SMALL_B if args.small_b else SHAPES
+    fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else FRACTIONS
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    print(f"{'b':>3} {'h_q':>4} {'s_k':>6} {'var':>3} | " + " | ".join(f"P={f:<4}" for f in FRACTIONS))
-    for b, s_q, h_q, s_k, varlen in SHAPES:
+    print(f"{'b':>3} {'h_q':>4} {'s_k':>6} {'var':>3} | " + " | ".join(f"P={f:<4}" for f in fractions))
+    for b, s_q, h_q, s_k, varlen in shapes:
         q, k_cache, block_table, seqlens, _ = make_case(b, s_q, h_q, s_k, varlen, torch.bfloat16)
         m_blocks = -(-s_q * h_q // 64)
         p_default = max(sms // m_blocks, 1)
@@ -41,7 +45,7 @@ def main() -> None:
         lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device="cuda")
         ref = None
         cells = []
-        for f in FRACTIONS:
+        for f in fractions:
             p = max(int(p_default * f), 1)
             meta, num_splits = torch.ops.flashmla.get_mla_metadata(seqlens, s_q * h_q, 1, p)
             args_ = (q, k_cache, block_table, seqlens, 512, meta, num_splits, 576**-0.5, True, out, lse)

@@ -34,9 +34,22 @@ def main() -> None:
     ap.add_argument(
         "--impl", choices=["ours", "flashmla"], default="ours", help="flashmla: the sgl-flash-mla peer"
     )
+    ap.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        help="b,s_q,h_q,s_k (repeatable; overrides --b/--s-q/--h-q/--s-k): one profiled call per shape",
+    )
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
+    shapes = [tuple(int(x) for x in sh.split(",")) for sh in args.shape or []]
+    for b, s_q, h_q, s_k in shapes or [(args.b, args.s_q, args.h_q, args.s_k)]:
+        args.b, args.s_q, args.h_q, args.s_k = b, s_q, h_q, s_k
+        profile_one(args)
+
+
+def profile_one(args) -> None:
+    dtype = getattr(torch, args.dtype)
     pages_per_req = -(-args.s_k // PAGE)
     num_pages = args.b * pages_per_req
     k_cache = (torch.randn(num_pages, PAGE, 1, 576, device="cuda") / 10).to(dtype)

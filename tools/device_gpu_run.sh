@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on a lent Hopper machine (the `device` tool), from the repository root, with .carry/ carried along:
 # .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers) and .carry/peers.tar.xz (FlashMLA + FlashInfer,
-# from ../shared/tools/peer-bundle.sh). Stages (any subset, in order): build sass test-quick test sanitize
-# sched-bench bench-quick variant-quick ab-quick breakdown bench. Logs and JSON go to $OUT.
+# from ../shared/tools/peer-bundle.sh). Stages (any subset, in order): build sass test-quick test-k (TEST_K)
+# test sanitize sched-bench bench-quick variant-quick ab-quick breakdown ncu-small probe-small bench. Logs and
+# JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmla_out}
 mkdir -p "$OUT"
@@ -38,6 +39,10 @@ for st in $stages; do
       ;;
     test-quick)
       (cd /tmp && timeout 300 python3 -m pytest --rootdir="$REPO" "$REPO/tests/test_sched_cuda.py" "$REPO/tests/test_decode_cuda.py" -q -x -k "not grid or (b1 and 4096)" -p no:cacheprovider) 2>&1 | tee "$OUT/pytest_quick.log" | tail -25
+      ;;
+    test-k)
+      (cd /tmp && timeout 300 python3 -m pytest --rootdir="$REPO" "$REPO/tests" -q -p no:cacheprovider -k "$TEST_K") 2>&1 \
+        | tee "$OUT/pytest_k.log" | tail -15
       ;;
     test)
       (cd /tmp && timeout 480 python3 -m pytest --rootdir="$REPO" "$REPO/tests" -q -p no:cacheprovider --junitxml="$OUT/junit.xml") 2>&1 | tee "$OUT/pytest.log" | tail -30
@@ -97,6 +102,31 @@ for st in $stages; do
         (cd /tmp && PYTHONPATH=/tmp/site:/tmp/peers python3 "$REPO/benchmarks/bench_mla_decode.py" \
           ${AB_BENCH---quick} --no-torch --json "$OUT/bench_ab_this_$round.json") 2>&1 | tail -11
       done
+      ;;
+    ncu-small)
+      # Nsight Compute, each kernel of one call in isolation (serialised, so no PDL overlap), L2 kept (the
+      # combine reads partials the main kernel just wrote), clocks not locked: ours and FlashMLA's kernels at
+      # the small-batch shapes (NCU_SHAPES, "b,s_q,h_q,s_k" separated by spaces).
+      M="gpu__time_duration.sum,launch__registers_per_thread,launch__grid_size,launch__block_size"
+      M="$M,launch__occupancy_limit_registers,launch__waves_per_multiprocessor"
+      M="$M,sm__warps_active.avg.pct_of_peak_sustained_active,dram__bytes_read.sum,lts__t_sector_hit_rate.pct"
+      shapes=""
+      for sh in ${NCU_SHAPES:-4,1,128,8192 2,1,128,8192 2,1,128,32768 1,1,128,1024 4,1,128,1024 4,1,16,1024 1,1,16,8192}; do
+        shapes="$shapes --shape $sh"
+      done
+      for impl in ours flashmla; do
+        (cd /tmp && PYTHONPATH=/tmp/site:/tmp/peers timeout 240 ncu --profile-from-start off --cache-control none \
+          --clock-control none --kernel-name regex:"combine|decode_(serial|seesaw)_kernel|splitkv_mla_kernel" \
+          --metrics "$M" python3 "$REPO/benchmarks/profile_decode.py" $shapes --impl $impl) \
+          > "$OUT/ncu_small_$impl.log" 2>&1
+        grep -E "us, |^  [a-z_]|Function|duration|registers|grid_size|waves|warps_active|bytes_read|hit_rate|void |flashmla::" \
+          "$OUT/ncu_small_$impl.log" | grep -v "==PROF==" | head -150
+      done
+      ;;
+    probe-small)
+      (cd /tmp && PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/probe_parts.py" --small-b \
+        --fractions ${PROBE_FRACTIONS:-1,0.75,0.5,0.25,0.125,0.0625} --json "$OUT/probe_small.json") 2>&1 \
+        | tee "$OUT/probe_small.log" | tail -22
       ;;
     bench)
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --json "$OUT/bench.json" \

@@ -39,6 +39,9 @@ constexpr int kCombineWarps = 8;
 #define FMLA_SPLITS_GRID_MIN_PIECES 8
 #endif
 constexpr int kSplitsGridMinPieces = FMLA_SPLITS_GRID_MIN_PIECES;
+#ifndef FMLA_SPLITS_MIN_CTAS  // (an A/B knob: minimum resident CTAs per SM of the eight-warp grid)
+#define FMLA_SPLITS_MIN_CTAS 1
+#endif
 
 template <typename T>
 struct Pack2;
@@ -201,7 +204,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const De
 // at a time. Same results as combine_request up to fp32 rounding, NaN and empty rows included (a warp with
 // only empty pieces has max -inf and sum 0, and weighs 0 in the join).
 template <typename T>
-__global__ void __launch_bounds__(kCombineWarps * 32) combine_splits_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kCombineWarps * 32, FMLA_SPLITS_MIN_CTAS)
+    combine_splits_kernel(const DecodeParams p) {
   constexpr int kUnroll = 8, kCols = 32 * 4;
   __shared__ float4 s_acc[kCombineWarps][32];
   __shared__ float s_max[kCombineWarps], s_sum[kCombineWarps];

@@ -53,6 +53,9 @@ constexpr int kSmallBatchPieces = 16;
 // (Plain constexpr: host code includes this header too; the kernels call it through
 // --expt-relaxed-constexpr.)
 constexpr int parts_budget(int b, int64_t total, int num_sm_parts) {
+#ifdef FMLA_NO_PARTS_BUDGET  // (an A/B knob)
+  return num_sm_parts;
+#endif
   return static_cast<int64_t>(b) * kSmallBatchPieces <= num_sm_parts &&
                  total <= static_cast<int64_t>(kSmallBatchPieces) * num_sm_parts
              ? num_sm_parts - num_sm_parts / 4
