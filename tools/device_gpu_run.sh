@@ -86,10 +86,13 @@ for st in $stages; do
         else
           flags=${x//,/ }
         fi
-        FLASHMLA_ENABLE_CUDA=ON FLASHMLA_NVCC_THREADS=8 python3 -m pip install -q --no-build-isolation --no-deps \
+        # The trees build in parallel (16 cores), four nvcc jobs each.
+        (FLASHMLA_ENABLE_CUDA=ON FLASHMLA_NVCC_THREADS=4 python3 -m pip install -q --no-build-isolation --no-deps \
           --target "/tmp/ab_$name" -C "build-dir=$REPO/build/ab_$name" -C "cmake.define.CMAKE_CUDA_FLAGS=$flags" \
-          "$src" > "$OUT/build_ab_$name.log" 2>&1 || { tail -30 "$OUT/build_ab_$name.log"; exit 1; }
+          "$src" > "$OUT/build_ab_$name.log" 2>&1 || { tail -30 "$OUT/build_ab_$name.log"; touch "$OUT/ab_build_failed"; }) &
       done
+      wait
+      [ -f "$OUT/ab_build_failed" ] && exit 1
       for round in $(seq 1 "${AB_ROUNDS:-1}"); do
         for spec in ${AB_TREES:-}; do
           name=${spec%%=*}

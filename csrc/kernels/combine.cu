@@ -285,11 +285,15 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   const int grid_y = (rows + kCombineWarps - 1) / kCombineWarps;
   // The scheduler made num_sm_parts = SMs / (h_kv * m-blocks) parts, so this is the SM count it assumed.
   const int64_t sms = static_cast<int64_t>(params.num_sm_parts) * params.h_kv * params.num_m_blocks;
-  const bool narrow = static_cast<int64_t>(grid_x) * grid_y * 4 < 2 * sms;  // see the top of this file
+  bool narrow = static_cast<int64_t>(grid_x) * grid_y * 4 < 2 * sms;  // see the top of this file
   // The eight-warp grid where the merge of one row is long enough to share among eight warps; one CTA per
   // row (gridDim.y).
-  const bool splits_grid =
+  bool splits_grid =
       narrow && static_cast<int64_t>(params.b) * kSplitsGridMinPieces <= params.num_sm_parts && rows <= 65535;
+#if defined(FMLA_COMBINE_GRID)  // (an A/B knob: 1 the eight-warp grid, 2 the narrow row grid, 3 the wide one)
+  splits_grid = FMLA_COMBINE_GRID == 1 && rows <= 65535;
+  narrow = FMLA_COMBINE_GRID != 3;
+#endif
   const int grid_z = narrow && !splits_grid ? 8 : 4;
   // At most 8 CTAs per SM (about two waves: four CTAs of 256 threads fit per SM at <= 64 registers): b = 128,
   // h_q = 128 would otherwise launch 8,192 CTAs, which cost ~6 us of tail after the main kernel even when no
