@@ -230,6 +230,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="8 representative rows instead of the full sweep")
     ap.add_argument("--small", action="store_true", help="only the sweep's small-batch rows (b <= 32)")
     ap.add_argument("--small-b", action="store_true", help="b = 1, 2, 4 x h_q 16, 128 x s_k 1k, 8k, 32k")
+    ap.add_argument(
+        "--rows", default=None, help='explicit rows "b,s_q,h_q,s_k,varlen;..." (varlen 0/1), instead of a preset'
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
     ap.add_argument("--no-torch", action="store_true")
@@ -259,7 +262,10 @@ def main():
     )
     print(json.dumps(info))
     results = []
-    if args.quick:
+    if args.rows:
+        rows = [tuple(int(x) for x in r.split(",")) for r in args.rows.split(";") if r]
+        rows = [(b, s_q, h_q, s_k, bool(v)) for b, s_q, h_q, s_k, v in rows]
+    elif args.quick:
         rows = QUICK
     elif args.small:
         rows = [r for r in SWEEP if r[0] <= 32]

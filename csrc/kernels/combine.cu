@@ -290,6 +290,9 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   // row (gridDim.y).
   bool splits_grid =
       narrow && static_cast<int64_t>(params.b) * kSplitsGridMinPieces <= params.num_sm_parts && rows <= 65535;
+#if defined(FMLA_SPLITS_GRID_MAX_ROWS)  // (an A/B knob: at most this many (request, row) pairs)
+  splits_grid = splits_grid && static_cast<int64_t>(params.b) * rows <= FMLA_SPLITS_GRID_MAX_ROWS;
+#endif
 #if defined(FMLA_COMBINE_GRID)  // (an A/B knob: 1 the eight-warp grid, 2 the narrow row grid, 3 the wide one)
   splits_grid = FMLA_COMBINE_GRID == 1 && rows <= 65535;
   narrow = FMLA_COMBINE_GRID != 3;
