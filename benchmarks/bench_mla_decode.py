@@ -231,7 +231,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="only the sweep's small-batch rows (b <= 32)")
     ap.add_argument("--small-b", action="store_true", help="b = 1, 2, 4 x h_q 16, 128 x s_k 1k, 8k, 32k")
     ap.add_argument(
-        "--rows", default=None, help='explicit rows "b,s_q,h_q,s_k,varlen;..." (varlen 0/1), instead of a preset'
+        "--rows", default=None, help='rows "b,s_q,h_q,s_k,varlen;..." (varlen 0/1) instead of a preset'
     )
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
