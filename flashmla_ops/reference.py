@@ -39,8 +39,6 @@ from ._validation import (
 
 __all__ = [
     "FIXED_OVERHEAD",
-    "SMALL_BATCH_PIECES",
-    "parts_budget",
     "get_mla_metadata_reference",
     "mla_decode_out_reference",
     "mla_decode_reference",
@@ -49,18 +47,6 @@ __all__ = [
 #: Cost, in 64-token "block units", charged per request for its prologue/epilogue
 #: (csrc/kernels/params.h: kFixedOverhead).
 FIXED_OVERHEAD = 5
-
-#: Small batches of short pieces (``b * SMALL_BATCH_PIECES <= num_sm_parts`` and ``total <=
-#: SMALL_BATCH_PIECES * num_sm_parts``) fill only ``P - P // 4`` of the parts (csrc/kernels/params.h:
-#: kSmallBatchPieces, parts_budget).
-SMALL_BATCH_PIECES = 16
-
-
-def parts_budget(b: int, total: int, num_sm_parts: int) -> int:
-    """How many of the ``num_sm_parts`` parts the scheduler fills for ``b`` requests of ``total`` cost."""
-    small = b * SMALL_BATCH_PIECES <= num_sm_parts and total <= SMALL_BATCH_PIECES * num_sm_parts
-    return num_sm_parts - num_sm_parts // 4 if small else num_sm_parts
-
 
 # Rough upper bound, in bytes, of the temporaries of one batch chunk of the decode reference.
 _CHUNK_BYTES = 256 * 2**20
@@ -88,10 +74,7 @@ def get_mla_metadata_reference(
     The rule, with ``F = FIXED_OVERHEAD = 5``:
 
     * request i has ``nblk_i = max(1, ceil(max(seqlen_i, 0) / 64))`` blocks; a piece of a request costs
-      ``F`` plus its blocks; ``total = sum(nblk_i + F)``; every part has a capacity ``ceil(total / P') + F``,
-      where ``P' = P`` or, for small batches of short pieces (``b * 16 <= P``: at least 16 parts per request
-      on average, and ``total <= 16 * P``), ``P' = P - P // 4`` (fewer, longer pieces; the parts past ``P'``
-      stay empty);
+      ``F`` plus its blocks; ``total = sum(nblk_i + F)``; every part has a capacity ``ceil(total / P) + F``;
     * parts are filled in order, each starting where the previous one stopped: the next piece (a whole
       request, or the rest of a cut one) is taken whole while its cost fits in the room left; the first piece
       that does not fit is cut to ``room - F`` blocks if that is >= 1 (the part is then full), else the part
@@ -100,7 +83,7 @@ def get_mla_metadata_reference(
       begin_req split?, end_req split?, 0]``; parts left over get ``[0, 0, -1, 0, 0, 0, 0, 0]``.
 
     A part that ends with a cut is charged the full capacity (its continuation pays one ``F`` again), any
-    other part but the last at least ``ceil(total / P')``, so P' parts always suffice.
+    other part but the last at least ``ceil(total / P)``, so P parts always suffice.
     With uniform lengths and at most a few requests per part nothing is split (no partials to combine).
     Reads the lengths on the host (the CUDA kernel does the same walk on the device).
     """
@@ -109,14 +92,13 @@ def get_mla_metadata_reference(
     b = len(nblk)
     # ends[i]: cost of requests 0..i, so whole requests r+1..j cost ends[j] - ends[r].
     ends = list(itertools.accumulate(n + FIXED_OVERHEAD for n in nblk))
-    budget = parts_budget(b, ends[-1], num_sm_parts)
-    cap = -(-ends[-1] // budget) + FIXED_OVERHEAD
+    cap = -(-ends[-1] // num_sm_parts) + FIXED_OVERHEAD
 
     records: list[list[int]] = []
     pieces = [1] * b
     req, blk, split = 0, 0, 0  # the next piece: request `req` from block `blk`, its piece number `split`
     while req < b:
-        assert len(records) < budget, "the greedy fill always fits in the parts budget"
+        assert len(records) < num_sm_parts, "the greedy fill always fits in the parts"
         begin = (req, blk, split)
         first_cost = FIXED_OVERHEAD + nblk[req] - blk
         if first_cost > cap:  # cut the first piece itself

@@ -139,11 +139,7 @@ def scheduler_spec(seqlens: list[int], num_parts: int) -> tuple[list[list[int]],
     fixed = 5
     nblk = [max(1, -(-max(s, 0) // PAGE)) for s in seqlens]
     total = sum(n + fixed for n in nblk)
-    # Small batches of short pieces (>= 16 parts per request on average, <= 16 units per part) fill three
-    # quarters of the parts.
-    small = 16 * len(seqlens) <= num_parts and total <= 16 * num_parts
-    budget = num_parts - num_parts // 4 if small else num_parts
-    cap = -(-total // budget) + fixed
+    cap = -(-total // num_parts) + fixed
     parts_of: list[list[int]] = [[] for _ in seqlens]
     spans = []  # (begin_req, begin_blk, end_req, end_blk) per part with work
     req, blk = 0, 0
@@ -165,7 +161,6 @@ def scheduler_spec(seqlens: list[int], num_parts: int) -> tuple[list[list[int]],
                     end = (req, blk)
                 break
         spans.append((*begin, *end))
-    assert len(spans) <= budget, "more parts used than the budget"
     assert req == len(seqlens), "work left after the last part"
     meta = []
     for p, (bq, bb, eq, eb) in enumerate(spans):

@@ -193,8 +193,10 @@ def test_invalid_values_give_nan_not_memory_errors():
 
 
 # All three combine grids (on 114 to 132 SMs): eight warps per row where a few requests are split into many
-# pieces (b = 1, 2 and 4; from b = 2 the other requests' merges are checked), one warp per row with 8-byte
-# lanes (b = 24: a small grid but ~4 pieces per request) and with 16-byte lanes (b = 64).
+# pieces (b = 1 and 2 at h_q = 16, the 80-register build; b = 1 at h_q = 128, the 64-register one; at b = 2
+# the other request's merge is checked), one warp per row with 8-byte lanes (b = 2 and 4 at h_q = 128, past
+# one wave of the eight-warp grid; b = 24, a small grid but ~4 pieces per request) and with 16-byte lanes
+# (b = 64).
 @pytest.mark.parametrize(
     "b,h_q,s_k",
     [

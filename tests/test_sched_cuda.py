@@ -61,14 +61,14 @@ def test_gpu_scheduler_edges(b, num_sm_parts):
     assert torch.equal(got[1].cpu(), want[1]), "num_splits differ"
 
 
-# The small-batch parts budget (b * 16 <= P and total <= 16 * P) at its exact bounds: total 1024 and 1025 on
-# 64 parts, and b * 16 = 64 against 80.
+# Small batches of long requests on 64 parts (until v8.0 the bounds of a small-batch "parts budget": total
+# 1024 and 1025 units, b * 16 = 64 against 80): every request is cut into many pieces.
 @pytest.mark.parametrize(
     "seqlens",
     [[16064] * 4, [16064] * 3 + [16128], [15040] * 4, [11520] * 5],
     ids=["total_1024", "total_1025", "b4", "b5"],
 )
-def test_gpu_scheduler_parts_budget_bounds(seqlens):
+def test_gpu_scheduler_small_batches(seqlens):
     sl = torch.tensor(seqlens, dtype=torch.int32)
     want = get_mla_metadata_reference(sl, 16, 1, 64)
     got = torch.ops.flashmla.get_mla_metadata(sl.cuda(), 16, 1, 64)

@@ -106,37 +106,14 @@ def test_hand_computed_whole_requests_per_part():
     assert num_splits == [0, 0, 0]
 
 
-def test_small_batch_fills_three_quarters_of_the_parts():
-    # b * 16 <= P: the parts budget is P - P // 4 = 50 of 66. One request of 512 blocks costs 517: cap =
-    # ceil(517 / 50) + 5 = 16, so every piece holds 11 blocks (47 pieces, 19 empty parts); with all 66 parts
-    # (cap 13) it would be 64 pieces of 8 blocks.
+def test_single_long_request_is_cut_over_every_part_it_needs():
+    # One request of 512 blocks costs 517 on 66 parts: cap = ceil(517 / 66) + 5 = 13, so every piece holds 8
+    # blocks: 64 pieces, 2 empty parts. (Until v8.0 a small-batch "parts budget" filled only 50 of the 66
+    # parts here, 47 pieces of 11 blocks.)
     meta, num_splits = schedule([32768], 66)
-    want = [[0, 11 * p, 0, min(11 * (p + 1), 512), p, 1, 1, 0] for p in range(47)]
-    assert meta == want + [EMPTY] * 19
-    assert num_splits == [0, 47]
-
-
-@pytest.mark.parametrize(
-    ("seqlens", "num_parts", "small"),
-    [
-        ([15040] * 4, 64, True),  # b * 16 = 64 <= 64 and total = 4 * (235 + 5) = 960 <= 16 * 64 = 1024
-        ([11520] * 5, 64, False),  # total = 5 * 185 = 925 <= 1024, but b * 16 = 80 > 64
-        ([16064] * 4, 64, True),  # total = 4 * 256 = 1024: exactly at the bound
-        ([16064] * 3 + [16128], 64, False),  # total = 1025: one unit past it
-        ([16384] * 4, 64, False),  # total = 4 * 261 = 1044: long pieces keep every part
-        ([15040], 16, True),
-    ],
-)
-def test_parts_budget_boundary(seqlens, num_parts, small):
-    # The budget (P - P // 4 parts) applies exactly when b * 16 <= num_parts and total <= 16 * num_parts;
-    # these requests are long enough to be cut over (nearly) every part they are given.
-    meta, _ = schedule(seqlens, num_parts)
-    used = sum(rec != EMPTY for rec in meta)
-    budget = num_parts - num_parts // 4
-    if small:
-        assert budget - 1 <= used <= budget
-    else:
-        assert used > budget
+    want = [[0, 8 * p, 0, 8 * (p + 1), p, 1, 1, 0] for p in range(64)]
+    assert meta == want + [EMPTY] * 2
+    assert num_splits == [0, 64]
 
 
 @pytest.mark.parametrize(("num_parts", "per_part"), [(66, 2), (132, 1), (64, 2)])

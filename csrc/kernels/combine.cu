@@ -13,10 +13,10 @@
 //    normally; Z = 8 (kVec = 2) when the grid would give the GPU fewer than two CTAs per SM: the combine is
 //    then latency-bound, and twice the warps keep twice the loads in flight;
 //  * few requests, each split into many pieces (that small grid, b * kSplitsGridMinPieces <= num_sm_parts,
-//    and rows <= 65535 for gridDim.y; for h_q = 128 the small-grid test is the one that binds, b <= 4 on
-//    132 SMs): combine_splits_kernel, one CTA per (request, row, 128 columns) whose eight warps share
-//    the pieces (below). At b = 1 a row has 50-100 pieces; one warp walking them took ~25 dependent load
-//    round trips (benchmarks/NOTES.md, v7.3).
+//    b * rows <= SMs so that its CTAs fit in one wave at four per SM, and rows <= 65535 for gridDim.y; on
+//    132 SMs: b <= 8 at h_q = 16, b = 1 at h_q = 128): combine_splits_kernel, one CTA per (request, row,
+//    128 columns) whose eight warps share the pieces (below). At b = 1 a row has 40-130 pieces; one warp
+//    walking them took ~25 dependent load round trips (benchmarks/NOTES.md, v7.3).
 //
 // Launched with programmatic dependent launch (PDL): the grid may start launching while the main kernel is
 // still running; every CTA first waits (griddepcontrol.wait) for the main kernel to complete, then reads
@@ -39,9 +39,9 @@ constexpr int kCombineWarps = 8;
 #define FMLA_SPLITS_GRID_MIN_PIECES 8
 #endif
 constexpr int kSplitsGridMinPieces = FMLA_SPLITS_GRID_MIN_PIECES;
-#ifndef FMLA_SPLITS_MIN_CTAS  // (an A/B knob: minimum resident CTAs per SM of the eight-warp grid)
-#define FMLA_SPLITS_MIN_CTAS 1
-#endif
+// The eight-warp grid's CTAs (one per request, row and 128 columns) stay within this many per SM; its build
+// for grids past three CTAs per SM is held to 64 registers, so four fit (see launch_combine).
+constexpr int kSplitsGridMaxCtasPerSm = 4;
 
 template <typename T>
 struct Pack2;
@@ -203,8 +203,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const De
 // split into ~100 pieces costs about two load round trips, against ~25 when one warp walks all pieces four
 // at a time. Same results as combine_request up to fp32 rounding, NaN and empty rows included (a warp with
 // only empty pieces has max -inf and sum 0, and weighs 0 in the join).
-template <typename T>
-__global__ void __launch_bounds__(kCombineWarps * 32, FMLA_SPLITS_MIN_CTAS)
+template <typename T, int kMinCtasPerSm>
+__global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
     combine_splits_kernel(const DecodeParams p) {
   constexpr int kUnroll = 8, kCols = 32 * 4;
   __shared__ float4 s_acc[kCombineWarps][32];
@@ -285,18 +285,18 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   const int grid_y = (rows + kCombineWarps - 1) / kCombineWarps;
   // The scheduler made num_sm_parts = SMs / (h_kv * m-blocks) parts, so this is the SM count it assumed.
   const int64_t sms = static_cast<int64_t>(params.num_sm_parts) * params.h_kv * params.num_m_blocks;
-  bool narrow = static_cast<int64_t>(grid_x) * grid_y * 4 < 2 * sms;  // see the top of this file
-  // The eight-warp grid where the merge of one row is long enough to share among eight warps; one CTA per
-  // row (gridDim.y).
-  bool splits_grid =
-      narrow && static_cast<int64_t>(params.b) * kSplitsGridMinPieces <= params.num_sm_parts && rows <= 65535;
-#if defined(FMLA_SPLITS_GRID_MAX_ROWS)  // (an A/B knob: at most this many (request, row) pairs)
-  splits_grid = splits_grid && static_cast<int64_t>(params.b) * rows <= FMLA_SPLITS_GRID_MAX_ROWS;
-#endif
-#if defined(FMLA_COMBINE_GRID)  // (an A/B knob: 1 the eight-warp grid, 2 the narrow row grid, 3 the wide one)
-  splits_grid = FMLA_COMBINE_GRID == 1 && rows <= 65535;
-  narrow = FMLA_COMBINE_GRID != 3;
-#endif
+  const bool narrow = static_cast<int64_t>(grid_x) * grid_y * 4 < 2 * sms;  // see the top of this file
+  // The eight-warp grid where the merge of one row is long enough to share among eight warps (one CTA per
+  // row, gridDim.y) and its 4 * b * rows CTAs fit in one wave at four per SM. Past one wave the row grid is
+  // faster (v8.0, benchmarks/NOTES.md: b4 h128 8192 53.9 -> 44.0 us, b2 h128 1024 25.5 -> 23.0): each splits
+  // CTA merges only its few pieces per warp, so a second wave doubles the time of the same loads.
+  const int64_t pairs = static_cast<int64_t>(params.b) * rows;
+  const bool splits_grid = narrow &&
+                           static_cast<int64_t>(params.b) * kSplitsGridMinPieces <= params.num_sm_parts &&
+                           pairs * 4 <= kSplitsGridMaxCtasPerSm * sms && rows <= 65535;
+  // Its 80-register build holds three CTAs per SM; a grid larger than that takes the 64-register one (8
+  // bytes of spill), which keeps it in one wave (b1 h128 8192 28.9 -> 28.2 us, 1024 21.6 -> 20.4).
+  const bool splits_min4 = pairs * 4 > 3 * sms;
   const int grid_z = narrow && !splits_grid ? 8 : 4;
   // At most 8 CTAs per SM (about two waves: four CTAs of 256 threads fit per SM at <= 64 registers): b = 128,
   // h_q = 128 would otherwise launch 8,192 CTAs, which cost ~6 us of tail after the main kernel even when no
@@ -315,11 +315,18 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   config.attrs = attr;
   config.numAttrs = 1;
   if (dtype == DType::kBF16) {
-    if (splits_grid) return cudaLaunchKernelEx(&config, combine_splits_kernel<__nv_bfloat16>, params);
+    if (splits_grid && splits_min4) {
+      return cudaLaunchKernelEx(&config, combine_splits_kernel<__nv_bfloat16, kSplitsGridMaxCtasPerSm>,
+                                params);
+    }
+    if (splits_grid) return cudaLaunchKernelEx(&config, combine_splits_kernel<__nv_bfloat16, 1>, params);
     return narrow ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, 2>, params)
                   : cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, 4>, params);
   }
-  if (splits_grid) return cudaLaunchKernelEx(&config, combine_splits_kernel<__half>, params);
+  if (splits_grid && splits_min4) {
+    return cudaLaunchKernelEx(&config, combine_splits_kernel<__half, kSplitsGridMaxCtasPerSm>, params);
+  }
+  if (splits_grid) return cudaLaunchKernelEx(&config, combine_splits_kernel<__half, 1>, params);
   return narrow ? cudaLaunchKernelEx(&config, combine_kernel<__half, 2>, params)
                 : cudaLaunchKernelEx(&config, combine_kernel<__half, 4>, params);
 }

@@ -37,31 +37,11 @@ enum MetaField : int {
 // accumulators are sized by the part count, never by the batch size.
 // Cost model: request i has nblk_i = max(1, ceil(seqlen_i / 64)) blocks; a piece of a request costs
 // kFixedOverhead "block units" (its prologue/epilogue) plus its blocks. Parts are filled greedily in request
-// order up to cap = ceil(total / parts_budget) + kFixedOverhead units (total = sum of nblk_i +
+// order up to cap = ceil(total / num_sm_parts) + kFixedOverhead units (total = sum of nblk_i +
 // kFixedOverhead): a piece that fits is taken whole, the first that does not is cut to (room left -
 // kFixedOverhead) blocks when that is >= 1, and the next part starts where this one stopped (sched_meta.cu
 // has the details).
 constexpr int kFixedOverhead = 5;
-// Small batches of short pieces: when there are kSmallBatchPieces or more parts per request on average
-// (b * kSmallBatchPieces <= num_sm_parts) and a part would hold at most kSmallBatchPieces cost units
-// (total <= kSmallBatchPieces * num_sm_parts), only three quarters of the parts get work (parts_budget =
-// P - P / 4, the others stay empty): fewer, longer pieces share the fixed cost of a piece (prologue,
-// first-page latency, fp32 partials, their combine). Measured (benchmarks/NOTES.md, v7.2): b1 h16 32768
-// -12 %, b1 h128 32768 -3 %, b8 h16 8192 -3 %; with longer pieces (b8 h16 32768, 31 blocks per part) it
-// was 2 % slower, hence the second condition. num_sm_parts itself keeps FlashMLA's formula.
-constexpr int kSmallBatchPieces = 16;
-// (Plain constexpr: host code includes this header too; the kernels call it through
-// --expt-relaxed-constexpr.)
-constexpr int parts_budget(int b, int64_t total, int num_sm_parts) {
-#ifdef FMLA_NO_PARTS_BUDGET  // (an A/B knob)
-  return num_sm_parts;
-#endif
-  return static_cast<int64_t>(b) * kSmallBatchPieces <= num_sm_parts &&
-                 total <= static_cast<int64_t>(kSmallBatchPieces) * num_sm_parts
-             ? num_sm_parts - num_sm_parts / 4
-             : num_sm_parts;
-}
-
 // The scheduler keeps its per-request arrays (prefix sums of the costs, the transition from each request's
 // start; 16 bytes per request) in shared memory up to this many requests, beyond in `scratch`, a global
 // buffer the launcher allocates only then.

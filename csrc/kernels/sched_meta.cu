@@ -1,7 +1,7 @@
 // Tile scheduler: splits the (request, 64-token block) work of one decode step over `num_sm_parts` parts.
 //
 // Contract (params.h; flashmla_ops/reference.py implements the same rule on the CPU and must agree bit for
-// bit). Each part is filled greedily, in request order, up to a capacity of cap = ceil(total / P') +
+// bit). Each part is filled greedily, in request order, up to a capacity of cap = ceil(total / P) +
 // kFixedOverhead cost units, where a request costs kFixedOverhead + (its blocks) and a piece of a request
 // that continues from the previous part pays the overhead again. A request that fits in the room left is
 // taken whole; one that does not is cut, and the part takes (room - kFixedOverhead) of its blocks, if that is
@@ -9,9 +9,9 @@
 // of 4096 tokens on 66 parts: two whole requests per part, no partials and no combine work), which a
 // fixed-width cut of the cost space cannot do. A part that ends with a cut is charged cap units (and its
 // continuation pays one overhead again), any other part but the last at least cap - kFixedOverhead, so the
-// m parts before the last cover at least m * ceil(total / P') units of the batch's cost: P' parts suffice.
-// P' = parts_budget(b, total, P) is P, or three quarters of it for small batches of short pieces (params.h);
-// the parts past P' stay empty.
+// m parts before the last cover at least m * ceil(total / P) units of the batch's cost: P parts suffice.
+// (Session 7's "parts budget", three quarters of P for small batches, was removed in v8.0: with the v7.3
+// combine it no longer paid; benchmarks/NOTES.md.)
 //
 // Only the chain of part starts is sequential, so it is kept short. A part that starts at the beginning of a
 // request r ends where the same rule says, whatever came before: that transition is computed for every r in
@@ -128,8 +128,7 @@ __global__ void __launch_bounds__(kSchedThreads) sched_meta_kernel(const SchedPa
     if (tid == kSchedThreads - 1) s_carry += incl;
     __syncthreads();
   }
-  const int budget = parts_budget(b, s_carry, P);
-  const int64_t cap = (s_carry + budget - 1) / budget + kFixedOverhead;
+  const int64_t cap = (s_carry + P - 1) / P + kFixedOverhead;
   const CostSpace cs{ends, b};
 
   // Pass 2: the transition from the start of every request, in parallel.
