@@ -9,9 +9,9 @@
 //  * many requests (the usual case): one warp per (output row, 512 / Z columns); 8 rows per CTA; grid
 //    (min(b, 2 * num_sm_parts), ceil(rows / 8) capped at 8 CTAs per SM, Z), striding over the requests and
 //    the row groups. Each lane owns kVec = 128 / Z consecutive columns (one 16- or 8-byte load per split)
-//    and merges the pieces in one online pass, four pieces' loads in flight per round (merge_online). Z = 4
-//    normally; Z = 8 (kVec = 2) when the grid would give the GPU fewer than two CTAs per SM: the combine is
-//    then latency-bound, and twice the warps keep twice the loads in flight;
+//    and merges the pieces in one online pass, four (Z = 4) or eight (Z = 8) pieces' loads in flight per
+//    round (merge_online). Z = 4 normally; Z = 8 (kVec = 2) when the grid would give the GPU fewer than two
+//    CTAs per SM: the combine is then latency-bound, and twice the warps keep twice the loads in flight;
 //  * few requests, each split into many pieces (that small grid, b * kSplitsGridMinPieces <= num_sm_parts,
 //    b * rows <= SMs so that its CTAs fit in one wave at four per SM, and rows <= 65535 for gridDim.y; on
 //    132 SMs: b <= 8 at h_q = 16, b = 1 at h_q = 128): combine_splits_kernel, one CTA per (request, row,
@@ -40,8 +40,10 @@ constexpr int kCombineWarps = 8;
 #endif
 constexpr int kSplitsGridMinPieces = FMLA_SPLITS_GRID_MIN_PIECES;
 // The eight-warp grid's CTAs (one per request, row and 128 columns) stay within this many per SM; its build
-// for grids past three CTAs per SM is held to 64 registers, so four fit (see launch_combine).
+// for grids past three CTAs per SM is held to 64 registers, so four fit, the other one to 85, so three do
+// (see launch_combine).
 constexpr int kSplitsGridMaxCtasPerSm = 4;
+constexpr int kSplitsGridCtasPerSm = 3;
 
 template <typename T>
 struct Pack2;
@@ -134,14 +136,14 @@ __device__ __forceinline__ void merge_online(const float* lse_acc, int64_t lse_s
 }
 
 template <typename T, int kVec>
-__device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n, int row_group) {
+__device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int64_t slot0, int n,
+                                                int row_group) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = row_group * kCombineWarps + warp;  // in [0, h_kv * q_seq_per_hk)
   if (row >= p.h_kv * p.q_seq_per_hk) return;        // (warp-uniform; nothing after this synchronises)
   const int col = blockIdx.z * (32 * kVec) + lane * kVec;
   const int h_k = row / p.q_seq_per_hk;
   const int grow = row % p.q_seq_per_hk;
-  const int64_t slot0 = p.num_splits[req];
   const int64_t rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
   const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
   const int s_idx = grow / p.q_heads_per_hk;
@@ -159,9 +161,11 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
     return;
   }
 
-  // Four pieces per round: enough for the 2-6 pieces of a request in a large batch, and ~64 registers, so
-  // the one-wave grid keeps four CTAs per SM resident (eight per round would take ~120).
-  constexpr int kRowUnroll = 4;
+  // Pieces per round. 16-byte lanes (the wide grid: many split requests of 2-6 pieces): four, ~56 registers,
+  // so the one-wave grid keeps four CTAs per SM resident (eight per round would take ~120). 8-byte lanes (the
+  // narrow grid, which also serves b = 2-4 requests at h_q = 128 split into 16-33 pieces): eight, in the same
+  // registers.
+  constexpr int kRowUnroll = kVec == 2 ? 8 : 4;
   const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col;
   float m = -INFINITY, sum = 0.f, acc[kVec];
 #pragma unroll
@@ -178,6 +182,14 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
   if (lane == 0 && blockIdx.z == 0) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
 }
 
+// num_splits[req] and num_splits[req + 1]: where request req's pieces are, and how many.
+struct SplitRange {
+  int begin, end;
+};
+__device__ __forceinline__ SplitRange split_range(const DecodeParams& p, int req) {
+  return SplitRange{p.num_splits[req], p.num_splits[req + 1]};
+}
+
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const DecodeParams p) {
   // Every CTA waits for the main kernel before it may finish: if a CTA with nothing to merge returned
@@ -190,9 +202,12 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const De
   // costs one wave of CTAs that read num_splits and exit, not one CTA per (request, 8 rows, column slice).
   const int row_groups = (p.h_kv * p.q_seq_per_hk + kCombineWarps - 1) / kCombineWarps;
   for (int req = blockIdx.x; req < p.b; req += gridDim.x) {
-    const int n = p.num_splits[req + 1] - p.num_splits[req];
+    const SplitRange sr = split_range(p, req);
+    const int n = sr.end - sr.begin;
     if (n == 0) continue;
-    for (int rg = blockIdx.y; rg < row_groups; rg += gridDim.y) combine_request<T, kVec>(p, req, n, rg);
+    for (int rg = blockIdx.y; rg < row_groups; rg += gridDim.y) {
+      combine_request<T, kVec>(p, req, sr.begin, n, rg);
+    }
   }
 }
 
@@ -209,6 +224,14 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
   constexpr int kUnroll = 8, kCols = 32 * 4;
   __shared__ float4 s_acc[kCombineWarps][32];
   __shared__ float s_max[kCombineWarps], s_sum[kCombineWarps];
+  // The first request's num_splits entries may be read before the wait in the regular build: num_splits
+  // is written by get_mla_metadata, which completed before the main kernel started (stream order), so only
+  // the partials need the wait, and the tail after the main kernel loses one dependent load (v8.2: b1-b4 h16
+  // -1 to -4 %). The 64-register build waits first: the live values would cost it more spills.
+  SplitRange first{0, 0};
+  if constexpr (kMinCtasPerSm == kSplitsGridCtasPerSm) {
+    if (static_cast<int>(blockIdx.x) < p.b) first = split_range(p, blockIdx.x);
+  }
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // as in combine_kernel
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.y;  // in [0, h_kv * q_seq_per_hk)
@@ -218,9 +241,12 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
   const int64_t piece_stride = rows_per_slot * kHeadDimV;
   const int col = blockIdx.z * kCols;
   for (int req = blockIdx.x; req < p.b; req += gridDim.x) {
-    const int n = p.num_splits[req + 1] - p.num_splits[req];
+    const SplitRange sr = kMinCtasPerSm == kSplitsGridCtasPerSm && req == static_cast<int>(blockIdx.x)
+                              ? first
+                              : split_range(p, req);
+    const int n = sr.end - sr.begin;
     if (n == 0) continue;  // (CTA-uniform, as every branch below)
-    const int64_t slot0 = p.num_splits[req];
+    const int64_t slot0 = sr.begin;
     T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride +
              head * p.o_head_stride + col;
     float* lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
@@ -294,9 +320,10 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   const bool splits_grid = narrow &&
                            static_cast<int64_t>(params.b) * kSplitsGridMinPieces <= params.num_sm_parts &&
                            pairs * 4 <= kSplitsGridMaxCtasPerSm * sms && rows <= 65535;
-  // Its 80-register build holds three CTAs per SM; a grid larger than that takes the 64-register one (8
-  // bytes of spill), which keeps it in one wave (b1 h128 8192 28.9 -> 28.2 us, 1024 21.6 -> 20.4).
-  const bool splits_min4 = pairs * 4 > 3 * sms;
+  // Its regular build (at most 85 registers) holds three CTAs per SM; a grid larger than that takes the
+  // 64-register one (8 bytes of spill), which keeps it in one wave (b1 h128 8192 28.9 -> 28.2 us, 1024 21.6
+  // -> 20.4).
+  const bool splits_min4 = pairs * 4 > kSplitsGridCtasPerSm * sms;
   const int grid_z = narrow && !splits_grid ? 8 : 4;
   // At most 8 CTAs per SM (about two waves: four CTAs of 256 threads fit per SM at <= 64 registers): b = 128,
   // h_q = 128 would otherwise launch 8,192 CTAs, which cost ~6 us of tail after the main kernel even when no
@@ -319,14 +346,16 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
       return cudaLaunchKernelEx(&config, combine_splits_kernel<__nv_bfloat16, kSplitsGridMaxCtasPerSm>,
                                 params);
     }
-    if (splits_grid) return cudaLaunchKernelEx(&config, combine_splits_kernel<__nv_bfloat16, 1>, params);
+    if (splits_grid)
+      return cudaLaunchKernelEx(&config, combine_splits_kernel<__nv_bfloat16, kSplitsGridCtasPerSm>, params);
     return narrow ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, 2>, params)
                   : cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, 4>, params);
   }
   if (splits_grid && splits_min4) {
     return cudaLaunchKernelEx(&config, combine_splits_kernel<__half, kSplitsGridMaxCtasPerSm>, params);
   }
-  if (splits_grid) return cudaLaunchKernelEx(&config, combine_splits_kernel<__half, 1>, params);
+  if (splits_grid)
+    return cudaLaunchKernelEx(&config, combine_splits_kernel<__half, kSplitsGridCtasPerSm>, params);
   return narrow ? cudaLaunchKernelEx(&config, combine_kernel<__half, 2>, params)
                 : cudaLaunchKernelEx(&config, combine_kernel<__half, 4>, params);
 }
