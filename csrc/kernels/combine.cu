@@ -9,9 +9,9 @@
 //  * many requests (the usual case): one warp per (output row, 512 / Z columns); 8 rows per CTA; grid
 //    (min(b, 2 * num_sm_parts), ceil(rows / 8) capped at 8 CTAs per SM, Z), striding over the requests and
 //    the row groups. Each lane owns kVec = 128 / Z consecutive columns (one 16- or 8-byte load per split)
-//    and merges the pieces in one online pass, four (Z = 4) or eight (Z = 8) pieces' loads in flight per
-//    round (merge_online). Z = 4 normally; Z = 8 (kVec = 2) when the grid would give the GPU fewer than two
-//    CTAs per SM: the combine is then latency-bound, and twice the warps keep twice the loads in flight;
+//    and merges the pieces in one online pass, four pieces' loads in flight per round (merge_online). Z = 4
+//    normally; Z = 8 (kVec = 2) when the grid would give the GPU fewer than two CTAs per SM: the combine is
+//    then latency-bound, and twice the warps keep twice the loads in flight;
 //  * few requests, each split into many pieces (that small grid, b * kSplitsGridMinPieces <= num_sm_parts,
 //    b * rows <= SMs so that its CTAs fit in one wave at four per SM, and rows <= 65535 for gridDim.y; on
 //    132 SMs: b <= 8 at h_q = 16, b = 1 at h_q = 128): combine_splits_kernel, one CTA per (request, row,
@@ -136,14 +136,14 @@ __device__ __forceinline__ void merge_online(const float* lse_acc, int64_t lse_s
 }
 
 template <typename T, int kVec>
-__device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int64_t slot0, int n,
-                                                int row_group) {
+__device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n, int row_group) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = row_group * kCombineWarps + warp;  // in [0, h_kv * q_seq_per_hk)
   if (row >= p.h_kv * p.q_seq_per_hk) return;        // (warp-uniform; nothing after this synchronises)
   const int col = blockIdx.z * (32 * kVec) + lane * kVec;
   const int h_k = row / p.q_seq_per_hk;
   const int grow = row % p.q_seq_per_hk;
+  const int64_t slot0 = p.num_splits[req];
   const int64_t rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
   const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
   const int s_idx = grow / p.q_heads_per_hk;
@@ -161,11 +161,10 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
     return;
   }
 
-  // Pieces per round. 16-byte lanes (the wide grid: many split requests of 2-6 pieces): four, ~56 registers,
-  // so the one-wave grid keeps four CTAs per SM resident (eight per round would take ~120). 8-byte lanes (the
-  // narrow grid, which also serves b = 2-4 requests at h_q = 128 split into 16-33 pieces): eight, in the same
-  // registers.
-  constexpr int kRowUnroll = kVec == 2 ? 8 : 4;
+  // Four pieces per round: enough for the 2-6 pieces of a request in a large batch, and ~64 registers, so
+  // the one-wave grid keeps four CTAs per SM resident (eight per round would take ~120; with 8-byte lanes
+  // eight fit in 64, but did not beat four on the narrow grid's b = 2-4, h_q = 128 rows: v8.2).
+  constexpr int kRowUnroll = 4;
   const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col;
   float m = -INFINITY, sum = 0.f, acc[kVec];
 #pragma unroll
@@ -202,12 +201,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const De
   // costs one wave of CTAs that read num_splits and exit, not one CTA per (request, 8 rows, column slice).
   const int row_groups = (p.h_kv * p.q_seq_per_hk + kCombineWarps - 1) / kCombineWarps;
   for (int req = blockIdx.x; req < p.b; req += gridDim.x) {
-    const SplitRange sr = split_range(p, req);
-    const int n = sr.end - sr.begin;
+    const int n = p.num_splits[req + 1] - p.num_splits[req];
     if (n == 0) continue;
-    for (int rg = blockIdx.y; rg < row_groups; rg += gridDim.y) {
-      combine_request<T, kVec>(p, req, sr.begin, n, rg);
-    }
+    for (int rg = blockIdx.y; rg < row_groups; rg += gridDim.y) combine_request<T, kVec>(p, req, n, rg);
   }
 }
 
@@ -346,16 +342,18 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
       return cudaLaunchKernelEx(&config, combine_splits_kernel<__nv_bfloat16, kSplitsGridMaxCtasPerSm>,
                                 params);
     }
-    if (splits_grid)
+    if (splits_grid) {
       return cudaLaunchKernelEx(&config, combine_splits_kernel<__nv_bfloat16, kSplitsGridCtasPerSm>, params);
+    }
     return narrow ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, 2>, params)
                   : cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16, 4>, params);
   }
   if (splits_grid && splits_min4) {
     return cudaLaunchKernelEx(&config, combine_splits_kernel<__half, kSplitsGridMaxCtasPerSm>, params);
   }
-  if (splits_grid)
+  if (splits_grid) {
     return cudaLaunchKernelEx(&config, combine_splits_kernel<__half, kSplitsGridCtasPerSm>, params);
+  }
   return narrow ? cudaLaunchKernelEx(&config, combine_kernel<__half, 2>, params)
                 : cudaLaunchKernelEx(&config, combine_kernel<__half, 4>, params);
 }
