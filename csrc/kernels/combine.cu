@@ -135,44 +135,29 @@ __device__ __forceinline__ void merge_online(const float* lse_acc, int64_t lse_s
   }
 }
 
-// Where output row `row` of request req goes (row in [0, h_kv * q_seq_per_hk): kv head row / q_seq_per_hk,
-// then MTP token and query head as in the main kernel): `out` at column col, and its lse.
-template <typename T>
-struct RowDst {
-  T* out;
-  float* lse;
-};
-template <typename T>
-__device__ __forceinline__ RowDst<T> row_dst(const DecodeParams& p, int req, int row, int col) {
-  const int h_k = row / p.q_seq_per_hk, grow = row % p.q_seq_per_hk;
-  const int s_idx = grow / p.q_heads_per_hk, head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
-  return {
-      static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride + col,
-      p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride};
-}
-
-// num_splits that does not match the metadata (from another call) can name pieces outside the workspace's
-// 2 * num_sm_parts slots: such a request is flagged with NaN rows instead of read.
-__device__ __forceinline__ bool splits_mismatch(const DecodeParams& p, int64_t slot0, int n) {
-  return n < 0 || slot0 < 0 || slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts);
-}
-
 template <typename T, int kVec>
 __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n, int row_group) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = row_group * kCombineWarps + warp;  // in [0, h_kv * q_seq_per_hk)
   if (row >= p.h_kv * p.q_seq_per_hk) return;        // (warp-uniform; nothing after this synchronises)
   const int col = blockIdx.z * (32 * kVec) + lane * kVec;
+  const int h_k = row / p.q_seq_per_hk;
+  const int grow = row % p.q_seq_per_hk;
   const int64_t slot0 = p.num_splits[req];
   const int64_t rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
   const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
-  if (splits_mismatch(p, slot0, n)) {
-    const RowDst<T> dst = row_dst<T>(p, req, row, col);
+  const int s_idx = grow / p.q_heads_per_hk;
+  const int head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
+  T* out =
+      static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride + head * p.o_head_stride + col;
+  float* lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
+  if (n < 0 || slot0 < 0 || slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts)) {
+    // num_splits does not match the metadata (mixed-up calls): flag the request instead of reading garbage.
     float nan[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) nan[i] = __int_as_float(0x7fc00000);
-    store_vec<T, kVec>(dst.out, nan);
-    if (lane == 0 && blockIdx.z == 0) *dst.lse = nan[0];
+    store_vec<T, kVec>(out, nan);
+    if (lane == 0 && blockIdx.z == 0) *lse_out = nan[0];
     return;
   }
 
@@ -192,9 +177,8 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
   for (int i = 0; i < kVec; ++i) acc[i] *= inv;
   const float l = log2f(sum) + (m == -INFINITY ? 0.f : m);
 
-  const RowDst<T> dst = row_dst<T>(p, req, row, col);
-  store_vec<T, kVec>(dst.out, acc);
-  if (lane == 0 && blockIdx.z == 0) *dst.lse = empty ? INFINITY : l * 0.69314718055994530942f;
+  store_vec<T, kVec>(out, acc);
+  if (lane == 0 && blockIdx.z == 0) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
 }
 
 // num_splits[req] and num_splits[req + 1]: where request req's pieces are, and how many.
@@ -247,6 +231,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // as in combine_kernel
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.y;  // in [0, h_kv * q_seq_per_hk)
+  const int h_k = row / p.q_seq_per_hk, grow = row % p.q_seq_per_hk;
+  const int s_idx = grow / p.q_heads_per_hk, head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
   const int64_t rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
   const int64_t piece_stride = rows_per_slot * kHeadDimV;
   const int col = blockIdx.z * kCols;
@@ -257,10 +243,11 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
     const int n = sr.end - sr.begin;
     if (n == 0) continue;  // (CTA-uniform, as every branch below)
     const int64_t slot0 = sr.begin;
-    const RowDst<T> dst = row_dst<T>(p, req, row, col);
-    T* out = dst.out;
-    float* lse_out = dst.lse;
-    if (splits_mismatch(p, slot0, n)) {
+    T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride +
+             head * p.o_head_stride + col;
+    float* lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
+    if (n < 0 || slot0 < 0 || slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts)) {
+      // num_splits does not match the metadata (mixed-up calls): flag the request instead of reading garbage.
       if (threadIdx.x < kCols / 2) {
         const float nan[2] = {__int_as_float(0x7fc00000), __int_as_float(0x7fc00000)};
         store_vec<T, 2>(out + 2 * threadIdx.x, nan);
