@@ -192,11 +192,12 @@ def test_invalid_values_give_nan_not_memory_errors():
     assert_allclose_flashmla(lse[:1], ref_lse, **LSE_TOL)
 
 
-# All three combine grids (on 114 to 132 SMs): eight warps per row where a few requests are split into many
-# pieces (b = 1 and 2 at h_q = 16, the 80-register build; b = 1 at h_q = 128, the 64-register one; at b = 2
-# the other request's merge is checked), one warp per row with 8-byte lanes (b = 2 and 4 at h_q = 128, past
-# one wave of the eight-warp grid; b = 24, a small grid but ~4 pieces per request) and with 16-byte lanes
-# (b = 64).
+# All three combine grids, as launch_combine picks them on 132 SMs: eight warps per row where a few requests
+# are split into many pieces (b = 1 and 2 at h_q = 16, the three-CTA build; b = 1 at h_q = 128, the
+# 64-register one; at b = 2 the other request's merge is checked), one warp per row with 8-byte lanes (b = 2
+# and 4 at h_q = 128, past one wave of the eight-warp grid; b = 24, a small grid but ~4 pieces per request)
+# and with 16-byte lanes (b = 64). On a 114-SM H100 PCIe b = 1 at h_q = 128 takes the 8-byte-lane grid and
+# b = 4 at h_q = 128 the 16-byte one: all three grids are still covered, the 64-register build is not.
 @pytest.mark.parametrize(
     "b,h_q,s_k",
     [

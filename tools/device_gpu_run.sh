@@ -41,8 +41,8 @@ for st in $stages; do
       (cd /tmp && timeout 300 python3 -m pytest --rootdir="$REPO" "$REPO/tests/test_sched_cuda.py" "$REPO/tests/test_decode_cuda.py" -q -x -k "not grid or (b1 and 4096)" -p no:cacheprovider) 2>&1 | tee "$OUT/pytest_quick.log" | tail -25
       ;;
     test-k)
-      (cd /tmp && timeout 300 python3 -m pytest --rootdir="$REPO" "$REPO/tests" -q -p no:cacheprovider -k "$TEST_K") 2>&1 \
-        | tee "$OUT/pytest_k.log" | tail -15
+      (cd /tmp && timeout 300 python3 -m pytest --rootdir="$REPO" "$REPO/tests" -q -p no:cacheprovider \
+        -k "${TEST_K:?set TEST_K}") 2>&1 | tee "$OUT/pytest_k.log" | tail -15
       ;;
     test)
       (cd /tmp && timeout 480 python3 -m pytest --rootdir="$REPO" "$REPO/tests" -q -p no:cacheprovider --junitxml="$OUT/junit.xml") 2>&1 | tee "$OUT/pytest.log" | tail -30
@@ -78,6 +78,7 @@ for st in $stages; do
       # CMakeLists.txt pyproject.toml README.md, carried in .carry/) or CUDA flags for this tree (commas for
       # spaces: -DA=1,-DB). Each is built into /tmp/ab_NAME; bench-quick on each in turn, then on this tree
       # (AB_BENCH="--small" or "" for other benchmark rows, AB_ROUNDS for repeated alternating rounds).
+      rm -f "$OUT/ab_build_failed"
       for spec in ${AB_TREES:-}; do
         name=${spec%%=*}; x=${spec#*=}; src=$REPO; flags=""
         if [ -f "$x" ]; then

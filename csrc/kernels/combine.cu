@@ -15,7 +15,7 @@
 //  * few requests, each split into many pieces (that small grid, b * kSplitsGridMinPieces <= num_sm_parts,
 //    b * rows <= SMs so that its CTAs fit in one wave at four per SM, and rows <= 65535 for gridDim.y; on
 //    132 SMs: b <= 8 at h_q = 16, b = 1 at h_q = 128): combine_splits_kernel, one CTA per (request, row,
-//    128 columns) whose eight warps share the pieces (below). At b = 1 a row has 40-130 pieces; one warp
+//    128 columns) whose eight warps share the pieces (below). At b = 1 a row has 16-130 pieces; one warp
 //    walking them took ~25 dependent load round trips (benchmarks/NOTES.md, v7.3).
 //
 // Launched with programmatic dependent launch (PDL): the grid may start launching while the main kernel is
@@ -40,8 +40,8 @@ constexpr int kCombineWarps = 8;
 #endif
 constexpr int kSplitsGridMinPieces = FMLA_SPLITS_GRID_MIN_PIECES;
 // The eight-warp grid's CTAs (one per request, row and 128 columns) stay within this many per SM; its build
-// for grids past three CTAs per SM is held to 64 registers, so four fit, the other one to 85, so three do
-// (see launch_combine).
+// for grids past three CTAs per SM is held to 64 registers, so four fit, the other one to 80 (72 used), so
+// three do (see launch_combine).
 constexpr int kSplitsGridMaxCtasPerSm = 4;
 constexpr int kSplitsGridCtasPerSm = 3;
 
@@ -220,10 +220,11 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
   constexpr int kUnroll = 8, kCols = 32 * 4;
   __shared__ float4 s_acc[kCombineWarps][32];
   __shared__ float s_max[kCombineWarps], s_sum[kCombineWarps];
-  // The first request's num_splits entries may be read before the wait in the regular build: num_splits
-  // is written by get_mla_metadata, which completed before the main kernel started (stream order), so only
-  // the partials need the wait, and the tail after the main kernel loses one dependent load (v8.2: b1-b4 h16
-  // -1 to -4 %). The 64-register build waits first: the live values would cost it more spills.
+  // The first request's num_splits entries may be read before the wait in the regular build: whatever wrote
+  // num_splits (get_mla_metadata, or the caller) is stream-ordered before the main kernel, which is launched
+  // without PDL and so starts only after it completed; only the partials need the wait, and the tail after
+  // the main kernel loses one dependent load (v8.2: b1-b4 h16 -1 to -4 %). The 64-register build waits first:
+  // the live values would cost it more spills.
   SplitRange first{0, 0};
   if constexpr (kMinCtasPerSm == kSplitsGridCtasPerSm) {
     if (static_cast<int>(blockIdx.x) < p.b) first = split_range(p, blockIdx.x);
@@ -319,9 +320,9 @@ cudaError_t launch_combine(const DecodeParams& params, DType dtype, cudaStream_t
   const bool splits_grid = narrow &&
                            static_cast<int64_t>(params.b) * kSplitsGridMinPieces <= params.num_sm_parts &&
                            pairs * 4 <= kSplitsGridMaxCtasPerSm * sms && rows <= 65535;
-  // Its regular build (at most 85 registers) holds three CTAs per SM; a grid larger than that takes the
-  // 64-register one (8 bytes of spill), which keeps it in one wave (b1 h128 8192 28.9 -> 28.2 us, 1024 21.6
-  // -> 20.4).
+  // Its regular build (at most 80 registers, 72 used) holds three CTAs per SM; a grid larger than that takes
+  // the 64-register one (8 bytes of spill), which keeps it in one wave (b1 h128 8192 28.9 -> 28.2 us, 1024
+  // 21.6 -> 20.4).
   const bool splits_min4 = pairs * 4 > kSplitsGridCtasPerSm * sms;
   const int grid_z = narrow && !splits_grid ? 8 : 4;
   // At most 8 CTAs per SM (about two waves: four CTAs of 256 threads fit per SM at <= 64 registers): b = 128,
