@@ -98,7 +98,7 @@ def get_mla_metadata_reference(
     pieces = [1] * b
     req, blk, split = 0, 0, 0  # the next piece: request `req` from block `blk`, its piece number `split`
     while req < b:
-        assert len(records) < num_sm_parts, "the greedy fill always fits in the parts"
+        assert len(records) < num_sm_parts, "the greedy fill always fits in num_sm_parts parts"
         begin = (req, blk, split)
         first_cost = FIXED_OVERHEAD + nblk[req] - blk
         if first_cost > cap:  # cut the first piece itself

@@ -138,8 +138,7 @@ def scheduler_spec(seqlens: list[int], num_parts: int) -> tuple[list[list[int]],
     """The scheduler specification, written literally: parts filled piece by piece with Python ints."""
     fixed = 5
     nblk = [max(1, -(-max(s, 0) // PAGE)) for s in seqlens]
-    total = sum(n + fixed for n in nblk)
-    cap = -(-total // num_parts) + fixed
+    cap = -(-sum(n + fixed for n in nblk) // num_parts) + fixed
     parts_of: list[list[int]] = [[] for _ in seqlens]
     spans = []  # (begin_req, begin_blk, end_req, end_blk) per part with work
     req, blk = 0, 0

@@ -42,6 +42,7 @@ enum MetaField : int {
 // kFixedOverhead) blocks when that is >= 1, and the next part starts where this one stopped (sched_meta.cu
 // has the details).
 constexpr int kFixedOverhead = 5;
+
 // The scheduler keeps its per-request arrays (prefix sums of the costs, the transition from each request's
 // start; 16 bytes per request) in shared memory up to this many requests, beyond in `scratch`, a global
 // buffer the launcher allocates only then.

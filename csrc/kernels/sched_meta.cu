@@ -10,8 +10,6 @@
 // fixed-width cut of the cost space cannot do. A part that ends with a cut is charged cap units (and its
 // continuation pays one overhead again), any other part but the last at least cap - kFixedOverhead, so the
 // m parts before the last cover at least m * ceil(total / P) units of the batch's cost: P parts suffice.
-// (Session 7's "parts budget", three quarters of P for small batches, was removed in v8.0: with the v7.3
-// combine it no longer paid; benchmarks/NOTES.md.)
 //
 // Only the chain of part starts is sequential, so it is kept short. A part that starts at the beginning of a
 // request r ends where the same rule says, whatever came before: that transition is computed for every r in
