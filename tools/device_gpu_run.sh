@@ -75,8 +75,8 @@ for st in $stages; do
       ;;
     ab-quick)
       # A/B: AB_TREES="name=X ...", X either a tree (path.tar: git archive of csrc flashmla_ops meta integration
-      # CMakeLists.txt pyproject.toml README.md, carried in .carry/) or CUDA flags for this tree (commas for
-      # spaces: -DA=1,-DB). Each is built into /tmp/ab_NAME; bench-quick on each in turn, then on this tree
+      # CMakeLists.txt pyproject.toml README.md, carried in .carry/) or compiler flags for this tree, given to
+      # both nvcc and the host compiler (commas for spaces: -DA=1,-DB). Each is built into /tmp/ab_NAME; bench-quick on each in turn, then on this tree
       # (AB_BENCH="--small" or "" for other benchmark rows, AB_ROUNDS for repeated alternating rounds).
       rm -f "$OUT/ab_build_failed"
       for spec in ${AB_TREES:-}; do
@@ -90,7 +90,7 @@ for st in $stages; do
         # The trees build in parallel (16 cores), four nvcc jobs each.
         (FLASHMLA_ENABLE_CUDA=ON FLASHMLA_NVCC_THREADS=4 python3 -m pip install -q --no-build-isolation --no-deps \
           --target "/tmp/ab_$name" -C "build-dir=$REPO/build/ab_$name" -C "cmake.define.CMAKE_CUDA_FLAGS=$flags" \
-          "$src" > "$OUT/build_ab_$name.log" 2>&1 || { tail -30 "$OUT/build_ab_$name.log"; touch "$OUT/ab_build_failed"; }) &
+          -C "cmake.define.CMAKE_CXX_FLAGS=$flags" "$src" > "$OUT/build_ab_$name.log" 2>&1 || { tail -30 "$OUT/build_ab_$name.log"; touch "$OUT/ab_build_failed"; }) &
       done
       wait
       [ -f "$OUT/ab_build_failed" ] && exit 1
