@@ -45,7 +45,7 @@ void make_k_tensor_map(const Tensor& k_cache, DType dtype, CUtensorMap* map) {
   const cuuint64_t strides[3] = {static_cast<cuuint64_t>(k_cache.stride(1)) * 2,
                                  static_cast<cuuint64_t>(k_cache.stride(2)) * 2,
                                  static_cast<cuuint64_t>(k_cache.stride(0)) * 2};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kTmaBoxRows), 1, 1};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kPageSize), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   const CUresult r = encode(
       map, dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,

@@ -15,15 +15,6 @@ constexpr int kHeadDimK = 576;  // q / k width: 512 latent ("NoPE") + 64 RoPE
 constexpr int kHeadDimV = 512;  // v = the first 512 columns of the same cache rows
 constexpr int kPageSize = 64;   // tokens per page; also the kernel's N tile, so a tile is one page
 constexpr int kBlockM = 64;     // query rows per CTA (one wgmma M); rows = (MTP token, head) pairs
-// Rows of one TMA copy of the k_cache tensor map (host descriptor and kernels agree through this constant).
-// 64: one copy per 64x64 column tile of a page. A divisor of 64 (multiple of 8) splits each tile into row
-// bands, so that a page's copies can go band by band across all its columns (an A/B knob; see
-// benchmarks/NOTES.md, v9.0).
-#ifndef FMLA_TMA_BOX_ROWS
-#define FMLA_TMA_BOX_ROWS 64
-#endif
-constexpr int kTmaBoxRows = FMLA_TMA_BOX_ROWS;
-static_assert(kPageSize % kTmaBoxRows == 0 && kTmaBoxRows % 8 == 0, "TMA box rows must divide the page");
 
 // ---- Scheduler contract ------------------------------------------------------------------------------
 // tile_scheduler_metadata is int32 [num_sm_parts, kMetaSize]; one record per SM part:

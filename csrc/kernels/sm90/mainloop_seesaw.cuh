@@ -101,13 +101,9 @@ __device__ __forceinline__ void issue_group(const DecodeParams& p, void* buf_bas
   constexpr int kTileBytes = kBoxElems * 2;
   const int n = group_boxes(grp);
   mbar_arrive_expect_tx(bar, kTileBytes * n);
-  // Row band by row band across the group's column tiles (one band when a box is a whole tile).
-  for (int r = 0; r < kPageSize; r += kTmaBoxRows) {
-    for (int i = 0; i < n; ++i) {
-      const int box = group_box(buf, grp, i);
-      tma_load_box(p, static_cast<char*>(buf_base) + box * kTileBytes + r * kBoxCols * 2, bar,
-                   box * kBoxCols, r, h_k, page);
-    }
+  for (int i = 0; i < n; ++i) {
+    const int box = group_box(buf, grp, i);
+    tma_load_box(p, static_cast<char*>(buf_base) + box * kTileBytes, bar, box * kBoxCols, h_k, page);
   }
 }
 

@@ -58,13 +58,9 @@ __device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uin
   }
   constexpr int kTileBytes = kPageSize * 64 * 2;
   mbar_arrive_expect_tx(bar, kTileBytes * (kHeadDimK / 64));
-  // Row band by row band, each band across all nine column tiles (one band when a box is a whole tile).
 #pragma unroll
-  for (int r = 0; r < kPageSize; r += kTmaBoxRows) {
-#pragma unroll
-    for (int j = 0; j < kHeadDimK / 64; ++j) {
-      tma_load_box(p, static_cast<char*>(dst) + j * kTileBytes + r * kBoxCols * 2, bar, j * 64, r, h_k, page);
-    }
+  for (int j = 0; j < kHeadDimK / 64; ++j) {
+    tma_load_box(p, static_cast<char*>(dst) + j * kTileBytes, bar, j * 64, h_k, page);
   }
 }
 
