@@ -1,0 +1,198 @@
+// Streaming probe: how fast can one CTA per SM pull 64-token MLA pages (64 x 576 bf16 = 72 KB, contiguous)
+// from HBM into shared memory, with the copy shapes and buffer counts the decode kernels could use, and how
+// much a per-page "hold" (the time a consumer keeps a buffer before it can be refilled) costs?
+// No attention math: this separates the memory system's share of the memory-bound gap from the kernel's.
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe benchmarks/tma_stream_probe.cu
+//   /tmp/tma_stream_probe            # prints one line per (copy shape, buffers, hold, page order)
+//
+// Copy shapes: "tma64" = nine 64x64 TMA boxes (128B swizzle) per page, as the decode kernels copy today;
+// "tma32" = eighteen 32-row boxes; "bulk" = one 1-D cp.async.bulk of the whole contiguous page (no swizzle,
+// not usable by wgmma as is; the contiguous-read reference).
+#include <cuda.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+namespace {
+
+constexpr int kRows = 64, kCols = 576, kPageBytes = kRows * kCols * 2;
+constexpr int kMaxBufs = 3;
+
+#define CK(x)                                                                              \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(bar)));
+}
+__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}\n" ::"r"(
+          smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+struct Args {
+  CUtensorMap map64, map32;
+  const char* base;
+  const int* pages;
+  int num_pages, mode, nbuf, hold;
+};
+
+__device__ __forceinline__ void issue(const Args& a, char* dst, uint64_t* bar, int page) {
+  mbar_expect(bar, kPageBytes);
+  if (a.mode == 2) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+            smem_u32(dst)),
+        "l"(a.base + static_cast<int64_t>(page) * kPageBytes), "r"(kPageBytes), "r"(smem_u32(bar))
+        : "memory");
+    return;
+  }
+  const CUtensorMap* map = a.mode == 0 ? &a.map64 : &a.map32;
+  const int band = a.mode == 0 ? 64 : 32;
+  for (int r = 0; r < kRows; r += band) {
+    for (int j = 0; j < kCols / 64; ++j) {
+      asm volatile(
+          "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, "
+          "%4}], [%5];\n" ::"r"(smem_u32(dst + j * kRows * 128 + r * 128)),
+          "l"(map), "r"(j * 64), "r"(r), "r"(page), "r"(smem_u32(bar))
+          : "memory");
+    }
+  }
+}
+
+__global__ void __launch_bounds__(128, 1) stream_kernel(const __grid_constant__ Args a, unsigned* sink) {
+  extern __shared__ __align__(1024) char smem[];
+  __shared__ uint64_t bars[kMaxBufs];
+  const int per = (a.num_pages + gridDim.x - 1) / gridDim.x;
+  const int begin = blockIdx.x * per, end = min(a.num_pages, begin + per);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < a.nbuf; ++i) mbar_init(&bars[i]);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int i = 0; i < a.nbuf && begin + i < end; ++i)
+      issue(a, smem + i * kPageBytes, &bars[i], a.pages[begin + i]);
+  unsigned acc = 0;
+  for (int i = begin, k = 0; i < end; ++i, ++k) {
+    const int buf = k % a.nbuf;
+    mbar_wait(&bars[buf], (k / a.nbuf) & 1);
+    acc += reinterpret_cast<const unsigned*>(smem + buf * kPageBytes)[threadIdx.x];
+    if (a.hold > 0) {  // the consumer keeps the buffer this long before it may be refilled
+      const long long t0 = clock64();
+      while (clock64() - t0 < a.hold) {
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && i + a.nbuf < end)
+      issue(a, smem + buf * kPageBytes, &bars[buf], a.pages[i + a.nbuf]);
+  }
+  if (acc == 0x12345678u) sink[0] = acc;
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 encoder() {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult q;
+  CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+}
+
+void make_map(CUtensorMap* m, void* base, int num_pages, int box_rows) {
+  const cuuint64_t dims[3] = {kCols, kRows, static_cast<cuuint64_t>(num_pages)};
+  const cuuint64_t strides[2] = {kCols * 2, kPageBytes};
+  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t es[3] = {1, 1, 1};
+  const CUresult r = encoder()(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, base, dims, strides, box, es,
+                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::printf("cuTensorMapEncodeTiled failed: %d\n", static_cast<int>(r));
+    std::exit(1);
+  }
+}
+
+}  // namespace
+
+int main() {
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int num_pages = 128 * 128;  // b = 128 requests of 8192 tokens, 1.2 GB: far larger than L2
+  char* base = nullptr;
+  CK(cudaMalloc(&base, static_cast<size_t>(num_pages) * kPageBytes));
+  CK(cudaMemset(base, 1, static_cast<size_t>(num_pages) * kPageBytes));
+  unsigned* sink = nullptr;
+  CK(cudaMalloc(&sink, 4));
+  std::vector<int> seq(num_pages), rnd(num_pages);
+  std::iota(seq.begin(), seq.end(), 0);
+  rnd = seq;
+  std::shuffle(rnd.begin(), rnd.end(), std::mt19937(1));
+  int *d_seq = nullptr, *d_rnd = nullptr;
+  CK(cudaMalloc(&d_seq, num_pages * 4));
+  CK(cudaMalloc(&d_rnd, num_pages * 4));
+  CK(cudaMemcpy(d_seq, seq.data(), num_pages * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_rnd, rnd.data(), num_pages * 4, cudaMemcpyHostToDevice));
+  Args a{};
+  make_map(&a.map64, base, num_pages, 64);
+  make_map(&a.map32, base, num_pages, 32);
+  a.base = base;
+  a.num_pages = num_pages;
+  CK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBufs * kPageBytes));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  const char* names[3] = {"tma64", "tma32", "bulk"};
+  std::printf("%-6s %4s %6s %4s %9s %8s\n", "copy", "bufs", "hold", "ord", "us", "GB/s");
+  for (int order = 1; order >= 0; --order) {
+    a.pages = order ? d_rnd : d_seq;
+    for (int mode = 0; mode < 3; ++mode) {
+      for (int nbuf = 2; nbuf <= 3; ++nbuf) {
+        for (int hold : {0, 1500, 3000, 4500}) {
+          a.mode = mode;
+          a.nbuf = nbuf;
+          a.hold = hold;
+          const int smem = nbuf * kPageBytes;
+          for (int w = 0; w < 3; ++w) stream_kernel<<<sms, 128, smem>>>(a, sink);
+          CK(cudaGetLastError());
+          std::vector<float> ts;
+          for (int rep = 0; rep < 15; ++rep) {
+            CK(cudaEventRecord(e0));
+            stream_kernel<<<sms, 128, smem>>>(a, sink);
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float ms = 0;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            ts.push_back(ms);
+          }
+          std::sort(ts.begin(), ts.end());
+          const double us = ts[ts.size() / 2] * 1e3;
+          std::printf("%-6s %4d %6d %4s %9.1f %8.0f\n", names[mode], nbuf, hold, order ? "rand" : "seq", us,
+                      static_cast<double>(num_pages) * kPageBytes / us / 1e3);
+        }
+      }
+    }
+  }
+  return 0;
+}
