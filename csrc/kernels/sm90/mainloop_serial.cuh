@@ -132,38 +132,31 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     warpgroup_commit_batch();
   };
 
-  // The part's pages form one stream over its segments (requests): the page with stream index g goes
-  // through buffer g & 1. The last two pages of a segment refill their buffers with the next segment's
-  // first two pages, so a segment's first pages are in flight before the previous segment's epilogue (no
-  // pipeline drain at a segment boundary). A segment's Q (cp.async, all threads) is loaded once the
-  // previous segment's page loop is done (its last Q K^T has read Q), and lands while that epilogue runs.
-  // start_segment issues the first pages that the previous segment could not prefetch: page j of the
-  // segment was prefetched iff j >= 2 - (previous segment's page count), so none after a segment of two or
-  // more pages, one after a one-page segment, both for the part's first segment or after an empty one.
-  // Q first: thread 0's page lookups are dependent loads, and its warp's share of Q would otherwise wait
-  // behind them.
-  bool lookup_bad = false;  // thread 0's page lookups for the next segment found an invalid page id
-  auto start_segment = [&](int req, const RequestWork& ws, int g, int n_prev) {
+  // Loads of a segment's Q (cp.async, all threads) and first two pages (thread 0). Q first: thread 0's page
+  // lookups are dependent loads, and its warp's share of Q would otherwise wait behind them. The next
+  // segment's loads are issued as soon as this segment's page loop is done (Q and both page buffers are free
+  // then), so they land while this segment's epilogue runs.
+  bool lookup_bad = false;  // thread 0's page lookups of the segment being loaded found an invalid page id
+  auto start_segment = [&](int req, const RequestWork& ws) {
     load_q<T>(p, sQ, req, h_k, m_block);
     cp_async_commit();
     // An empty segment (only with metadata from a call with longer lengths: a part starting past the end of
-    // its first request) loads no page: a page would complete a buffer phase that no warpgroup waits for,
-    // and the parities would drift apart for the part's later segments.
-    if (threadIdx.x == 0) {
-      for (int j = 0; j < 2 - n_prev && ws.blk_begin + j < ws.blk_end; ++j) {
-        const int b = (g + j) & 1;
-        issue_page(p, smem.k[b], &smem.kbar[b], h_k,
-                   block_page(p, req, ws.blk_begin + j, ws.seqlen_safe, lookup_bad));
+    // its first request) loads no page: its first page would complete a phase of kbar[0] that warpgroup 0
+    // waits for and warpgroup 1 never does, and their parities would drift apart for the part's later
+    // segments.
+    if (threadIdx.x == 0 && ws.blk_begin < ws.blk_end) {
+      issue_page(p, smem.k[0], &smem.kbar[0], h_k,
+                 block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad));
+      if (ws.blk_begin + 1 < ws.blk_end) {
+        const int page = block_page(p, req, ws.blk_begin + 1, ws.seqlen_safe, lookup_bad);
+        issue_page(p, smem.k[1], &smem.kbar[1], h_k, page);
       }
     }
   };
 
-  int g = 0;  // stream index of the segment's first page
   RequestWork w = request_work(p, pw, pw.begin_req);
-  start_segment(pw.begin_req, w, g, 0);
+  start_segment(pw.begin_req, w);
   for (int req = pw.begin_req; req <= pw.end_req; ++req) {
-    const bool has_next_seg = req < pw.end_req;
-    const RequestWork w_next = has_next_seg ? request_work(p, pw, req + 1) : w;
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegStart, w.blk_end - w.blk_begin);
     bool bad = w.bad || lookup_bad;  // may also be set by the page lookups below
     lookup_bad = false;
@@ -178,29 +171,21 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     float l_run[2] = {0.f, 0.f};
     clear(tOrO);
     if (wg == 0 && w.blk_begin < w.blk_end) {
-      const int b0 = g & 1;
-      mbar_wait(&smem.kbar[b0], (kphase >> b0) & 1);
-      kphase ^= 1u << b0;
-      issue_qk(b0);
+      mbar_wait(&smem.kbar[0], kphase & 1);
+      kphase ^= 1;
+      issue_qk(0);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
     }
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampFirstS);
 
     for (int blk = w.blk_begin; blk < w.blk_end; ++blk) {
-      const int buf = (g + blk - w.blk_begin) & 1;
+      const int buf = (blk - w.blk_begin) & 1;
       const bool has_next = blk + 1 < w.blk_end;
-      // The page this buffer takes next: block blk + 2 of this segment, or else block j = blk + 2 - blk_end
-      // of the next segment's (its first two pages; refill_page = -1 with refill set loads nothing but still
-      // completes the buffer's phase, as for a page with no valid token). Thread 0 looks its id up now, so
-      // it is in a register when the buffer frees.
-      const int nj = blk + 2 - w.blk_end;
-      const bool refill = blk + 2 < w.blk_end || (has_next_seg && w_next.blk_begin + nj < w_next.blk_end);
+      // Thread 0 looks the page id of block blk+2 up now, so it is in a register when the buffer frees.
       int next_page = -1;
-      if (threadIdx.x == 0 && refill) {
-        next_page = nj < 0 ? block_page(p, req, blk + 2, w.seqlen_safe, bad)
-                           : block_page(p, req + 1, w_next.blk_begin + nj, w_next.seqlen_safe, lookup_bad);
-      }
+      if (threadIdx.x == 0 && blk + 2 < w.blk_end)
+        next_page = block_page(p, req, blk + 2, w.seqlen_safe, bad);
 
       if (wg == 0) {
         const int col0 = blk * kPageSize;
@@ -298,23 +283,27 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
         warpgroup_wait<1>();  // this page's P V is done; the next Q K^T may still run
         warpgroup_fence_operand(tOrO);
         named_barrier_sync(1, kThreads);  // both P V done: sP and this K buffer may be overwritten
-        if (threadIdx.x == 0 && refill) issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
+        if (threadIdx.x == 0 && blk + 2 < w.blk_end)
+          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tSrS);
       } else {
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         named_barrier_sync(1, kThreads);
-        if (threadIdx.x == 0 && refill) issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
+        if (threadIdx.x == 0 && blk + 2 < w.blk_end)
+          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
       }
     }
     // Thread 0 may have flagged an invalid page id while looking pages up: share the flag.
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampLoopEnd);
     bad = __syncthreads_or(bad ? 1 : 0) != 0;
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampJoined);
-    const int n_cur = w.blk_end > w.blk_begin ? w.blk_end - w.blk_begin : 0;
-    g += n_cur;
-    if (has_next_seg) start_segment(req + 1, w_next, g, n_cur);
+    RequestWork w_next = w;
+    if (req < pw.end_req) {
+      w_next = request_work(p, pw, req + 1);
+      start_segment(req + 1, w_next);
+    }
 
     // ---- epilogue: WG0 owns the softmax statistics; share them with WG1 through smem.
     if (wg == 0) {
