@@ -6,9 +6,11 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe benchmarks/tma_stream_probe.cu
 //   /tmp/tma_stream_probe            # prints one line per (copy shape, buffers, hold, page order)
 //
-// Copy shapes: "tma64" = nine 64x64 TMA boxes (128B swizzle) per page, as the decode kernels copy today;
-// "tma32" = eighteen 32-row boxes; "bulk" = one 1-D cp.async.bulk of the whole contiguous page (no swizzle,
-// not usable by wgmma as is; the contiguous-read reference).
+// Copy shapes: "tma64" = nine 64x64 TMA boxes (128B swizzle) per page into one 72 KB slot, as the decode
+// kernels copy today; "half" = half-page slots of 36 KB (nine 32-row boxes each); "bulk" = one 1-D
+// cp.async.bulk of the whole contiguous page (no swizzle, not usable by wgmma as is; the contiguous-read
+// reference). The "hold" is the time (cycles) a consumer keeps a slot after it landed before it may be
+// refilled: what a page's Q K^T, softmax and P V take in the decode kernels.
 #include <cuda.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_runtime.h>
@@ -24,7 +26,7 @@
 namespace {
 
 constexpr int kRows = 64, kCols = 576, kPageBytes = kRows * kCols * 2;
-constexpr int kMaxBufs = 3;
+constexpr int kMaxBufs = 6;
 
 #define CK(x)                                                                              \
   do {                                                                                     \
@@ -60,8 +62,14 @@ struct Args {
   int num_pages, mode, nbuf, hold;
 };
 
-__device__ __forceinline__ void issue(const Args& a, char* dst, uint64_t* bar, int page) {
-  mbar_expect(bar, kPageBytes);
+// Tokens per smem slot: a whole page, or half of one ("half": nine 32-row boxes, 36 KB per slot).
+__device__ __forceinline__ int slot_rows(int mode) {
+  return mode == 1 ? 32 : kRows;
+}
+
+__device__ __forceinline__ void issue(const Args& a, char* dst, uint64_t* bar, int page, int row0) {
+  const int rows = slot_rows(a.mode);
+  mbar_expect(bar, rows * kCols * 2);
   if (a.mode == 2) {
     asm volatile(
         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
@@ -71,23 +79,32 @@ __device__ __forceinline__ void issue(const Args& a, char* dst, uint64_t* bar, i
     return;
   }
   const CUtensorMap* map = a.mode == 0 ? &a.map64 : &a.map32;
-  const int band = a.mode == 0 ? 64 : 32;
-  for (int r = 0; r < kRows; r += band) {
-    for (int j = 0; j < kCols / 64; ++j) {
-      asm volatile(
-          "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, "
-          "%4}], [%5];\n" ::"r"(smem_u32(dst + j * kRows * 128 + r * 128)),
-          "l"(map), "r"(j * 64), "r"(r), "r"(page), "r"(smem_u32(bar))
-          : "memory");
-    }
+  for (int j = 0; j < kCols / 64; ++j) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, "
+        "%4}], [%5];\n" ::"r"(smem_u32(dst + j * rows * 128)),
+        "l"(map), "r"(j * 64), "r"(row0), "r"(page), "r"(smem_u32(bar))
+        : "memory");
   }
 }
 
-__global__ void __launch_bounds__(128, 1) stream_kernel(const __grid_constant__ Args a, unsigned* sink) {
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+// times[2 * cta] / [2 * cta + 1]: the CTA's start and end (globaltimer, ns), to see how far the per-SM
+// rates spread with identical work.
+__global__ void __launch_bounds__(128, 1)
+    stream_kernel(const __grid_constant__ Args a, unsigned* sink, uint64_t* times) {
   extern __shared__ __align__(1024) char smem[];
   __shared__ uint64_t bars[kMaxBufs];
+  if (threadIdx.x == 0) times[2 * blockIdx.x] = global_ns();
+  const int upp = kRows / slot_rows(a.mode);  // slots per page
+  const int slot_bytes = slot_rows(a.mode) * kCols * 2;
   const int per = (a.num_pages + gridDim.x - 1) / gridDim.x;
-  const int begin = blockIdx.x * per, end = min(a.num_pages, begin + per);
+  const int begin = blockIdx.x * per * upp, end = min(a.num_pages, (blockIdx.x + 1) * per) * upp;
   if (threadIdx.x == 0) {
     for (int i = 0; i < a.nbuf; ++i) mbar_init(&bars[i]);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -95,22 +112,24 @@ __global__ void __launch_bounds__(128, 1) stream_kernel(const __grid_constant__ 
   __syncthreads();
   if (threadIdx.x == 0)
     for (int i = 0; i < a.nbuf && begin + i < end; ++i)
-      issue(a, smem + i * kPageBytes, &bars[i], a.pages[begin + i]);
+      issue(a, smem + i * slot_bytes, &bars[i], a.pages[(begin + i) / upp], ((begin + i) % upp) * 32);
   unsigned acc = 0;
   for (int i = begin, k = 0; i < end; ++i, ++k) {
     const int buf = k % a.nbuf;
     mbar_wait(&bars[buf], (k / a.nbuf) & 1);
-    acc += reinterpret_cast<const unsigned*>(smem + buf * kPageBytes)[threadIdx.x];
-    if (a.hold > 0) {  // the consumer keeps the buffer this long before it may be refilled
+    acc += reinterpret_cast<const unsigned*>(smem + buf * slot_bytes)[threadIdx.x];
+    if (a.hold > 0) {  // the consumer keeps the slot this long (cycles) before it may be refilled
       const long long t0 = clock64();
       while (clock64() - t0 < a.hold) {
       }
     }
     __syncthreads();
-    if (threadIdx.x == 0 && i + a.nbuf < end)
-      issue(a, smem + buf * kPageBytes, &bars[buf], a.pages[i + a.nbuf]);
+    const int n = i + a.nbuf;
+    if (threadIdx.x == 0 && n < end)
+      issue(a, smem + buf * slot_bytes, &bars[buf], a.pages[n / upp], (n % upp) * 32);
   }
   if (acc == 0x12345678u) sink[0] = acc;
+  if (threadIdx.x == 0) times[2 * blockIdx.x + 1] = global_ns();
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encoder() {
@@ -145,54 +164,70 @@ int main() {
   CK(cudaMemset(base, 1, static_cast<size_t>(num_pages) * kPageBytes));
   unsigned* sink = nullptr;
   CK(cudaMalloc(&sink, 4));
+  uint64_t* times = nullptr;
+  CK(cudaMalloc(&times, 2 * sms * sizeof(uint64_t)));
+  std::vector<uint64_t> h_times(2 * sms);
   std::vector<int> seq(num_pages), rnd(num_pages);
   std::iota(seq.begin(), seq.end(), 0);
   rnd = seq;
   std::shuffle(rnd.begin(), rnd.end(), std::mt19937(1));
-  int *d_seq = nullptr, *d_rnd = nullptr;
-  CK(cudaMalloc(&d_seq, num_pages * 4));
+  int* d_rnd = nullptr;
   CK(cudaMalloc(&d_rnd, num_pages * 4));
-  CK(cudaMemcpy(d_seq, seq.data(), num_pages * 4, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_rnd, rnd.data(), num_pages * 4, cudaMemcpyHostToDevice));
   Args a{};
   make_map(&a.map64, base, num_pages, 64);
   make_map(&a.map32, base, num_pages, 32);
   a.base = base;
   a.num_pages = num_pages;
-  CK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBufs * kPageBytes));
+  CK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 5 * kPageBytes / 2));
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
-  const char* names[3] = {"tma64", "tma32", "bulk"};
-  std::printf("%-6s %4s %6s %4s %9s %8s\n", "copy", "bufs", "hold", "ord", "us", "GB/s");
-  for (int order = 1; order >= 0; --order) {
-    a.pages = order ? d_rnd : d_seq;
-    for (int mode = 0; mode < 3; ++mode) {
-      for (int nbuf = 2; nbuf <= 3; ++nbuf) {
-        for (int hold : {0, 1500, 3000, 4500}) {
-          a.mode = mode;
-          a.nbuf = nbuf;
-          a.hold = hold;
-          const int smem = nbuf * kPageBytes;
-          for (int w = 0; w < 3; ++w) stream_kernel<<<sms, 128, smem>>>(a, sink);
-          CK(cudaGetLastError());
-          std::vector<float> ts;
-          for (int rep = 0; rep < 15; ++rep) {
-            CK(cudaEventRecord(e0));
-            stream_kernel<<<sms, 128, smem>>>(a, sink);
-            CK(cudaEventRecord(e1));
-            CK(cudaEventSynchronize(e1));
-            float ms = 0;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            ts.push_back(ms);
-          }
-          std::sort(ts.begin(), ts.end());
-          const double us = ts[ts.size() / 2] * 1e3;
-          std::printf("%-6s %4d %6d %4s %9.1f %8.0f\n", names[mode], nbuf, hold, order ? "rand" : "seq", us,
-                      static_cast<double>(num_pages) * kPageBytes / us / 1e3);
-        }
-      }
+  const char* names[3] = {"tma64", "half", "bulk"};
+  struct Config {
+    int mode, nbuf, hold, ctas;
+  };
+  // Full 72 KB slots (two fit beside Q) against half-page slots (four in the same bytes, five in 180 KB),
+  // with the hold per slot halved for half pages (the same work per token). 128 CTAs: what the scheduler
+  // runs for b = 128 uniform requests.
+  std::vector<Config> configs;
+  for (int ctas : {sms, 128}) {
+    for (int hold : {0, 3000, 4500, 6000, 7500, 9000}) {
+      configs.push_back({0, 2, hold, ctas});
+      configs.push_back({1, 4, hold / 2, ctas});
+      configs.push_back({1, 5, hold / 2, ctas});
     }
+    configs.push_back({2, 2, 0, ctas});
+  }
+  std::printf("%-6s %4s %6s %4s %9s %8s   CTA durations of the last call, us: %s\n", "copy", "bufs", "hold",
+              "ctas", "us", "GB/s", "min p10 p50 max");
+  a.pages = d_rnd;  // pages in random order, as the benchmark's block tables
+  for (const Config& c : configs) {
+    a.mode = c.mode;
+    a.nbuf = c.nbuf;
+    a.hold = c.hold;
+    const int smem = c.nbuf * (c.mode == 1 ? kPageBytes / 2 : kPageBytes);
+    for (int w = 0; w < 3; ++w) stream_kernel<<<c.ctas, 128, smem>>>(a, sink, times);
+    CK(cudaGetLastError());
+    std::vector<float> ts;
+    for (int rep = 0; rep < 15; ++rep) {
+      CK(cudaEventRecord(e0));
+      stream_kernel<<<c.ctas, 128, smem>>>(a, sink, times);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms = 0;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      ts.push_back(ms);
+    }
+    std::sort(ts.begin(), ts.end());
+    const double us = ts[ts.size() / 2] * 1e3;
+    CK(cudaMemcpy(h_times.data(), times, 2 * c.ctas * 8, cudaMemcpyDeviceToHost));
+    std::vector<double> dur;
+    for (int i = 0; i < c.ctas - 1; ++i) dur.push_back((h_times[2 * i + 1] - h_times[2 * i]) * 1e-3);
+    std::sort(dur.begin(), dur.end());  // the last CTA may have fewer pages: left out
+    std::printf("%-6s %4d %6d %4d %9.1f %8.0f   %.1f %.1f %.1f %.1f\n", names[c.mode], c.nbuf, c.hold, c.ctas,
+                us, static_cast<double>(num_pages) * kPageBytes / us / 1e3, dur[0], dur[dur.size() / 10],
+                dur[dur.size() / 2], dur.back());
   }
   return 0;
 }
