@@ -41,7 +41,11 @@ enum MetaField : int {
 // kFixedOverhead): a piece that fits is taken whole, the first that does not is cut to (room left -
 // kFixedOverhead) blocks when that is >= 1, and the next part starts where this one stopped (sched_meta.cu
 // has the details).
-constexpr int kFixedOverhead = 5;
+// FMLA_FIXED_OVERHEAD: A/B builds only (benchmarks/NOTES.md, v9.1); the CPU reference and the tests assume 5.
+#ifndef FMLA_FIXED_OVERHEAD
+#define FMLA_FIXED_OVERHEAD 5
+#endif
+constexpr int kFixedOverhead = FMLA_FIXED_OVERHEAD;
 
 // The scheduler keeps its per-request arrays (prefix sums of the costs, the transition from each request's
 // start; 16 bytes per request) in shared memory up to this many requests, beyond in `scratch`, a global
