@@ -37,13 +37,6 @@
 
 namespace flashmla::sm90 {
 
-// A/B knob (benchmarks/NOTES.md, v9.3): refill a buffer before warpgroup 0 waits for the next page's copy.
-#ifdef FMLA_SERIAL_REFILL_FIRST
-constexpr bool kRefillFirst = true;
-#else
-constexpr bool kRefillFirst = false;
-#endif
-
 template <typename T>
 struct alignas(1024) SerialStorage {
   alignas(1024) T q[kBlockM * kHeadDimK];
@@ -282,20 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       warpgroup_commit_batch();
       // Each branch below is straight-line wgmma code ending with nothing in flight, so ptxas can see that
       // no accumulator is touched while a wgmma may still write it (otherwise it serialises them, C7515).
-      // A/B (benchmarks/NOTES.md, v9.3): this buffer is refilled before warpgroup 0 waits for the next page,
-      // so the refill never waits for the other buffer's copy; Q K^T of the next page starts after the P V.
-      if (kRefillFirst && wg == 0 && has_next) {
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tOrO);
-        named_barrier_sync(1, kThreads);  // both P V done: sP and this K buffer may be overwritten
-        if (threadIdx.x == 0 && blk + 2 < w.blk_end)
-          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
-        mbar_wait(&smem.kbar[buf ^ 1], (kphase >> (buf ^ 1)) & 1);
-        kphase ^= 1u << (buf ^ 1);
-        issue_qk(buf ^ 1);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tSrS);
-      } else if (wg == 0 && has_next) {
+      if (wg == 0 && has_next) {
         // Q K^T of the next page goes to the tensor cores right behind this P V.
         mbar_wait(&smem.kbar[buf ^ 1], (kphase >> (buf ^ 1)) & 1);
         kphase ^= 1u << (buf ^ 1);
