@@ -11,11 +11,7 @@ template <typename T>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
-#ifdef FMLA_FORCE_SEESAW  // A/B builds only (benchmarks/NOTES.md, v9.4): the seesaw loop for every shape
-  if (true) {
-#else
   if (p.num_m_blocks >= 2) {
-#endif
     // Two or more tiles per kv head (h_q * s_q / h_kv > 64): tensor-bound, the seesaw loop keeps the tensor
     // cores busy while a warpgroup runs its softmax.
     constexpr int smem_bytes = static_cast<int>(sizeof(SeesawStorage<T>));
