@@ -29,7 +29,7 @@ PHASES = ["prologue", "first_qk", "loop", "join", "epilogue"]
 
 def run(args) -> None:
     torch.manual_seed(0)
-    case = make_case(args.b, args.s_q, args.h_q, args.s_k, False, torch.bfloat16)
+    case = make_case(args.b, args.s_q, args.h_q, args.s_k, args.varlen, torch.bfloat16)
     q, k_cache, block_table, seqlens, _ = case
     meta, splits = flashmla_ops.get_mla_metadata(seqlens, args.s_q * args.h_q, 1)
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
@@ -186,6 +186,7 @@ def main() -> None:
     ap.add_argument("--s-q", type=int, default=1)
     ap.add_argument("--h-q", type=int, default=128)
     ap.add_argument("--s-k", type=int, default=4096)
+    ap.add_argument("--varlen", action="store_true", help="the benchmark's variable lengths (mean s_k)")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument(
         "--clock-ghz", type=float, default=0.0, help="SM clock for cycles -> us (0: from the trace)"
