@@ -32,7 +32,10 @@ def main() -> None:
         help="fold every block-table entry onto the first N pages (an L2-resident cache; 0: all distinct)",
     )
     ap.add_argument(
-        "--impl", choices=["ours", "flashmla"], default="ours", help="flashmla: the sgl-flash-mla peer"
+        "--impl",
+        choices=["ours", "flashmla", "flashinfer"],
+        default="ours",
+        help="flashmla: the sgl-flash-mla peer; flashinfer: its MLA wrapper (fa3 backend)",
     )
     ap.add_argument(
         "--shape",
@@ -74,6 +77,11 @@ def profile_one(args) -> None:
             return flash_mla.flash_mla_with_kvcache(
                 q, k_cache, block_table, seqlens, 512, fm_meta, None, causal=True, use_legacy=True
             )
+
+    if args.impl == "flashinfer":
+        from bench_mla_decode import FlashInfer
+
+        call = FlashInfer(q, k_cache, block_table, seqlens, True, 576**-0.5)  # noqa: F811
 
     for _ in range(2):
         call()
