@@ -47,7 +47,7 @@ def main() -> None:
 
     def clean():
         dirty_buf.zero_()
-        torch.sum(clean_buf, dtype=torch.int64, out=sink)
+        torch.sum(clean_buf, dim=0, dtype=torch.int64, out=sink)
 
     hdr = f"{'b':>4} {'sq':>2} {'hq':>4} {'sk':>6} {'var':>3} {'impl':<13}"
     print(hdr + f" {'dirty':>8} {'clean':>8} {'warm':>8}  (us)")
