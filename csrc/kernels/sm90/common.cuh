@@ -197,7 +197,6 @@ struct PartWork {
                      // indexes past this one; end_req < begin_req means the part has no work
   int meta_end_req;  // the unclamped last request: the one whose piece ends at end_blk
   int begin_blk, end_blk, begin_split;
-  bool has_split;  // the part's first or last request is split: it writes a partial for the combine
 };
 __device__ __forceinline__ PartWork part_work(const DecodeParams& p, int part) {
   const int* rec = p.meta + part * kMetaSize;
@@ -208,7 +207,6 @@ __device__ __forceinline__ PartWork part_work(const DecodeParams& p, int part) {
   pw.begin_blk = rec[kMetaBeginBlock];
   pw.end_blk = rec[kMetaEndBlock];
   pw.begin_split = rec[kMetaBeginSplit];
-  pw.has_split = rec[kMetaFirstSplit] != 0 || rec[kMetaLastSplit] != 0;
   return pw;
 }
 

@@ -91,9 +91,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
   // c + 2 * r + 4 * j holds (row r0 + 8 r, column 8 j + quad_col + c) (checked against CuTe's partition_C).
   const int r0 = (wtid / 32) * 16 + lane / 4;
 
-  // Pages get the L2 evict-first hint only in parts that write a split partial for the combine to read
-  // (tma_load_box says why). The flags come with the part's record: no extra load before the first copy.
-  const bool evict_first = pw.has_split;
+  // Pages get the L2 evict-first hint only where the call leaves split partials for the combine to read
+  // (tma_load_box says why); num_splits[b] counts them, written by get_mla_metadata before this kernel.
+  const bool evict_first = p.num_splits[p.b] > 0;
 
   if (threadIdx.x == 0) {
     mbar_init(&smem.kbar[0], 1);
