@@ -163,16 +163,16 @@ struct Pack2<cutlass::half_t> {
 };
 
 // One 64 x 64 box (columns [col, col + 64) of the 64 tokens of `page`, kv head h_k) of the KV cache into
-// smem with TMA, completing `bar`'s transaction count. evict_first marks the lines evict-first in L2 (a page
-// is read once per CTA pair and never again in the call), so that L2 keeps the split partials the main
-// kernel writes and the combine reads right after. Where nothing is split the hint only costs: with L2 full
-// of dirty lines, as after any kernel that wrote its output (and after the benchmark's L2 flush), hinted
-// copies made the unsplit memory-bound rows 3-4 % slower (benchmarks/NOTES.md, v9.5). FMLA_NO_L2_HINT builds
-// drop the hint everywhere, for A/B runs.
+// smem with TMA, completing `bar`'s transaction count. kEvictFirst marks the lines evict-first in L2 (pages
+// are read once per CTA pair and never again in the call). The seesaw loop uses the hint (1.4 % faster at
+// h_q = 128); the serial loop does not: with L2 full of dirty lines, as after any kernel that wrote its
+// output (and after the benchmark's L2 flush), the hinted copies made the memory-bound rows 2-7 % slower
+// (benchmarks/NOTES.md, v9.5). FMLA_NO_L2_HINT builds drop the hint everywhere, for A/B runs.
+template <bool kEvictFirst>
 __device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, uint64_t* bar, int col,
-                                             int h_k, int page, bool evict_first) {
+                                             int h_k, int page) {
 #ifndef FMLA_NO_L2_HINT
-  if (evict_first) {
+  if constexpr (kEvictFirst) {
     uint64_t policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
     asm volatile(
