@@ -163,31 +163,27 @@ struct Pack2<cutlass::half_t> {
 };
 
 // One 64 x 64 box (columns [col, col + 64) of the 64 tokens of `page`, kv head h_k) of the KV cache into
-// smem with TMA, completing `bar`'s transaction count. kEvictFirst marks the lines evict-first in L2 (pages
-// are read once per CTA pair and never again in the call). The seesaw loop uses the hint (1.4 % faster at
-// h_q = 128); the serial loop does not: with L2 full of dirty lines, as after any kernel that wrote its
-// output (and after the benchmark's L2 flush), the hinted copies made the memory-bound rows 2-7 % slower
-// (benchmarks/NOTES.md, v9.5). FMLA_NO_L2_HINT builds drop the hint everywhere, for A/B runs.
-template <bool kEvictFirst>
+// smem with TMA, completing `bar`'s transaction count. Pages are read once per CTA pair and never again in
+// the call, so they are marked evict-first in L2: what L2 keeps instead is the split partials written during
+// the call, which the combine kernel reads right after (FMLA_NO_L2_HINT builds without the hint, for A/B
+// runs).
 __device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, uint64_t* bar, int col,
                                              int h_k, int page) {
 #ifndef FMLA_NO_L2_HINT
-  if constexpr (kEvictFirst) {
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
-        "[%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(smem_u32(dst)),
-        "l"(&p.tma_k), "r"(col), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar)), "l"(policy)
-        : "memory");
-    return;
-  }
-#endif
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, "
+      "{%2, %3, %4, %5}], [%6], %7;\n" ::"r"(smem_u32(dst)),
+      "l"(&p.tma_k), "r"(col), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar)), "l"(policy)
+      : "memory");
+#else
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
       "%5}], [%6];\n" ::"r"(smem_u32(dst)),
       "l"(&p.tma_k), "r"(col), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
       : "memory");
+#endif
 }
 
 // A part's work record (scheduler contract: kernels/params.h), as the main loops read it.

@@ -60,7 +60,7 @@ __device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uin
   mbar_arrive_expect_tx(bar, kTileBytes * (kHeadDimK / 64));
 #pragma unroll
   for (int j = 0; j < kHeadDimK / 64; ++j) {
-    tma_load_box<false>(p, static_cast<char*>(dst) + j * kTileBytes, bar, j * 64, h_k, page);
+    tma_load_box(p, static_cast<char*>(dst) + j * kTileBytes, bar, j * 64, h_k, page);
   }
 }
 
