@@ -1,5 +1,6 @@
-"""One flashmla_ops decode call under Nsight Compute (or any profiler): fixed-length paged inputs, two warm-up
-calls, then the profiled call between cudaProfilerStart/Stop.
+"""One decode call (flashmla_ops, or a peer with --impl) under Nsight Compute (or any profiler): fixed-length
+paged inputs, two warm-up calls, then the profiled call between cudaProfilerStart/Stop. Peer kernels:
+FlashMLA's matches regex:splitkv_mla_kernel, FlashInfer's regex:BatchMLAPageAttentionHopperKernel.
 
   ncu --profile-from-start off --kernel-name regex:decode_ --section SpeedOfLight \\
       --section WarpStateStats python benchmarks/profile_decode.py --b 128 --s-q 2 --h-q 128 --s-k 4096

@@ -4,7 +4,7 @@
 // No attention math: this separates the memory system's share of the memory-bound gap from the kernel's.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe benchmarks/tma_stream_probe.cu
-//   /tmp/tma_stream_probe            # prints one line per (copy shape, buffers, hold, page order)
+//   /tmp/tma_stream_probe            # one line per (copy shape, buffers, hold, CTA count); random page order
 //
 // Copy shapes: "tma64" = nine 64x64 TMA boxes (128B swizzle) per page into one 72 KB slot, as the decode
 // kernels copy today; "half" = half-page slots of 36 KB (nine 32-row boxes each); "bulk" = one 1-D
@@ -18,7 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -165,8 +165,9 @@ int main() {
   unsigned* sink = nullptr;
   CK(cudaMalloc(&sink, 4));
   uint64_t* times = nullptr;
-  CK(cudaMalloc(&times, 2 * sms * sizeof(uint64_t)));
-  std::vector<uint64_t> h_times(2 * sms);
+  const int max_ctas = std::max(sms, 128);  // the configs run sms and 128 CTAs
+  CK(cudaMalloc(&times, 2 * max_ctas * sizeof(uint64_t)));
+  std::vector<uint64_t> h_times(2 * max_ctas);
   std::vector<int> seq(num_pages), rnd(num_pages);
   std::iota(seq.begin(), seq.end(), 0);
   rnd = seq;

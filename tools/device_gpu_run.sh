@@ -75,9 +75,10 @@ for st in $stages; do
       ;;
     ab-quick)
       # A/B: AB_TREES="name=X ...", X either a tree (path.tar: git archive of csrc flashmla_ops meta integration
-      # CMakeLists.txt pyproject.toml README.md, carried in .carry/) or compiler flags for this tree, given to
-      # both nvcc and the host compiler (commas for spaces: -DA=1,-DB). Each is built into /tmp/ab_NAME; bench-quick on each in turn, then on this tree
-      # (AB_BENCH="--small" or "" for other benchmark rows, AB_ROUNDS for repeated alternating rounds).
+      # CMakeLists.txt pyproject.toml README.md, carried in .carry/) or -D/-U flags for this tree, given to both
+      # nvcc and the host compiler (commas for spaces: -DA=1,-DB; nvcc-only flags would break the host build).
+      # Each is built into /tmp/ab_NAME; bench-quick on each in turn, then on this tree (AB_BENCH="--small" or
+      # "" for other benchmark rows, AB_ROUNDS for repeated alternating rounds).
       rm -f "$OUT/ab_build_failed"
       for spec in ${AB_TREES:-}; do
         name=${spec%%=*}; x=${spec#*=}; src=$REPO; flags=""
