@@ -103,7 +103,7 @@ __device__ __forceinline__ void issue_group(const DecodeParams& p, void* buf_bas
   mbar_arrive_expect_tx(bar, kTileBytes * n);
   for (int i = 0; i < n; ++i) {
     const int box = group_box(buf, grp, i);
-    tma_load_box(p, static_cast<char*>(buf_base) + box * kTileBytes, bar, box * kBoxCols, h_k, page);
+    tma_load_box(p, static_cast<char*>(buf_base) + box * kTileBytes, bar, box * kBoxCols, h_k, page, true);
   }
 }
 

@@ -50,8 +50,8 @@ struct alignas(1024) SerialStorage {
 
 // Thread 0: copy `page` (kv head h_k) into a K buffer with nine 64x64 TMA boxes completing on `bar`, or, for
 // page < 0, just complete the barrier's phase (the consumer zero-fills the buffer's V rows instead).
-__device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uint64_t* bar, int h_k,
-                                           int page) {
+__device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uint64_t* bar, int h_k, int page,
+                                           bool evict_first) {
   if (page < 0) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
     return;
@@ -60,7 +60,7 @@ __device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uin
   mbar_arrive_expect_tx(bar, kTileBytes * (kHeadDimK / 64));
 #pragma unroll
   for (int j = 0; j < kHeadDimK / 64; ++j) {
-    tma_load_box(p, static_cast<char*>(dst) + j * kTileBytes, bar, j * 64, h_k, page);
+    tma_load_box(p, static_cast<char*>(dst) + j * kTileBytes, bar, j * 64, h_k, page, evict_first);
   }
 }
 
@@ -90,6 +90,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
   // The wgmma accumulator gives each thread rows r0 and r0 + 8 of the 64-row tile; value index
   // c + 2 * r + 4 * j holds (row r0 + 8 r, column 8 j + quad_col + c) (checked against CuTe's partition_C).
   const int r0 = (wtid / 32) * 16 + lane / 4;
+
+  // Pages get the L2 evict-first hint only where the call leaves split partials for the combine to read
+  // (tma_load_box says why); num_splits[b] counts them, written by get_mla_metadata before this kernel.
+  const bool evict_first = p.num_splits[p.b] > 0;
 
   if (threadIdx.x == 0) {
     mbar_init(&smem.kbar[0], 1);
@@ -146,10 +150,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     // segments.
     if (threadIdx.x == 0 && ws.blk_begin < ws.blk_end) {
       issue_page(p, smem.k[0], &smem.kbar[0], h_k,
-                 block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad));
+                 block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad), evict_first);
       if (ws.blk_begin + 1 < ws.blk_end) {
         const int page = block_page(p, req, ws.blk_begin + 1, ws.seqlen_safe, lookup_bad);
-        issue_page(p, smem.k[1], &smem.kbar[1], h_k, page);
+        issue_page(p, smem.k[1], &smem.kbar[1], h_k, page, evict_first);
       }
     }
   };
@@ -284,7 +288,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
         warpgroup_fence_operand(tOrO);
         named_barrier_sync(1, kThreads);  // both P V done: sP and this K buffer may be overwritten
         if (threadIdx.x == 0 && blk + 2 < w.blk_end)
-          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
+          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page, evict_first);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tSrS);
       } else {
@@ -292,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
         warpgroup_fence_operand(tOrO);
         named_barrier_sync(1, kThreads);
         if (threadIdx.x == 0 && blk + 2 < w.blk_end)
-          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page);
+          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page, evict_first);
       }
     }
     // Thread 0 may have flagged an invalid page id while looking pages up: share the flag.
