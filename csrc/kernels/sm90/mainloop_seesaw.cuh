@@ -319,6 +319,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     // and ex2.approx.ftz (exp2f adds denormal handling to every element; p < 2^-126 flushing to 0 is
     // harmless).
     auto softmax = [&](int blk, float (&m)[2], float (&sc)[2], float (&sum)[2]) FMLA_INLINE {
+#ifdef FMLA_ABL_NO_SOFTMAX
+      // Ablation build (wrong results; benchmarks/NOTES.md, session 11): P = S, no statistics.
+      sc[0] = sc[1] = 1.f;
+      sum[0] = sum[1] = 1.f;
+      m[0] = m[1] = 0.f;
+      return;
+#endif
       const int col0 = blk * kPageSize;
       // 64-bit: col0 + 64 overflows int32 on the last page of a ~2^31-token (invalid, NaN-flagged) request.
       const bool need_mask =
@@ -402,6 +409,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       if (wtid == 0) {
         if (next_a) page_a = block_page(p, req, blk + 2, w.seqlen_safe, bad);
         if (next_b) page_b = block_page(p, req, blk + 3, w.seqlen_safe, bad);
+#ifdef FMLA_ABL_NO_TMA
+        // Ablation build (wrong results): no refills, the barriers complete at once, the buffers keep the
+        // segment's first two pages.
+        page_a = page_b = -1;
+#endif
       }
       // Rows past seqlen of a page hold stale data or NaN: zero their V part before any P V reads it (WG0 for
       // A, WG1 for B; both Q K^T are done). The lengths depend on w.seqlen_safe only, never on the lookup
