@@ -77,6 +77,12 @@ struct alignas(1024) SeesawStorage {
   float s_b[kBlockM];         // rescale by page B
   float row_sum[2][kBlockM];  // per-warpgroup softmax denominators, summed in the epilogue
   uint64_t kbar[2][2];        // [buffer][box group]: completes when that group of the buffer's page landed
+#ifdef FMLA_ABL_SHADOW_TMA
+  // Ablation build: FMLA_ABL_NO_TMA's loop, plus the real pages copied into this one box (smem write traffic
+  // without the refill latency on the loop's chain).
+  alignas(1024) T shadow[kBoxElems];
+  uint64_t shadow_bar;
+#endif
 };
 
 // Box `i` of group `grp` of buffer `buf` (see the refill table at the top of this file). Buffer 1's groups
@@ -140,6 +146,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) mbar_init(&smem.kbar[i / 2][i % 2], 1);
+#ifdef FMLA_ABL_SHADOW_TMA
+    mbar_init(&smem.shadow_bar, 1);
+#endif
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k) : "memory");
   }
@@ -147,6 +156,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   // Bit 2 * buf + grp: parity of the next phase of kbar[buf][grp] this thread waits for. Each warpgroup waits
   // once for every fill of each group it reads, so its parities stay in step with the fills.
   uint32_t kphase = 0;
+#ifdef FMLA_ABL_SHADOW_TMA
+  bool shadow_pending = false;
+  uint32_t shadow_phase = 0;
+#endif
   FMLA_PAIR_DECL();  // diagnostic builds only: index of the page pair being stamped (seg_trace.cuh)
   auto wait_group = [&](int buf, int grp) FMLA_INLINE {
     const int bit = 2 * buf + grp;
@@ -409,9 +422,25 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       if (wtid == 0) {
         if (next_a) page_a = block_page(p, req, blk + 2, w.seqlen_safe, bad);
         if (next_b) page_b = block_page(p, req, blk + 3, w.seqlen_safe, bad);
-#ifdef FMLA_ABL_NO_TMA
+#if defined(FMLA_ABL_NO_TMA) || defined(FMLA_ABL_SHADOW_TMA)
         // Ablation build (wrong results): no refills, the barriers complete at once, the buffers keep the
         // segment's first two pages.
+#ifdef FMLA_ABL_SHADOW_TMA
+        if (wg == 0) {
+          // One pair's pages (18 boxes) into the shadow box; the previous pair's copies are long done.
+          if (shadow_pending) mbar_wait(&smem.shadow_bar, shadow_phase);
+          shadow_phase ^= shadow_pending ? 1u : 0u;
+          const int n = (page_a >= 0) + (page_b >= 0);
+          shadow_pending = n > 0;
+          if (n > 0) {
+            mbar_arrive_expect_tx(&smem.shadow_bar, kBoxElems * 2 * kNumBoxes * n);
+            for (int j = 0; j < kNumBoxes; ++j) {
+              if (page_a >= 0) tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_a, true);
+              if (page_b >= 0) tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_b, true);
+            }
+          }
+        }
+#endif
         page_a = page_b = -1;
 #endif
       }
@@ -566,6 +595,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegEnd);
     w = w_next;
   }
+#ifdef FMLA_ABL_SHADOW_TMA
+  if (threadIdx.x == 0 && shadow_pending) mbar_wait(&smem.shadow_bar, shadow_phase);
+#endif
   FMLA_TRACE_EXIT();
 }
 
