@@ -179,6 +179,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   auto thr_pv = mma_pv.get_thread_slice(wtid);
   auto thr_pv_rs = mma_pv_rs.get_thread_slice(wtid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+#ifdef FMLA_ABL_QK_RS
+  // Ablation build (wrong results): Q K^T as register-A wgmmas whose A is the first k-block of the P registers
+  // (whatever they hold), so Q K^T reads only K from shared memory (half its operand traffic).
+  using MmaQKrs = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kPageSize>, Int<kHeadDimK>>>()));
+  MmaQKrs mma_qk_rs;
+  auto thr_qk_rs = mma_qk_rs.get_thread_slice(wtid);
+#endif
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kPageSize>>{});
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDimV / 2>>{});
   // P of the warpgroup's own page as the register A operand of P V. Its value order is the accumulator's
@@ -199,6 +207,20 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     Tensor tSrK =
         thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{}));
     warpgroup_fence_operand(tSrS);
+#ifdef FMLA_ABL_QK_RS
+    Tensor tSrKrs =
+        thr_qk_rs.partition_fragment_B(make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{}));
+    warpgroup_fence_operand(tOrPrs);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kb = 4 * kFirst; kb < 4 * (kFirst + kN); ++kb) {
+      mma_qk_rs.accumulate_ = (kZero && kb == 4 * kFirst) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+      cute::gemm(mma_qk_rs, tOrPrs(_, _, 0), tSrKrs(_, _, kb), tSrS);
+    }
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(tOrPrs);
+    (void)tSrK;
+#else
     warpgroup_arrive();
 #pragma unroll
     for (int kb = 4 * kFirst; kb < 4 * (kFirst + kN); ++kb) {
@@ -206,6 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
     }
     warpgroup_commit_batch();
+#endif
   };
   // Q K^T of a whole page, each box group waited for just before its first wgmma (WG0 reads buffer 0 in box
   // order; WG1 reads buffer 1 in the order its groups are refilled). Ends with nothing in flight.
