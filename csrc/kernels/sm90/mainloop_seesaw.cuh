@@ -449,7 +449,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         // Ablation build (wrong results): no refills, the barriers complete at once, the buffers keep the
         // segment's first two pages.
 #ifdef FMLA_ABL_SHADOW_TMA
+#ifdef FMLA_ABL_SHADOW_HALF
+        // Only even m-blocks copy: the same traffic into each copying SM, half the L2 -> SM traffic in all.
+        if (wg == 0 && m_block % 2 == 0) {
+#else
         if (wg == 0) {
+#endif
           // One pair's pages (18 boxes) into the shadow box; the previous pair's copies are long done.
           if (shadow_pending) mbar_wait(&smem.shadow_bar, shadow_phase);
           shadow_phase ^= shadow_pending ? 1u : 0u;
