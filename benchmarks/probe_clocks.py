@@ -48,7 +48,8 @@ def main() -> None:
     torch.manual_seed(0)
     log = open("/tmp/probe_clocks_smi.csv", "w")
     smi = subprocess.Popen(
-        ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "20"],
+        ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits"]
+        + ["-lms", "20"],
         stdout=log,
         stderr=subprocess.DEVNULL,
     )
