@@ -294,6 +294,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   // O *= per-row scale. Once the running max settles most pages leave it unchanged (scale == 1): skip the
   // 128 multiplies per thread when that holds for the whole warp (a warp-uniform branch).
   auto rescale_o = [&](float s0, float s1) FMLA_INLINE {
+#ifdef FMLA_ABL_NO_RESCALE
+    return;  // ablation build (wrong results): O is never rescaled
+#endif
     if (!__all_sync(0xffffffffu, s0 == 1.f && s1 == 1.f)) {
 #pragma unroll
       for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
@@ -355,12 +358,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     // and ex2.approx.ftz (exp2f adds denormal handling to every element; p < 2^-126 flushing to 0 is
     // harmless).
     auto softmax = [&](int blk, float (&m)[2], float (&sc)[2], float (&sum)[2]) FMLA_INLINE {
-#ifdef FMLA_ABL_NO_SOFTMAX
-      // Ablation build (wrong results; benchmarks/NOTES.md, session 11): P = S, no statistics.
-      sc[0] = sc[1] = 1.f;
-      sum[0] = sum[1] = 1.f;
-      m[0] = m[1] = 0.f;
-      return;
+#if defined(FMLA_ABL_NO_SOFTMAX) || defined(FMLA_ABL_NO_SOFTMAX_WG)
+      // Ablation build (wrong results; benchmarks/NOTES.md, session 11): P = S, no statistics (in warpgroup
+      // FMLA_ABL_NO_SOFTMAX_WG only, if set).
+#ifdef FMLA_ABL_NO_SOFTMAX_WG
+      if (wg == FMLA_ABL_NO_SOFTMAX_WG) {
+#else
+      {
+#endif
+        sc[0] = sc[1] = 1.f;
+        sum[0] = sum[1] = 1.f;
+        m[0] = m[1] = 0.f;
+        return;
+      }
 #endif
       const int col0 = blk * kPageSize;
       // 64-bit: col0 + 64 overflows int32 on the last page of a ~2^31-token (invalid, NaN-flagged) request.
