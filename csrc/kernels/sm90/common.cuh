@@ -132,6 +132,20 @@ __device__ __forceinline__ int block_page(const DecodeParams& p, int req, int bl
   return page;
 }
 
+// The running row max a page's softmax works against (log2 domain). A page's row max mx replaces the old max
+// only when it exceeds it by more than FMLA_MAX_SLACK_LOG2; otherwise the old max stays, the page's P values
+// may reach 2^slack (256: no overflow in bf16/fp16 P, fp32 sums), and the rescale factor is exactly 1, so O is
+// not rescaled (the loops skip that when a whole warp's factors are 1). Exact in real arithmetic: O and the
+// row sum are kept relative to the same max and the epilogue divides one by the other. Once the max has
+// settled a rescale is then rare instead of frequent (benchmarks/NOTES.md, v10.0). Slack 0 is the plain
+// running max. Also handles the first page (m_old = -inf) and NaN logits (the old max stays) like fmaxf.
+#ifndef FMLA_MAX_SLACK_LOG2
+#define FMLA_MAX_SLACK_LOG2 8.f
+#endif
+__device__ __forceinline__ float next_running_max(float m_old, float mx) {
+  return mx > m_old + FMLA_MAX_SLACK_LOG2 ? mx : m_old;
+}
+
 // 2^x with subnormal results flushed to zero (one MUFU.EX2; -inf -> 0, NaN -> NaN).
 __device__ __forceinline__ float exp2_ftz(float x) {
   float y;

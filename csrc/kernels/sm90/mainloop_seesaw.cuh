@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[r], mx);
+        const float m_new = next_running_max(m[r], mx);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
         sc[r] = exp2_ftz(m[r] - m_use);
         m[r] = m_new;

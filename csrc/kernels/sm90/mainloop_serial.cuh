@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
           }
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m_run[r], mx);
+          const float m_new = next_running_max(m_run[r], mx);
           const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
           const float sc = exp2f(m_run[r] - m_use);
           m_run[r] = m_new;
