@@ -100,6 +100,36 @@ def test_softmax_scale(softmax_scale, h_q):
     check_case(6, 2, 1000, h_q, 1, True, True, torch.bfloat16, softmax_scale=softmax_scale)
 
 
+# The kernels keep the running row max a page's P is taken against unless a page's max exceeds it by more
+# than 2^8 (FMLA_MAX_SLACK_LOG2 in kernels/sm90/common.cuh), so P values reach 2^8 and O is rescaled only on
+# large jumps. Logits here rise steadily along each request (the max moves by ~1.3 in log2 units per page:
+# within the slack), and one late page of one request jumps far above the rest (past it).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("h_q", [8, 64])
+def test_running_max_rising_in_small_and_large_steps(dtype, h_q):
+    torch.manual_seed(4)
+    seqlens = torch.tensor([1000, 3000, 2500, 64 * 40 + 7], dtype=torch.int32, device="cuda")
+    q, k_cache, block_table = make_inputs(4, 2, h_q, 1, seqlens, dtype)
+    k = k_cache.float()
+    nblk = (seqlens.long() + PAGE - 1) // PAGE
+    for i in range(4):
+        n = int(nblk[i])
+        pages = block_table[i, :n].long()
+        # 0..1 along the request
+        pos = torch.arange(n * PAGE, device="cuda").view(n, PAGE) / float(seqlens[i])
+        k[pages, :, 0, :] += (1.5 * pos)[:, :, None]  # NaN slots past the end stay NaN
+        if i == 1:
+            k[pages[int(0.8 * n)], :, 0, :] += 3.0  # one late page far above everything before it
+    k_cache = k.to(dtype)
+    q = (0.05 + torch.randn_like(q, dtype=torch.float32) / 100).to(dtype)
+    out, lse, meta, num_splits = run_decode(q, k_cache, block_table, seqlens, True, 1.0)
+    ref_out, ref_lse = mla_decode_reference(
+        q, k_cache, block_table, seqlens, 512, meta, num_splits, 1.0, True
+    )
+    assert_allclose_flashmla(out, ref_out, **OUT_TOL)
+    assert_allclose_flashmla(lse, ref_lse, **LSE_TOL)
+
+
 def test_functional_matches_out_variant_and_is_deterministic():
     torch.manual_seed(3)
     seqlens = make_seqlens(32, 3000, True)
