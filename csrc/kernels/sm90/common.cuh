@@ -134,9 +134,9 @@ __device__ __forceinline__ int block_page(const DecodeParams& p, int req, int bl
 
 // The running row max a page's softmax works against (log2 domain). A page's row max mx replaces the old max
 // only when it exceeds it by more than FMLA_MAX_SLACK_LOG2; otherwise the old max stays, the page's P values
-// may reach 2^slack (256: no overflow in bf16/fp16 P, fp32 sums), and the rescale factor is exactly 1, so O is
-// not rescaled (the loops skip that when a whole warp's factors are 1). Exact in real arithmetic: O and the
-// row sum are kept relative to the same max and the epilogue divides one by the other. Once the max has
+// may reach 2^slack (256: no overflow in bf16/fp16 P, fp32 sums), and the rescale factor is exactly 1, so O
+// is not rescaled (the loops skip that when a whole warp's factors are 1). Exact in real arithmetic: O and
+// the row sum are kept relative to the same max and the epilogue divides one by the other. Once the max has
 // settled a rescale is then rare instead of frequent (benchmarks/NOTES.md, v10.0). Slack 0 is the plain
 // running max. Also handles the first page (m_old = -inf) and NaN logits (the old max stays) like fmaxf.
 #ifndef FMLA_MAX_SLACK_LOG2

@@ -180,8 +180,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   auto thr_pv_rs = mma_pv_rs.get_thread_slice(wtid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
 #ifdef FMLA_ABL_QK_RS
-  // Ablation build (wrong results): Q K^T as register-A wgmmas whose A is the first k-block of the P registers
-  // (whatever they hold), so Q K^T reads only K from shared memory (half its operand traffic).
+  // Ablation build (wrong results): Q K^T as register-A wgmmas whose A is the first k-block of the P
+  // registers (whatever they hold), so Q K^T reads only K from shared memory (half its operand traffic).
   using MmaQKrs = decltype(make_tiled_mma(
       GMMA::rs_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kPageSize>, Int<kHeadDimK>>>()));
   MmaQKrs mma_qk_rs;
@@ -359,13 +359,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     // harmless).
     auto softmax = [&](int blk, float (&m)[2], float (&sc)[2], float (&sum)[2]) FMLA_INLINE {
 #if defined(FMLA_ABL_NO_SOFTMAX) || defined(FMLA_ABL_NO_SOFTMAX_WG)
+#ifdef FMLA_ABL_NO_SOFTMAX_WG
+      const bool abl_skip = wg == FMLA_ABL_NO_SOFTMAX_WG;
+#else
+      const bool abl_skip = true;
+#endif
       // Ablation build (wrong results; benchmarks/NOTES.md, session 11): P = S, no statistics (in warpgroup
       // FMLA_ABL_NO_SOFTMAX_WG only, if set).
-#ifdef FMLA_ABL_NO_SOFTMAX_WG
-      if (wg == FMLA_ABL_NO_SOFTMAX_WG) {
-#else
-      {
-#endif
+      if (abl_skip) {
         sc[0] = sc[1] = 1.f;
         sum[0] = sum[1] = 1.f;
         m[0] = m[1] = 0.f;
@@ -473,8 +474,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           if (n > 0) {
             mbar_arrive_expect_tx(&smem.shadow_bar, kBoxElems * 2 * kNumBoxes * n);
             for (int j = 0; j < kNumBoxes; ++j) {
-              if (page_a >= 0) tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_a, true);
-              if (page_b >= 0) tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_b, true);
+              if (page_a >= 0)
+                tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_a, true);
+              if (page_b >= 0)
+                tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_b, true);
             }
           }
         }
