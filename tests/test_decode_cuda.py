@@ -6,6 +6,7 @@ Runs only on a Hopper GPU with the CUDA extension built; skipped (with the reaso
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -100,29 +101,40 @@ def test_softmax_scale(softmax_scale, h_q):
     check_case(6, 2, 1000, h_q, 1, True, True, torch.bfloat16, softmax_scale=softmax_scale)
 
 
-# The kernels keep the running row max a page's P is taken against unless a page's max exceeds it by more
-# than 2^8 (FMLA_MAX_SLACK_LOG2 in kernels/sm90/common.cuh), so P values reach 2^8 and O is rescaled only on
-# large jumps. Logits here rise steadily along each request (the max moves by ~1.3 in log2 units per page:
-# within the slack), and one late page of one request jumps far above the rest (past it).
+# The kernels keep the running row max a page's P is taken against unless a page's row max exceeds it by
+# more than 8 log2 units (FMLA_MAX_SLACK_LOG2 in kernels/sm90/common.cuh): P values reach 2^8 and O is
+# rescaled only when the max is replaced. Here every token's logit rises by 1.5 log2 units per page along its
+# request (the max is replaced after ~6 pages of small rises) and three pages jump: request 0's pages 20 and
+# 31 (both parities, so both seesaw warpgroups take a replacement) by 14 and 30 units over the ramp, request
+# 1's page 25 by 125. A kernel that never replaced the max would overflow fp16 P; one that took P against a
+# different max than the one it rescales O with would be off by up to 2^8 on the pages that carry the
+# result. One part (no split: every jump is inside a request's only piece) and three parts (pieces of ~30
+# pages, combined by lse).
+@pytest.mark.parametrize("num_sm_parts", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("h_q", [8, 64])
-def test_running_max_rising_in_small_and_large_steps(dtype, h_q):
+@pytest.mark.parametrize("h_q", [8, 64])  # at s_q 2: one 64-row tile (serial loop), two (seesaw loop)
+def test_running_max_with_slack(num_sm_parts, dtype, h_q):
     torch.manual_seed(4)
-    seqlens = torch.tensor([1000, 3000, 2500, 64 * 40 + 7], dtype=torch.int32, device="cuda")
-    q, k_cache, block_table = make_inputs(4, 2, h_q, 1, seqlens, dtype)
+    seqlens = torch.tensor([3000, 64 * 40 + 7], dtype=torch.int32, device="cuda")
+    q, k_cache, block_table = make_inputs(2, 2, h_q, 1, seqlens, dtype)
+    # q = 0.05 (+ noise) in every column, so adding x to every column of a token's K adds 0.05 * 576 * x to
+    # its logit (softmax scale 1), times log2(e) in the kernels' log2 domain.
+    unit = 1.0 / (0.05 * 576 * math.log2(math.e))  # K offset of one log2 unit
+    q = (0.05 + torch.randn_like(q, dtype=torch.float32) / 100).to(dtype)
     k = k_cache.float()
     nblk = (seqlens.long() + PAGE - 1) // PAGE
-    for i in range(4):
+    for i in range(2):
         n = int(nblk[i])
         pages = block_table[i, :n].long()
-        # 0..1 along the request
-        pos = torch.arange(n * PAGE, device="cuda").view(n, PAGE) / float(seqlens[i])
-        k[pages, :, 0, :] += (1.5 * pos)[:, :, None]  # NaN slots past the end stay NaN
-        if i == 1:
-            k[pages[int(0.8 * n)], :, 0, :] += 3.0  # one late page far above everything before it
+        ramp = 1.5 * torch.arange(n * PAGE, device="cuda").view(n, PAGE) / PAGE
+        k[pages, :, 0, :] += (ramp * unit)[:, :, None]  # NaN slots past the end stay NaN
+    for i, page_idx, jump in ((0, 20, 14.0), (0, 31, 30.0), (1, 25, 125.0)):
+        k[block_table[i, page_idx].long(), :, 0, :] += jump * unit
     k_cache = k.to(dtype)
-    q = (0.05 + torch.randn_like(q, dtype=torch.float32) / 100).to(dtype)
-    out, lse, meta, num_splits = run_decode(q, k_cache, block_table, seqlens, True, 1.0)
+    meta, num_splits = torch.ops.flashmla.get_mla_metadata(seqlens, 2 * h_q, 1, num_sm_parts)
+    out, lse = torch.ops.flashmla.mla_decode(
+        q, k_cache, block_table, seqlens, 512, meta, num_splits, 1.0, True
+    )
     ref_out, ref_lse = mla_decode_reference(
         q, k_cache, block_table, seqlens, 512, meta, num_splits, 1.0, True
     )

@@ -138,12 +138,15 @@ __device__ __forceinline__ int block_page(const DecodeParams& p, int req, int bl
 // is not rescaled (the loops skip that when a whole warp's factors are 1). Exact in real arithmetic: O and
 // the row sum are kept relative to the same max and the epilogue divides one by the other. Once the max has
 // settled a rescale is then rare instead of frequent (benchmarks/NOTES.md, v10.0). Slack 0 is the plain
-// running max. Also handles the first page (m_old = -inf) and NaN logits (the old max stays) like fmaxf.
+// running max. Also handles the first page (m_old = -inf: -inf - (-inf) is NaN, the max stays -inf for a
+// fully masked page) and NaN or +inf logits like fmaxf.
 #ifndef FMLA_MAX_SLACK_LOG2
 #define FMLA_MAX_SLACK_LOG2 8.f
 #endif
+// (mx - m_old, not m_old + slack: for |m_old| >= 2^27 the sum rounds by more than the slack, and P could then
+// reach 2^16, past fp16's range.)
 __device__ __forceinline__ float next_running_max(float m_old, float mx) {
-  return mx > m_old + FMLA_MAX_SLACK_LOG2 ? mx : m_old;
+  return mx - m_old > FMLA_MAX_SLACK_LOG2 ? mx : m_old;
 }
 
 // 2^x with subnormal results flushed to zero (one MUFU.EX2; -inf -> 0, NaN -> NaN).
