@@ -1,9 +1,12 @@
-"""SM clock and board power while each implementation is timed as the sweep times it (do_bench, L2 flushed).
+"""SM clock and board power while each implementation is timed with the sweep's timer (do_bench, L2 flushed).
 
 Nsight Compute times one call of a kernel in isolation; the sweep times ~200 ms of back-to-back calls with a
 256 MB L2 flush before each. If the GPU is power-limited during the sweep, its clock drops and a kernel that
-moves or computes more per result loses more. This samples `nvidia-smi` every 20 ms during each timing and
-prints the median SM clock and power next to the time.
+moves or computes more per result loses more. This samples `nvidia-smi` (asked for every 20 ms; it delivers
+~every 50 ms) during each timing and prints the median SM clock and power next to the time. Unlike the sweep,
+each implementation starts after a 0.5 s pause. Power is `power.draw.instant` where nvidia-smi knows it
+(`power.draw` is a one-second average, which would mostly cover the pause), with the software power-cap
+clock-event reason; older nvidia-smi versions fall back to `power.draw` alone.
 
   python benchmarks/probe_clocks.py --shape 128,2,128,8192 --shape 128,1,16,8192 [--json out.json]
 """
@@ -24,17 +27,36 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_mla_decode import FlashInfer, FlashMLA, Ours, bench, make_case  # noqa: E402
 
+# Preferred query first; the second works on any driver.
+QUERIES = (
+    "timestamp,clocks.sm,power.draw.instant,clocks_event_reasons.sw_power_cap",
+    "timestamp,clocks.sm,power.draw",
+)
+
+
+def pick_query() -> str:
+    for fields in QUERIES:
+        r = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode == 0 and "not a valid field" not in r.stdout + r.stderr:
+            return fields
+    return QUERIES[-1]
+
 
 def parse_smi(lines):
-    """'2026/11/22 20:10:00.123, 1755, 512.3' -> (epoch seconds, MHz, W)."""
+    """'2026/11/22 20:10:00.123, 1755, 512.3[, Active]' -> (epoch s, MHz, W, power cap active or None)."""
     out = []
     for line in lines:
         parts = [x.strip() for x in line.split(",")]
-        if len(parts) != 3:
+        if len(parts) not in (3, 4):
             continue
         try:
             t = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            out.append((t, float(parts[1]), float(parts[2])))
+            cap = (parts[3] == "Active") if len(parts) == 4 else None
+            out.append((t, float(parts[1]), float(parts[2]), cap))
         except ValueError:
             continue
     return out
@@ -46,10 +68,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
+    import triton  # noqa: F401  (imported here, not inside the first timing window)
+
+    fields = pick_query()
+    print(f"nvidia-smi fields: {fields}")
     log = open("/tmp/probe_clocks_smi.csv", "w")
     smi = subprocess.Popen(
-        ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits"]
-        + ["-lms", "20"],
+        ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-lms", "20"],
         stdout=log,
         stderr=subprocess.DEVNULL,
     )
@@ -80,22 +105,26 @@ def main() -> None:
         smi.wait()
         log.close()
     samples = parse_smi(open("/tmp/probe_clocks_smi.csv").read().splitlines())
-    print(f"{'shape':>16} {'impl':>12} {'us':>9} {'MHz p50':>8} {'MHz min':>8} {'W p50':>7} {'n':>4}")
+    cols = f"{'MHz p50':>8} {'MHz min':>8} {'W p50':>7} {'cap':>5} {'n':>4}"
+    print(f"{'shape':>16} {'impl':>12} {'us':>9} {cols}")
     for s in spans:
         # Skip do_bench's first 30 ms (its warm-up estimate) and keep the timed part.
         win = [x for x in samples if s["t0"] + 0.03 <= x[0] <= s["t1"]]
         s["mhz_p50"] = statistics.median(x[1] for x in win) if win else None
         s["mhz_min"] = min(x[1] for x in win) if win else None
         s["w_p50"] = statistics.median(x[2] for x in win) if win else None
+        caps = [x[3] for x in win if x[3] is not None]
+        s["power_cap_frac"] = sum(caps) / len(caps) if caps else None
         s["samples"] = len(win)
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         print(
             f"{s['shape']:>16} {s['impl']:>12} {s['us']:9.1f} {fmt(s['mhz_p50'], '8.0f')} "
-            f"{fmt(s['mhz_min'], '8.0f')} {fmt(s['w_p50'], '7.0f')} {s['samples']:4d}"
+            f"{fmt(s['mhz_min'], '8.0f')} {fmt(s['w_p50'], '7.0f')} {fmt(s['power_cap_frac'], '5.2f')} "
+            f"{s['samples']:4d}"
         )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=spans), fh, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), smi_fields=fields, rows=spans), fh, indent=1)
 
 
 if __name__ == "__main__":

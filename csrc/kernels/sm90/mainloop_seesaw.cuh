@@ -79,7 +79,8 @@ struct alignas(1024) SeesawStorage {
   uint64_t kbar[2][2];        // [buffer][box group]: completes when that group of the buffer's page landed
 #ifdef FMLA_ABL_SHADOW_TMA
   // Ablation build: FMLA_ABL_NO_TMA's loop, plus the real pages copied into this one box (smem write traffic
-  // without the refill latency on the loop's chain).
+  // without the refill latency on the loop's chain). The struct is then exactly 232448 bytes, the sm_90
+  // maximum: nothing more fits.
   alignas(1024) T shadow[kBoxElems];
   uint64_t shadow_bar;
 #endif
