@@ -74,9 +74,9 @@ namespace flashmla::sm90 {
 // arrival, so the wait costs it nothing. (Warpgroup-local barriers are avoided: with them compute-sanitizer's
 // racecheck reported hazards on these handoffs.)
 enum NamedBarrier : int {
-  kBarAReady = 1,  // m_A, s_A (and, in pair order 1, P_A) of the pair are in smem (WG0 -> WG1)
-  kBarBReady = 2,  // m_B, s_B and P_B are in smem (WG1 -> WG0)
-  kBarZero = 3,    // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
+  kBarAReady = 1,      // m_A, s_A (and, in pair order 1, P_A) of the pair are in smem (WG0 -> WG1)
+  kBarBReady = 2,      // m_B, s_B and P_B are in smem (WG1 -> WG0)
+  kBarZero = 3,        // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
   kBarPAReady = 4,     // pair order 2: P_A * s_B is in smem.p_a (WG0 -> WG1)
   kBarPVARIssued = 5,  // pair order 2: WG1 has issued P_A V_A[R], so WG0's P_B V_B[L] queues behind it
 };
@@ -554,12 +554,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       FMLA_PAIR_STAMP(0);
 #if FMLA_PAIR_ORDER == 2
       // Per pair, in issue order (the barriers are bar.sync of both warpgroups, one order in both):
-      //   WG0: softmax(S_A) -> m_A, s_A | A-ready | P_A V_A[L] (regs) | B-ready | P_A s_B -> smem.p_a | PA-ready
+      //   WG0: softmax(S_A) -> m_A, s_A | A-ready | P_A V_A[L] (regs) | B-ready | P_A s_B -> smem.p_a |
+      //   PA-ready
       //        | PVAR-issued | P_B V_B[L] (smem), Q K^T of the next A
       //   WG1: A-ready | softmax(S_B) against m_A -> m_B, s_B, P_B -> smem | B-ready | P_B V_B[R] (regs)
       //        | PA-ready | (P_A s_B) V_A[R] (smem) | PVAR-issued | Q K^T of the next B
       // so the tensor queue holds P_A V_A[L] under WG1's softmax, then P_B V_B[R], P_A V_A[R], P_B V_B[L],
-      // the next A's Q K^T, and the next B's Q K^T under WG0's next softmax. Refills, each by the last reader:
+      // the next A's Q K^T, and the next B's Q K^T under WG0's next softmax. Refills, each by the last
+      // reader:
       //   buffer 0 group 0 (V_L + RoPE) after P_A V_A[L] (WG0); group 1 (V_R) after P_A V_A[R] (WG1);
       //   buffer 1 group 0 (V_R) after P_B V_B[R] (WG1, now its first P V); group 1 (V_L + P_B) after
       //   P_B V_B[L] (WG0).
