@@ -2,7 +2,9 @@
 // 64-row tiles per kv head (a shape property, so the choice never depends on tensor values).
 #pragma once
 
-#include <cstdio>
+#ifdef FMLA_ABL_SHADOW_MC
+#include <cstdio>  // the ablation launcher reports its cluster occupancy once
+#endif
 
 #include "kernels/sm90/mainloop_serial.cuh"
 #include "kernels/sm90/mainloop_seesaw.cuh"

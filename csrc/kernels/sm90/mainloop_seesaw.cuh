@@ -55,19 +55,6 @@
 
 #include "kernels/sm90/common.cuh"
 
-// Order of the work inside a page pair (benchmarks/NOTES.md, session 12):
-//   1: WG1 multiplies P_A V_A[R] first, under its softmax of B; P_A lives in page A's RoPE box.
-//   2: WG1 multiplies its own P_B V_B[R] first and then (P_A s_B) V_A[R], with P_A in a box of its own, so
-//      both pages' right halves, page A's RoPE box and page B's V_R free earlier in the pair and their
-//      refills have more time to land before the next Q K^T needs them. Measured 0.5-3 % slower than order 1
-//      (NOTES session 12); kept as an A/B knob. FMLA_PAIR_ORDER2_NO_PVAR drops its issue-order barrier.
-#ifndef FMLA_PAIR_ORDER
-#define FMLA_PAIR_ORDER 1
-#endif
-#if FMLA_PAIR_ORDER == 2 && defined(FMLA_ABL_SHADOW_TMA)
-#error "FMLA_ABL_SHADOW_TMA needs the 8 KB that pair order 2 gives to P_A: build it with -DFMLA_PAIR_ORDER=1"
-#endif
-
 namespace flashmla::sm90 {
 
 // Named barriers (0 is __syncthreads). Each handoff between the warpgroups is a bar.sync of all 256 threads
@@ -75,11 +62,9 @@ namespace flashmla::sm90 {
 // arrival, so the wait costs it nothing. (Warpgroup-local barriers are avoided: with them compute-sanitizer's
 // racecheck reported hazards on these handoffs.)
 enum NamedBarrier : int {
-  kBarAReady = 1,      // m_A, s_A (and, in pair order 1, P_A) of the pair are in smem (WG0 -> WG1)
-  kBarBReady = 2,      // m_B, s_B and P_B are in smem (WG1 -> WG0)
-  kBarZero = 3,        // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
-  kBarPAReady = 4,     // pair order 2: P_A * s_B is in smem.p_a (WG0 -> WG1)
-  kBarPVARIssued = 5,  // pair order 2: WG1 has issued P_A V_A[R], so WG0's P_B V_B[L] queues behind it
+  kBarAReady = 1,  // m_A, s_A and P_A of the pair are in smem (WG0 -> WG1)
+  kBarBReady = 2,  // m_B, s_B and P_B are in smem (WG1 -> WG0)
+  kBarZero = 3,    // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
 };
 
 #ifdef FMLA_ABL_SHADOW_MC
@@ -106,11 +91,6 @@ struct alignas(1024) SeesawStorage {
   float s_b[kBlockM];         // rescale by page B
   float row_sum[2][kBlockM];  // per-warpgroup softmax denominators, summed in the epilogue
   uint64_t kbar[2][2];        // [buffer][box group]: completes when that group of the buffer's page landed
-#if FMLA_PAIR_ORDER == 2
-  // P_A * s_B for WG1's P_A V_A[R]. With P_A out of page A's RoPE box, that box frees as soon as Q K^T of A
-  // is done and is refilled with V_A[L] (group 0 of buffer 0).
-  alignas(1024) T p_a[kBoxElems];
-#endif
 #ifdef FMLA_ABL_SHADOW_TMA
   // Ablation build: FMLA_ABL_NO_TMA's loop, plus the real pages copied into this one box (smem write traffic
   // without the refill latency on the loop's chain). The struct is then exactly 232448 bytes, the sm_90
@@ -125,20 +105,11 @@ struct alignas(1024) SeesawStorage {
 // Box `i` of group `grp` of buffer `buf` (see the refill table at the top of this file). Buffer 1's groups
 // are in the order Q K^T of page B waits for them: 4-7 first (usually refilled first), then 0-3 and 8.
 __device__ __forceinline__ int group_box(int buf, int grp, int i) {
-#if FMLA_PAIR_ORDER == 2
-  if (buf == 0) return grp == 0 ? (i < 4 ? i : kPBox) : 4 + i;
-#else
   if (buf == 0) return grp == 0 ? i : 4 + i;
-#endif
   return grp == 0 ? 4 + i : (i < 4 ? i : kPBox);
 }
-__device__ __forceinline__ int group_boxes(int buf, int grp) {
-#if FMLA_PAIR_ORDER == 2
-  return buf == grp ? 5 : 4;
-#else
-  (void)buf;
+__device__ __forceinline__ int group_boxes(int grp) {
   return grp == 0 ? 4 : 5;
-#endif
 }
 
 // One thread: copy one box group of `page` (kv head h_k) into buffer `buf` with TMA, completing on the
@@ -151,7 +122,7 @@ __device__ __forceinline__ void issue_group(const DecodeParams& p, void* buf_bas
     return;
   }
   constexpr int kTileBytes = kBoxElems * 2;
-  const int n = group_boxes(buf, grp);
+  const int n = group_boxes(grp);
   mbar_arrive_expect_tx(bar, kTileBytes * n);
   for (int i = 0; i < n; ++i) {
     const int box = group_box(buf, grp, i);
@@ -249,18 +220,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       make_tensor(make_smem_ptr(smem.k[0] + kPBox * kBoxElems), typename Tr::SmemLayoutP{}));
   static_assert(decltype(size(tOrPrs))::value == decltype(size(tSrS))::value);
 
-  // Where P of the page in buffer `buf` goes for the other warpgroup: the page's RoPE box, which is free once
-  // its Q K^T is done and not refilled before its last P V; in pair order 2, page A's P goes to smem.p_a
-  // instead (its RoPE box is refilled mid-pair), except on a segment's odd last page (rope_box: nothing
-  // refills it, and smem.p_a may still be read by the previous pair's P_A V_A[R]).
-  auto p_box = [&](int buf, bool rope_box = false) FMLA_INLINE {
-#if FMLA_PAIR_ORDER == 2
-    T* ptr = buf == 0 && !rope_box ? smem.p_a : smem.k[buf] + kPBox * kBoxElems;
-#else
-    (void)rope_box;
-    T* ptr = smem.k[buf] + kPBox * kBoxElems;
-#endif
-    return make_tensor(make_smem_ptr(ptr), typename Tr::SmemLayoutP{});
+  auto p_box = [&](int buf) FMLA_INLINE {
+    return make_tensor(make_smem_ptr(smem.k[buf] + kPBox * kBoxElems), typename Tr::SmemLayoutP{});
   };
   // S (+)= Q K^T over boxes [kFirst, kFirst + kN) of buffer `buf`, committed as one wgmma group.
   auto issue_qk = [&](int buf, auto first_c, auto n_c, auto zero_c) FMLA_INLINE {
@@ -299,14 +260,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     if (buf == 0) {
       wait_group(0, 0);
       issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
-#if FMLA_PAIR_ORDER == 2
-      issue_qk(0, Int<8>{}, Int<1>{}, std::false_type{});
-      wait_group(0, 1);
-      issue_qk(0, Int<4>{}, Int<4>{}, std::false_type{});
-#else
       wait_group(0, 1);
       issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
-#endif
     } else {
       wait_group(1, 0);
       FMLA_PAIR_STAMP(7);
@@ -334,10 +289,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     }
     warpgroup_commit_batch();
   };
-  auto issue_pv_ss = [&](int buf, bool rope_box = false) FMLA_INLINE {
+  auto issue_pv_ss = [&](int buf) FMLA_INLINE {
     Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
     Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, v_tile, make_coord(wg, _0{})));
-    Tensor tOrP = thr_pv.partition_fragment_A(p_box(buf, rope_box));
+    Tensor tOrP = thr_pv.partition_fragment_A(p_box(buf));
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
 #pragma unroll
@@ -354,20 +309,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
 #pragma unroll
     for (int i = 0; i < size(tSrS); i += 2) d[i / 2] = Pack2<T>::make(tSrS(i), tSrS(i + 1));
   };
-  auto store_p_regs = [&](int buf, bool rope_box = false) FMLA_INLINE {
-    Tensor tSsP = thr_qk.partition_C(p_box(buf, rope_box));
+  auto store_p_regs = [&](int buf) FMLA_INLINE {
+    Tensor tSsP = thr_qk.partition_C(p_box(buf));
     const P2* d = reinterpret_cast<const P2*>(raw_pointer_cast(tOrPrs.data()));
 #pragma unroll
     for (int i = 0; i < size(tSrS); i += 2) *reinterpret_cast<P2*>(&tSsP(i)) = d[i / 2];
-  };
-  // Pair order 2: P_A (still fp32 in tSrS) times the rescale s_B of page B, packed into smem.p_a for WG1.
-  auto store_p_scaled = [&](int buf, const float (&s)[2]) FMLA_INLINE {
-    Tensor tSsP = thr_qk.partition_C(p_box(buf));
-#pragma unroll
-    for (int i = 0; i < size(tSrS); i += 2) {
-      const float sr = s[(i / 2) % 2];  // value i = c + 2 r + 4 j holds row r0 + 8 r
-      *reinterpret_cast<P2*>(&tSsP(i)) = Pack2<T>::make(tSrS(i) * sr, tSrS(i + 1) * sr);
-    }
   };
   // O *= per-row scale. Once the running max settles most pages leave it unchanged (scale == 1): skip the
   // 128 multiplies per thread when that holds for the whole warp (a warp-uniform branch).
@@ -595,114 +541,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       }
       float sc[2], sum[2];
       FMLA_PAIR_STAMP(0);
-#if FMLA_PAIR_ORDER == 2
-      // Per pair, in issue order (the barriers are bar.sync of both warpgroups, one order in both):
-      //   WG0: softmax(S_A) -> m_A, s_A | A-ready | P_A V_A[L] (regs) | B-ready | P_A s_B -> smem.p_a |
-      //   PA-ready
-      //        | PVAR-issued | P_B V_B[L] (smem), Q K^T of the next A
-      //   WG1: A-ready | softmax(S_B) against m_A -> m_B, s_B, P_B -> smem | B-ready | P_B V_B[R] (regs)
-      //        | PA-ready | (P_A s_B) V_A[R] (smem) | PVAR-issued | Q K^T of the next B
-      // so the tensor queue holds P_A V_A[L] under WG1's softmax, then P_B V_B[R], P_A V_A[R], P_B V_B[L],
-      // the next A's Q K^T, and the next B's Q K^T under WG0's next softmax. Refills, each by the last
-      // reader:
-      //   buffer 0 group 0 (V_L + RoPE) after P_A V_A[L] (WG0); group 1 (V_R) after P_A V_A[R] (WG1);
-      //   buffer 1 group 0 (V_R) after P_B V_B[R] (WG1, now its first P V); group 1 (V_L + P_B) after
-      //   P_B V_B[L] (WG0).
-      // O_R = O_R s_A s_B + P_B V_B[R] + (P_A s_B) V_A[R] and O_L = (O_L s_A + P_A V_A[L]) s_B + P_B V_B[L],
-      // both relative to m_B; the row sums likewise.
-      if (wg == 0) {
-        softmax(blk, m_run, sc, sum);
-        publish_stats(smem.m_a, smem.s_a, sc);
-        rescale_o(sc[0], sc[1]);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
-        p_to_regs();
-        if constexpr (!kHasB) {
-          // No page B (s_B = 1): WG1's P_A V_A[R] takes P_A as it is, from A's RoPE box (see p_box).
-          store_p_regs(0, true);
-          fence_async_proxy();
-        }
-        named_barrier_sync(kBarAReady, kThreads);
-        issue_pv_rs(0);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tOrO);
-        // V_A[L] and the RoPE box of A are consumed: group 0 of buffer 0 takes the next A.
-        if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][0], 0, 0, h_k, page_a);
-        if constexpr (kHasB) {
-          named_barrier_sync(kBarBReady, kThreads);
-          float sb[2];
-          take_stats(smem.m_b, smem.s_b, sb);
-          store_p_scaled(0, sb);
-          fence_async_proxy();
-          named_barrier_sync(kBarPAReady, kThreads);
-          rescale_o(sb[0], sb[1]);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) l_run[r] *= sb[r];
-          wait_group(1, 1);
-#ifndef FMLA_PAIR_ORDER2_NO_PVAR
-          named_barrier_sync(kBarPVARIssued, kThreads);
-#endif
-          issue_pv_ss(1);
-          if (next_a) {
-            // Q K^T of the next A on its group 0 (refilled mid-pair) while P_B V_B[L] runs.
-            wait_group(0, 0);
-            issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
-            issue_qk(0, Int<8>{}, Int<1>{}, std::false_type{});
-            warpgroup_wait<2>();
-            warpgroup_fence_operand(tOrO);
-            // V_B[L] and P_B are consumed: group 1 of buffer 1 takes the next B.
-            if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
-            wait_group(0, 1);
-            issue_qk(0, Int<4>{}, Int<4>{}, std::false_type{});
-            warpgroup_wait<0>();
-            warpgroup_fence_operand(tSrS);
-          } else {
-            warpgroup_wait<0>();
-            warpgroup_fence_operand(tOrO);
-          }
-        }
-      } else {
-        named_barrier_sync(kBarAReady, kThreads);
-        float sa[2];
-        take_stats(smem.m_a, smem.s_a, sa);
-        if constexpr (kHasB) {
-          softmax(blk + 1, m_run, sc, sum);
-          publish_stats(smem.m_b, smem.s_b, sc);
-          p_to_regs();
-          store_p_regs(1);
-          fence_async_proxy();
-          named_barrier_sync(kBarBReady, kThreads);
-          // O_R and the denominator to the max after B (s_A s_B; both are almost always 1), then P_B V_B[R].
-          rescale_o(sa[0] * sc[0], sa[1] * sc[1]);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * (sa[r] * sc[r]) + sum[r];
-          issue_pv_rs(1);
-          named_barrier_sync(kBarPAReady, kThreads);
-          wait_group(0, 1);
-          issue_pv_ss(0);
-#ifndef FMLA_PAIR_ORDER2_NO_PVAR
-          named_barrier_sync(kBarPVARIssued, kThreads);
-#endif
-          warpgroup_wait<1>();
-          warpgroup_fence_operand(tOrO);
-          // V_B[R] is consumed: group 0 of buffer 1 takes the next B.
-          if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tOrO);
-          // V_A[R] is consumed: group 1 of buffer 0 takes the next A.
-          if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
-          if (next_b) qk_page(1);
-        } else {
-          rescale_o(sa[0], sa[1]);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) l_run[r] *= sa[r];
-          wait_group(0, 1);
-          issue_pv_ss(0, true);
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tOrO);
-        }
-      }
-#else
       if (wg == 0) {
         softmax(blk, m_run, sc, sum);
         publish_stats(smem.m_a, smem.s_a, sc);
@@ -799,7 +637,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           warpgroup_fence_operand(tOrO);
         }
       }
-#endif  // FMLA_PAIR_ORDER
       FMLA_PAIR_NEXT();
     };
     for (int blk = w.blk_begin; blk < w.blk_end; blk += 2) {
