@@ -43,18 +43,14 @@ struct Traits {
       decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBlockM>, Int<kPageSize>>{}));
   using MmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kPageSize>, Int<kHeadDimK>>>()));
-  // P V over N columns of V with P from smem (the other warpgroup's page) ...
-  template <int N>
-  using MmaPVn =
-      decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<N>, Int<kPageSize>>,
-                                                   GMMA::Major::K, GMMA::Major::MN>()));
+  // P V with P from smem (the other warpgroup's page) ...
+  using MmaPV = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHeadDimV / 2>, Int<kPageSize>>,
+                           GMMA::Major::K, GMMA::Major::MN>()));
   // ... and from registers (the warpgroup's own page, straight from its softmax).
-  template <int N>
-  using MmaPVrsN =
-      decltype(make_tiled_mma(GMMA::rs_op_selector<T, T, float, Shape<Int<kBlockM>, Int<N>, Int<kPageSize>>,
-                                                   GMMA::Major::K, GMMA::Major::MN>()));
-  using MmaPV = MmaPVn<kHeadDimV / 2>;
-  using MmaPVrs = MmaPVrsN<kHeadDimV / 2>;
+  using MmaPVrs = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHeadDimV / 2>, Int<kPageSize>>,
+                           GMMA::Major::K, GMMA::Major::MN>()));
 };
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {

@@ -81,19 +81,6 @@ constexpr int kShadowIssuers = FMLA_ABL_SHADOW_MC;
 constexpr int kShadowIssuers = 1;
 #endif
 
-// A/B knob (benchmarks/NOTES.md, session 13): the width N of the P V wgmmas. 256 (the default): one
-// 64 x 256 x 64 product per half-V. 128 or 64: every P V product is issued as 256 / N column chunks, one
-// commit group each, and page B's V boxes (buffer 1) are refilled chunk by chunk as soon as the wgmmas that
-// read them are done, instead of after the whole product. All products use the same N because ptxas
-// serialises every wgmma of the kernel (C7511) when wgmmas of different N write the same accumulator.
-#ifndef FMLA_PV_CHUNK_N
-#define FMLA_PV_CHUNK_N 256
-#endif
-constexpr int kPvChunkN = FMLA_PV_CHUNK_N;
-constexpr int kPvChunks = kHeadDimV / 2 / kPvChunkN;  // commit groups per P V product
-constexpr int kPvChunkBoxes = kPvChunkN / kBoxCols;   // V boxes read by one chunk
-static_assert(kPvChunks * kPvChunkN == kHeadDimV / 2 && kPvChunkBoxes * kBoxCols == kPvChunkN);
-
 template <typename T>
 struct alignas(1024) SeesawStorage {
   alignas(1024) T q[kBlockM * kHeadDimK];
@@ -141,22 +128,6 @@ __device__ __forceinline__ void issue_group(const DecodeParams& p, void* buf_bas
     const int box = group_box(buf, grp, i);
     tma_load_box(p, static_cast<char*>(buf_base) + box * kTileBytes, bar, box * kBoxCols, h_k, page, true);
   }
-}
-
-// Box i of group `grp` of buffer `buf` for a refill with `page`, as issue_group does for the whole group;
-// i == 0 also arms the group's mbarrier for all of its boxes (or, for page < 0, just completes its phase),
-// so the barrier completes only when the whole group has landed. Used where a group is refilled box by box
-// (FMLA_PV_CHUNK_N < 256).
-__device__ __forceinline__ void issue_group_box(const DecodeParams& p, void* buf_base, uint64_t* bar, int buf,
-                                                int grp, int i, int h_k, int page) {
-  constexpr int kTileBytes = kBoxElems * 2;
-  if (page < 0) {
-    if (i == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-    return;
-  }
-  if (i == 0) mbar_arrive_expect_tx(bar, kTileBytes * group_boxes(grp));
-  const int box = group_box(buf, grp, i);
-  tma_load_box(p, static_cast<char*>(buf_base) + box * kTileBytes, bar, box * kBoxCols, h_k, page, true);
 }
 
 template <typename T>
@@ -223,10 +194,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Tr::SmemLayoutQK{});
   Tensor sK0 = make_tensor(make_smem_ptr(smem.k[0]), typename Tr::SmemLayoutQK{});
   Tensor sK1 = make_tensor(make_smem_ptr(smem.k[1]), typename Tr::SmemLayoutQK{});
+  const auto v_tile = Shape<Int<kHeadDimV / 2>, Int<kPageSize>>{};
+
   typename Tr::MmaQK mma_qk;
-  // P V products kPvChunkN columns wide (the whole half-V unless FMLA_PV_CHUNK_N says otherwise).
-  typename Tr::template MmaPVn<kPvChunkN> mma_pv;
-  typename Tr::template MmaPVrsN<kPvChunkN> mma_pv_rs;
+  typename Tr::MmaPV mma_pv;
+  typename Tr::MmaPVrs mma_pv_rs;
   auto thr_qk = mma_qk.get_thread_slice(wtid);
   auto thr_pv = mma_pv.get_thread_slice(wtid);
   auto thr_pv_rs = mma_pv_rs.get_thread_slice(wtid);
@@ -240,9 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   auto thr_qk_rs = mma_qk_rs.get_thread_slice(wtid);
 #endif
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kPageSize>>{});
-  // O's value order is the 256-column product's whatever the chunk width (write_rows and the rescale rely on
-  // it; see gemm_chunk below).
-  Tensor tOrO = partition_fragment_C(typename Tr::MmaPV{}, Shape<Int<kBlockM>, Int<kHeadDimV / 2>>{});
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDimV / 2>>{});
   // P of the warpgroup's own page as the register A operand of P V. Its value order is the accumulator's
   // (for 16-bit types the m64k16 A fragment holds the same (row, column) pairs as two 8-column groups of the
   // m64n64 accumulator), so the conversion is element-wise.
@@ -306,64 +276,30 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     if (buf == 1) FMLA_PAIR_STAMP(9);
   };
   // O[:, this warpgroup's half] += P V of buffer `buf`; P from registers (own page) or from the buffer's P
-  // box (the other warpgroup's page). Issued as kPvChunks commit groups (one unless FMLA_PV_CHUNK_N < 256),
-  // column chunk c into values [c * n, (c + 1) * n) of tOrO: value c' + 2 r + 4 j of the accumulator is
-  // column 8 j + ..., so a block of columns is a block of consecutive j. Not waited for.
-  using AccChunk = decltype(partition_fragment_C(mma_pv_rs, Shape<Int<kBlockM>, Int<kPvChunkN>>{}).layout());
-  static_assert(decltype(size(AccChunk{}))::value * kPvChunks == decltype(size(tOrO))::value);
-  const auto v_chunk = Shape<Int<kPvChunkN>, Int<kPageSize>>{};
-  // tOrO[chunk c] += A B over the page's 64 tokens (A and B partitioned for one chunk's product).
-  auto gemm_chunk = [&](auto& mma, const auto& tA, const auto& tB, int c) FMLA_INLINE {
-    if constexpr (kPvChunks == 1) {
-#pragma unroll
-      for (int kb = 0; kb < size<2>(tA); ++kb) cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), tOrO);
-    } else {
-      Tensor acc = make_tensor(tOrO.data() + c * size(AccChunk{}), AccChunk{});
-#pragma unroll
-      for (int kb = 0; kb < size<2>(tA); ++kb) cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), acc);
-    }
-  };
+  // box (the other warpgroup's page). Committed as one group, not waited for.
   auto issue_pv_rs = [&](int buf) FMLA_INLINE {
     Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
+    Tensor tOrV = thr_pv_rs.partition_fragment_B(local_tile(sVt, v_tile, make_coord(wg, _0{})));
     warpgroup_fence_operand(tOrO);
     warpgroup_fence_operand(tOrPrs);
     warpgroup_arrive();
 #pragma unroll
-    for (int c = 0; c < kPvChunks; ++c) {
-      Tensor tOrV =
-          thr_pv_rs.partition_fragment_B(local_tile(sVt, v_chunk, make_coord(kPvChunks * wg + c, _0{})));
-      gemm_chunk(mma_pv_rs, tOrPrs, tOrV, c);
-      warpgroup_commit_batch();
+    for (int kb = 0; kb < size<2>(tOrPrs); ++kb) {
+      cute::gemm(mma_pv_rs, tOrPrs(_, _, kb), tOrV(_, _, kb), tOrO);
     }
+    warpgroup_commit_batch();
   };
   auto issue_pv_ss = [&](int buf) FMLA_INLINE {
     Tensor sVt = make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutVt{});
+    Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, v_tile, make_coord(wg, _0{})));
     Tensor tOrP = thr_pv.partition_fragment_A(p_box(buf));
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
 #pragma unroll
-    for (int c = 0; c < kPvChunks; ++c) {
-      Tensor tOrV =
-          thr_pv.partition_fragment_B(local_tile(sVt, v_chunk, make_coord(kPvChunks * wg + c, _0{})));
-      gemm_chunk(mma_pv, tOrP, tOrV, c);
-      warpgroup_commit_batch();
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+      cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
     }
-  };
-  // Refill box group `grp` of buffer 1 with page `page` chunk by chunk as the P V just issued (kPvChunks
-  // commit groups, then kAfter more) retires: chunk c's boxes go as soon as its group is done; items past
-  // the chunks' boxes (box 8 of group 1, which holds P) go after the last chunk. Ends with the P V retired.
-  auto refill_b_by_chunk = [&](auto after_c, int grp, bool refill, int page) FMLA_INLINE {
-    constexpr int kAfter = decltype(after_c)::value;
-    for_each(make_int_sequence<kPvChunks>{}, [&](auto c_c) {
-      constexpr int c = decltype(c_c)::value;
-      warpgroup_wait<kPvChunks - 1 - c + kAfter>();
-      if (refill) {
-        const int last = c + 1 == kPvChunks ? group_boxes(grp) : (c + 1) * kPvChunkBoxes;
-        for (int i = c * kPvChunkBoxes; i < last; ++i)
-          issue_group_box(p, smem.k[1], &smem.kbar[1][grp], 1, grp, i, h_k, page);
-      }
-    });
-    warpgroup_fence_operand(tOrO);
+    warpgroup_commit_batch();
   };
   // P (fp32 in tSrS) -> the register A operand; those packed values -> the P box of buffer `buf`, for the
   // other warpgroup (32-bit pairs: values c = 0, 1 are adjacent columns of one row, and the swizzle moves
@@ -642,16 +578,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
             wait_group(0, 0);
             FMLA_PAIR_STAMP(6);
             issue_qk(0, Int<0>{}, Int<4>{}, std::true_type{});
+            warpgroup_wait<1>();
+            warpgroup_fence_operand(tOrO);
+            FMLA_PAIR_STAMP(7);
             // V_B[L] and P_B are consumed: boxes 0-3 and 8 of buffer 1 take the next B.
-            if constexpr (kPvChunks == 1) {
-              warpgroup_wait<1>();
-              warpgroup_fence_operand(tOrO);
-              FMLA_PAIR_STAMP(7);
-              if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
-            } else {
-              refill_b_by_chunk(Int<1>{}, 1, wtid == 0 && next_b, page_b);
-              FMLA_PAIR_STAMP(7);
-            }
+            if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
             wait_group(0, 1);
             FMLA_PAIR_STAMP(8);
             issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
@@ -695,16 +626,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
           issue_pv_rs(1);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrO);
+          FMLA_PAIR_STAMP(6);
           // V_B[R] is consumed: boxes 4-7 of buffer 1 take the next B.
-          if constexpr (kPvChunks == 1) {
-            warpgroup_wait<0>();
-            warpgroup_fence_operand(tOrO);
-            FMLA_PAIR_STAMP(6);
-            if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
-          } else {
-            refill_b_by_chunk(Int<0>{}, 0, wtid == 0 && next_b, page_b);
-            FMLA_PAIR_STAMP(6);
-          }
+          if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
           if (next_b) qk_page(1);
         } else {
           warpgroup_wait<0>();
