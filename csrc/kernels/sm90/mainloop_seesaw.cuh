@@ -81,10 +81,6 @@ constexpr int kShadowIssuers = FMLA_ABL_SHADOW_MC;
 constexpr int kShadowIssuers = 1;
 #endif
 
-#ifndef FMLA_SOFTMAX_V2
-#define FMLA_SOFTMAX_V2 0
-#endif
-
 template <typename T>
 struct alignas(1024) SeesawStorage {
   alignas(1024) T q[kBlockM * kHeadDimK];
@@ -402,61 +398,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       }
 #endif
       const int col0 = blk * kPageSize;
-#if FMLA_SOFTMAX_V2
-      // A/B knob (benchmarks/NOTES.md, session 13): shorter dependency chains on the softmax, which runs on
-      // the pair's critical path twice. Unmasked pages keep S raw: the max of raw S times a positive scale is
-      // the max of the scaled S (rounding is monotone), and the scale goes into the exponent's FFMA; the max
-      // and the sum run as four independent chains each instead of one 16-deep chain. A non-positive (or NaN)
-      // scale takes the masked path, which scales every element first.
-      const bool need_mask =
-          __any_sync(0xffffffffu, static_cast<int64_t>(col0) + kPageSize > min(limit[0], limit[1])) ||
-          !(p.scale_log2 > 0.f);
-      const float k_exp = need_mask ? 1.f : p.scale_log2;  // what S still has to be multiplied by
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mxs[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-        if (need_mask) {
-          const int lim = limit[r] - col0;  // columns < lim are visible
-#pragma unroll
-          for (int j = 0; j < kPageSize / 8; ++j) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int idx = c + 2 * r + 4 * j;
-              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
-              tSrS(idx) = v;
-              mxs[(2 * j + c) % 4] = fmaxf(mxs[(2 * j + c) % 4], v);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < kPageSize / 8; ++j) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              mxs[(2 * j + c) % 4] = fmaxf(mxs[(2 * j + c) % 4], tSrS(c + 2 * r + 4 * j));
-            }
-          }
-        }
-        float mx = fmaxf(fmaxf(mxs[0], mxs[1]), fmaxf(mxs[2], mxs[3])) * k_exp;
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = next_running_max(m[r], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
-        sc[r] = exp2_ftz(m[r] - m_use);
-        m[r] = m_new;
-        float ss[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int j = 0; j < kPageSize / 8; ++j) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int idx = c + 2 * r + 4 * j;
-            const float e = exp2_ftz(fmaf(tSrS(idx), k_exp, -m_use));
-            tSrS(idx) = e;
-            ss[(2 * j + c) % 4] += e;
-          }
-        }
-        sum[r] = (ss[0] + ss[1]) + (ss[2] + ss[3]);
-      }
-#else
       // 64-bit: col0 + 64 overflows int32 on the last page of a ~2^31-token (invalid, NaN-flagged) request.
       const bool need_mask =
           __any_sync(0xffffffffu, static_cast<int64_t>(col0) + kPageSize > min(limit[0], limit[1]));
@@ -505,7 +446,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         }
         sum[r] = s;
       }
-#endif
     };
 
     // The running max after a page and its rescale factor, handed between the warpgroups through smem (one
