@@ -222,25 +222,6 @@ __device__ __forceinline__ void tma_load_box_mc(const DecodeParams& p, void* dst
 }
 #endif
 
-// A/B knob (benchmarks/NOTES.md, session 13): warm L1 ahead of the dependent loads at a segment start.
-// 1: when a segment starts, thread 0 prefetches what the next segment's start will read (its request's length
-// and num_splits entries, the first line of its block_table row), so the next transition's chain of loads
-// (length -> page ids -> TMA), which the whole CTA waits for at the epilogue barrier, hits L1; 2: also the
-// block_table line 32 blocks ahead of the page loop's lookups.
-#ifndef FMLA_PREFETCH_META
-#define FMLA_PREFETCH_META 0
-#endif
-__device__ __forceinline__ void prefetch_l1(const void* ptr) {
-  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(ptr));
-}
-// Non-blocking: nothing waits for these lines.
-__device__ __forceinline__ void prefetch_request_meta(const DecodeParams& p, int req) {
-  prefetch_l1(p.seqlens + req);
-  prefetch_l1(p.num_splits + req);
-  prefetch_l1(p.num_splits + req + 1);  // the same line unless the pair straddles two
-  prefetch_l1(p.block_table + static_cast<int64_t>(req) * p.block_table_batch_stride);
-}
-
 // A part's work record (scheduler contract: kernels/params.h), as the main loops read it.
 struct PartWork {
   int begin_req;     // first request of the part

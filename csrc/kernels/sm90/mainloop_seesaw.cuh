@@ -350,9 +350,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, pb);
       }
     }
-#if FMLA_PREFETCH_META >= 1
-    if (threadIdx.x == 0 && req < pw.end_req) prefetch_request_meta(p, req + 1);
-#endif
   };
 
   RequestWork w = request_work(p, pw, pw.begin_req);
@@ -483,10 +480,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       if (wtid == 0) {
         if (next_a) page_a = block_page(p, req, blk + 2, w.seqlen_safe, bad);
         if (next_b) page_b = block_page(p, req, blk + 3, w.seqlen_safe, bad);
-#if FMLA_PREFETCH_META >= 2
-        if (wg == 0 && blk + 34 < w.blk_end)
-          prefetch_l1(p.block_table + static_cast<int64_t>(req) * p.block_table_batch_stride + blk + 34);
-#endif
 #if defined(FMLA_ABL_NO_TMA) || defined(FMLA_ABL_SHADOW_TMA)
         // Ablation build (wrong results): no refills, the barriers complete at once, the buffers keep the
         // segment's first two pages.

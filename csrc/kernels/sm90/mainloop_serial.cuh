@@ -156,9 +156,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
         issue_page(p, smem.k[1], &smem.kbar[1], h_k, page, evict_first);
       }
     }
-#if FMLA_PREFETCH_META >= 1
-    if (threadIdx.x == 0 && req < pw.end_req) prefetch_request_meta(p, req + 1);
-#endif
   };
 
   RequestWork w = request_work(p, pw, pw.begin_req);
@@ -191,13 +188,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       const bool has_next = blk + 1 < w.blk_end;
       // Thread 0 looks the page id of block blk+2 up now, so it is in a register when the buffer frees.
       int next_page = -1;
-      if (threadIdx.x == 0 && blk + 2 < w.blk_end) {
+      if (threadIdx.x == 0 && blk + 2 < w.blk_end)
         next_page = block_page(p, req, blk + 2, w.seqlen_safe, bad);
-#if FMLA_PREFETCH_META >= 2
-        if (blk + 34 < w.blk_end)
-          prefetch_l1(p.block_table + static_cast<int64_t>(req) * p.block_table_batch_stride + blk + 34);
-#endif
-      }
 
       if (wg == 0) {
         const int col0 = blk * kPageSize;
