@@ -38,7 +38,8 @@ for st in $stages; do
       grep -c "Function :" "$OUT/sass.txt"
       ;;
     test-quick)
-      (cd /tmp && timeout 300 python3 -m pytest --rootdir="$REPO" "$REPO/tests/test_sched_cuda.py" "$REPO/tests/test_decode_cuda.py" -q -x -k "not grid or (b1 and 4096)" -p no:cacheprovider) 2>&1 | tee "$OUT/pytest_quick.log" | tail -25
+      # QUICK_SITE: test another build (e.g. an ab-quick variant in /tmp/ab_NAME) ahead of /tmp/site.
+      (cd /tmp && PYTHONPATH=${QUICK_SITE:+$QUICK_SITE:}$PYTHONPATH timeout 300 python3 -m pytest --rootdir="$REPO" "$REPO/tests/test_sched_cuda.py" "$REPO/tests/test_decode_cuda.py" -q -x -k "not grid or (b1 and 4096)" -p no:cacheprovider) 2>&1 | tee "$OUT/pytest_quick.log" | tail -25
       ;;
     test-k)
       (cd /tmp && timeout 300 python3 -m pytest --rootdir="$REPO" "$REPO/tests" -q -p no:cacheprovider \

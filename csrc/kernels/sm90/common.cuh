@@ -207,21 +207,6 @@ __device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, u
       : "memory");
 }
 
-#ifdef FMLA_ABL_SHADOW_MC
-// Ablation build only (mainloop_seesaw.cuh): tma_load_box multicast to the cluster CTAs in `mask`, each
-// completing on the barrier at the same smem offset in its own CTA.
-__device__ __forceinline__ void tma_load_box_mc(const DecodeParams& p, void* dst, uint64_t* bar, int col,
-                                                int h_k, int page, uint16_t mask) {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      ".L2::cache_hint [%0], [%1, {%2, %3, %4, %5}], [%6], %7, %8;\n" ::"r"(smem_u32(dst)),
-      "l"(&p.tma_k), "r"(col), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar)), "h"(mask), "l"(policy)
-      : "memory");
-}
-#endif
-
 // A part's work record (scheduler contract: kernels/params.h), as the main loops read it.
 struct PartWork {
   int begin_req;     // first request of the part

@@ -67,20 +67,6 @@ enum NamedBarrier : int {
   kBarZero = 3,    // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
 };
 
-#ifdef FMLA_ABL_SHADOW_MC
-// Ablation build: the shadow copies of FMLA_ABL_SHADOW_TMA, issued by a cluster of FMLA_ABL_SHADOW_MC m-block
-// CTAs (the launcher sets the cluster size along x), each issuing the boxes j with j % size == its rank,
-// multicast to every CTA of the cluster: each SM still receives every page, but issues 1/size of the copies.
-// It tells whether page ingestion is limited where the copies are issued (multicast would then pay) or where
-// they land (it would not).
-#ifndef FMLA_ABL_SHADOW_TMA
-#error "FMLA_ABL_SHADOW_MC needs FMLA_ABL_SHADOW_TMA"
-#endif
-constexpr int kShadowIssuers = FMLA_ABL_SHADOW_MC;
-#else
-constexpr int kShadowIssuers = 1;
-#endif
-
 template <typename T>
 struct alignas(1024) SeesawStorage {
   alignas(1024) T q[kBlockM * kHeadDimK];
@@ -96,9 +82,7 @@ struct alignas(1024) SeesawStorage {
   // without the refill latency on the loop's chain). The struct is then exactly 232448 bytes, the sm_90
   // maximum: nothing more fits.
   alignas(1024) T shadow[kBoxElems];
-  // One barrier per issuing CTA of the cluster (FMLA_ABL_SHADOW_MC; one CTA, no cluster, otherwise): each
-  // counts only the bytes that CTA multicasts, so the CTAs need not agree on when a phase starts.
-  uint64_t shadow_bar[kShadowIssuers];
+  uint64_t shadow_bar;
 #endif
 };
 
@@ -164,19 +148,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
 #pragma unroll
     for (int i = 0; i < 4; ++i) mbar_init(&smem.kbar[i / 2][i % 2], 1);
 #ifdef FMLA_ABL_SHADOW_TMA
-    for (int r = 0; r < kShadowIssuers; ++r) mbar_init(&smem.shadow_bar[r], 1);
+    mbar_init(&smem.shadow_bar, 1);
 #endif
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k) : "memory");
   }
   __syncthreads();
-#ifdef FMLA_ABL_SHADOW_MC
-  // Every CTA's shadow barriers are initialised before any CTA multicasts into it.
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
-                   : "memory");
-  uint32_t shadow_rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(shadow_rank));
-#endif
   // Bit 2 * buf + grp: parity of the next phase of kbar[buf][grp] this thread waits for. Each warpgroup waits
   // once for every fill of each group it reads, so its parities stay in step with the fills.
   uint32_t kphase = 0;
@@ -491,37 +468,18 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         if (wg == 0) {
 #endif
           // One pair's pages (18 boxes) into the shadow box; the previous pair's copies are long done.
-          if (shadow_pending) {
-            for (int r = 0; r < kShadowIssuers; ++r) mbar_wait(&smem.shadow_bar[r], shadow_phase);
-          }
+          if (shadow_pending) mbar_wait(&smem.shadow_bar, shadow_phase);
           shadow_phase ^= shadow_pending ? 1u : 0u;
           const int n = (page_a >= 0) + (page_b >= 0);
           shadow_pending = n > 0;
           if (n > 0) {
-#ifdef FMLA_ABL_SHADOW_MC
-            // Arm each issuer's barrier with the bytes it sends here, then send this CTA's share to all.
-            for (int r = 0; r < kShadowIssuers; ++r) {
-              const int boxes = (kNumBoxes - r + kShadowIssuers - 1) / kShadowIssuers;
-              mbar_arrive_expect_tx(&smem.shadow_bar[r], kBoxElems * 2 * boxes * n);
-            }
-            const uint16_t mask = static_cast<uint16_t>((1u << kShadowIssuers) - 1);
-            for (int j = static_cast<int>(shadow_rank); j < kNumBoxes; j += kShadowIssuers) {
-              if (page_a >= 0)
-                tma_load_box_mc(p, smem.shadow, &smem.shadow_bar[shadow_rank], j * kBoxCols, h_k, page_a,
-                                mask);
-              if (page_b >= 0)
-                tma_load_box_mc(p, smem.shadow, &smem.shadow_bar[shadow_rank], j * kBoxCols, h_k, page_b,
-                                mask);
-            }
-#else
-            mbar_arrive_expect_tx(&smem.shadow_bar[0], kBoxElems * 2 * kNumBoxes * n);
+            mbar_arrive_expect_tx(&smem.shadow_bar, kBoxElems * 2 * kNumBoxes * n);
             for (int j = 0; j < kNumBoxes; ++j) {
               if (page_a >= 0)
-                tma_load_box(p, smem.shadow, &smem.shadow_bar[0], j * kBoxCols, h_k, page_a, true);
+                tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_a, true);
               if (page_b >= 0)
-                tma_load_box(p, smem.shadow, &smem.shadow_bar[0], j * kBoxCols, h_k, page_b, true);
+                tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_b, true);
             }
-#endif
           }
         }
 #endif
@@ -680,14 +638,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     w = w_next;
   }
 #ifdef FMLA_ABL_SHADOW_TMA
-  if (threadIdx.x == 0 && shadow_pending) {
-    for (int r = 0; r < kShadowIssuers; ++r) mbar_wait(&smem.shadow_bar[r], shadow_phase);
-  }
-#endif
-#ifdef FMLA_ABL_SHADOW_MC
-  // No CTA leaves while a peer may still multicast into it (each waited only for what it received).
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
-                   : "memory");
+  if (threadIdx.x == 0 && shadow_pending) mbar_wait(&smem.shadow_bar, shadow_phase);
 #endif
   FMLA_TRACE_EXIT();
 }
