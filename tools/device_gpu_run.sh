@@ -2,7 +2,7 @@
 # Runs on a lent Hopper machine (the `device` tool), from the repository root, with .carry/ carried along:
 # .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers) and .carry/peers.tar.xz (FlashMLA + FlashInfer,
 # from ../shared/tools/peer-bundle.sh). Stages (any subset, in order): build sass test-quick test-k (TEST_K)
-# test sanitize sched-bench bench-quick variant-quick ab-quick breakdown ncu-small probe-small bench. Logs and
+# test sanitize sched-bench bench-quick variant-quick ab-quick breakdown ncu-small probe-small probes bench. Logs and
 # JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmla_out}
@@ -133,6 +133,14 @@ for st in $stages; do
       (cd /tmp && PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/probe_parts.py" --small-b \
         --fractions ${PROBE_FRACTIONS:-1,0.75,0.5,0.25,0.125,0.0625} --json "$OUT/probe_small.json") 2>&1 \
         | tee "$OUT/probe_small.log" | tail -22
+      ;;
+    probes)
+      # Page-copy ceilings (HBM and L2-resident pages) and TMA / wgmma shared-memory contention, no attention math.
+      nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe benchmarks/tma_stream_probe.cu \
+        && nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/smem_contention_probe \
+          benchmarks/smem_contention_probe.cu || exit 1
+      timeout 120 /tmp/smem_contention_probe 2>&1 | tee "$OUT/smem_contention_probe.log"
+      timeout 120 /tmp/tma_stream_probe l2 2>&1 | tee "$OUT/tma_stream_probe_l2.log"
       ;;
     bench)
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --json "$OUT/bench.json" \
