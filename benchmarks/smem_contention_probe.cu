@@ -241,7 +241,7 @@ int main() {
   int clk_khz = 0;
   CK(cudaDeviceGetAttribute(&clk_khz, cudaDevAttrClockRate, 0));
   std::printf("%-4s %-5s %-4s %5s %12s %14s %16s\n", "src", "copy", "mma", "ctas", "copy B/cyc/SM",
-              "Q K^T cyc/page", "(36 wgmma = 1,180 at peak)");
+              "Q K^T cyc/page", "(36 wgmma = 1,152 at peak)");
   const char* mma_names[3] = {"-", "SS", "RS"};
   for (int src = 0; src < 2; ++src) {
     for (int ctas : {sms, 8}) {
