@@ -207,18 +207,6 @@ __device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, u
       : "memory");
 }
 
-#ifdef FMLA_L2_PREFETCH
-// A/B knob (off by default; benchmarks/NOTES.md, session 14): pull all nine boxes of `page` into L2 ahead of
-// the copy that will read them, so that copy sees L2 latency instead of HBM latency.
-__device__ __forceinline__ void l2_prefetch_page(const DecodeParams& p, int h_k, int page) {
-#pragma unroll
-  for (int j = 0; j < kNumBoxes; ++j)
-    asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(&p.tma_k),
-                 "r"(j * kBoxCols), "r"(0), "r"(h_k), "r"(page)
-                 : "memory");
-}
-#endif
-
 // A part's work record (scheduler contract: kernels/params.h), as the main loops read it.
 struct PartWork {
   int begin_req;     // first request of the part

@@ -486,25 +486,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         page_a = page_b = -1;
 #endif
       }
-#ifdef FMLA_L2_PREFETCH
-      // A/B knob: =1 m-block 0's CTA prefetches the next pair's pages into L2 now (~2,000-3,500 cycles before
-      // their copies; the other m-block CTAs of the head read the same pages); =2 every m-block CTA does
-      // (session 6's v6.2); =3 m-block 0 prefetches the pair after next (~9,000 cycles ahead).
-      if (wg == 0 && wtid == 0 && (FMLA_L2_PREFETCH == 2 || m_block == 0)) {
-        if (FMLA_L2_PREFETCH == 3) {
-          bool unused = false;  // the copies' own lookups flag bad page ids
-#pragma unroll
-          for (int d = 4; d < 6; ++d) {
-            const int pg =
-                kHasB && blk + d < w.blk_end ? block_page(p, req, blk + d, w.seqlen_safe, unused) : -1;
-            if (pg >= 0) l2_prefetch_page(p, h_k, pg);
-          }
-        } else {
-          if (page_a >= 0) l2_prefetch_page(p, h_k, page_a);
-          if (page_b >= 0) l2_prefetch_page(p, h_k, page_b);
-        }
-      }
-#endif
       // Rows past seqlen of a page hold stale data or NaN: zero their V part before any P V reads it (WG0 for
       // A, WG1 for B; both Q K^T are done). The lengths depend on w.seqlen_safe only, never on the lookup
       // thread's `bad` flag, so the test is CTA-uniform and the barrier after it is reached by every thread.
