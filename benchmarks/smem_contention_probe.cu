@@ -94,7 +94,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4],
 }
 
 struct Result {
-  uint64_t copy_cycles, copy_bytes, mma_cycles, mma_iters;
+  uint64_t copy_cycles, copy_bytes, mma_cycles, mma_iters, issue_cycles;
 };
 
 // Warpgroup 1: a.iters pages of Q K^T (36 wgmmas each, one commit group, waited for).
@@ -158,16 +158,21 @@ __global__ void __launch_bounds__(256, 1) probe_kernel(const __grid_constant__ A
     issue(0, 0);
     issue(1, 1);
     int landed = 0;
+    uint64_t issue_cycles =
+        0;  // time thread 0 spends issuing the nine copies of a page (after the first two)
     // Alone: a.iters pages. With the wgmmas: until warpgroup 1 is done, then drain what is in flight.
     for (;;) {
       mbar_wait(&bars[landed & 1], (landed >> 1) & 1);
       ++landed;
       const bool stop = a.mma ? mma_done != 0 : landed + 1 >= a.iters;
       if (stop) break;
+      const long long ti = clock64();
       issue((landed + 1) & 1, landed + 1);
+      issue_cycles += static_cast<uint64_t>(clock64() - ti);
     }
     r.copy_cycles = static_cast<uint64_t>(clock64() - t0);
     r.copy_bytes = static_cast<uint64_t>(landed) * kPageBytes;
+    r.issue_cycles = landed > 1 ? issue_cycles / (landed - 1) : 0;
     mbar_wait(&bars[landed & 1], (landed >> 1) & 1);  // the last copy issued (never left in flight)
   }
   if (threadIdx.x >= 128 && a.mma) {
@@ -182,6 +187,7 @@ __global__ void __launch_bounds__(256, 1) probe_kernel(const __grid_constant__ A
   if (threadIdx.x == 0) {
     res[blockIdx.x].copy_cycles = r.copy_cycles;
     res[blockIdx.x].copy_bytes = r.copy_bytes;
+    res[blockIdx.x].issue_cycles = r.issue_cycles;
   }
   if (threadIdx.x == 128) {
     res[blockIdx.x].mma_cycles = r.mma_cycles;
@@ -240,8 +246,8 @@ int main() {
   CK(cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int clk_khz = 0;
   CK(cudaDeviceGetAttribute(&clk_khz, cudaDevAttrClockRate, 0));
-  std::printf("%-4s %-5s %-4s %5s %12s %14s %16s\n", "src", "copy", "mma", "ctas", "copy B/cyc/SM",
-              "Q K^T cyc/page", "(36 wgmma = 1,152 at peak)");
+  std::printf("%-4s %-5s %-4s %5s %12s %14s %16s   (36 wgmma = 1,152 cycles at peak)\n", "src", "copy", "mma",
+              "ctas", "copy B/cyc/SM", "Q K^T cyc/page", "issue cyc/page");
   const char* mma_names[3] = {"-", "SS", "RS"};
   for (int src = 0; src < 2; ++src) {
     for (int ctas : {sms, 8}) {
@@ -251,7 +257,7 @@ int main() {
         a.copy = cfg == 0 || cfg >= 3;
         a.mma = cfg == 0 ? 0 : (cfg == 1 || cfg == 3 ? 1 : 2);
         a.iters = a.mma ? 400 : 400;
-        std::vector<double> rate, cyc;
+        std::vector<double> rate, cyc, iss;
         for (int rep = 0; rep < 5; ++rep) {
           CK(cudaMemset(d_res, 0, sms * sizeof(Result)));
           probe_kernel<<<ctas, 256, smem>>>(a, d_res);
@@ -261,11 +267,12 @@ int main() {
           if (rep == 0) continue;  // warm-up
           for (int i = 0; i < ctas; ++i) {
             if (res[i].copy_cycles) rate.push_back(double(res[i].copy_bytes) / double(res[i].copy_cycles));
+            if (res[i].copy_cycles) iss.push_back(double(res[i].issue_cycles));
             if (res[i].mma_iters) cyc.push_back(double(res[i].mma_cycles) / double(res[i].mma_iters));
           }
         }
-        std::printf("%-4s %-5s %-4s %5d %12.1f %14.0f\n", src == 0 ? "HBM" : "L2", a.copy ? "yes" : "-",
-                    mma_names[a.mma], ctas, median(rate), median(cyc));
+        std::printf("%-4s %-5s %-4s %5d %12.1f %14.0f %16.0f\n", src == 0 ? "HBM" : "L2",
+                    a.copy ? "yes" : "-", mma_names[a.mma], ctas, median(rate), median(cyc), median(iss));
       }
     }
   }
