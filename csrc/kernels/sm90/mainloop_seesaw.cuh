@@ -540,17 +540,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
             warpgroup_fence_operand(tOrO);
             FMLA_PAIR_STAMP(7);
             // V_B[L] and P_B are consumed: boxes 0-3 and 8 of buffer 1 take the next B.
-#if !defined(FMLA_TMA_ISSUE_LATE)
             if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
-#endif
             wait_group(0, 1);
             FMLA_PAIR_STAMP(8);
             issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
-#if defined(FMLA_TMA_ISSUE_LATE)
-            // A/B knob: the copy instructions block the issuing thread (and so its warpgroup) while the SM's
-            // copy unit still works through earlier boxes; issued here, that wait overlaps the queued Q K^T.
-            if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
-#endif
             warpgroup_wait<0>();
             warpgroup_fence_operand(tSrS);
             FMLA_PAIR_STAMP(9);
@@ -586,16 +579,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           warpgroup_fence_operand(tOrO);
           FMLA_PAIR_STAMP(5);
           // V_A[R] and P_A are consumed: boxes 4-8 of buffer 0 take the next A.
-#if !defined(FMLA_TMA_ISSUE_LATE) || FMLA_TMA_ISSUE_LATE < 2
           if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
-#endif
           rescale_o(sc[0], sc[1]);
 #pragma unroll
           for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * sc[r] + sum[r];
           issue_pv_rs(1);
-#if defined(FMLA_TMA_ISSUE_LATE) && FMLA_TMA_ISSUE_LATE >= 2
-          if (wtid == 0 && next_a) issue_group(p, smem.k[0], &smem.kbar[0][1], 0, 1, h_k, page_a);
-#endif
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
           FMLA_PAIR_STAMP(6);
