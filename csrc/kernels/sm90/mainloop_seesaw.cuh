@@ -65,9 +65,6 @@ enum NamedBarrier : int {
   kBarAReady = 1,  // m_A, s_A and P_A of the pair are in smem (WG0 -> WG1)
   kBarBReady = 2,  // m_B, s_B and P_B are in smem (WG1 -> WG0)
   kBarZero = 3,    // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
-#ifdef FMLA_B1_BY_WG1
-  kBarB1Free = 4,  // A/B knob: WG0's P_B V_B[L] is done, buffer 1's boxes 0-3 and 8 are free (WG0 -> WG1)
-#endif
 };
 
 template <typename T>
@@ -543,14 +540,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
             warpgroup_fence_operand(tOrO);
             FMLA_PAIR_STAMP(7);
             // V_B[L] and P_B are consumed: boxes 0-3 and 8 of buffer 1 take the next B.
-#ifdef FMLA_B1_BY_WG1
-            // A/B knob: warpgroup 1, idle until the next B lands, issues that refill, so the copy
-            // instructions' blocking (while the SM's copy unit works through earlier boxes) stalls it
-            // instead of warpgroup 0 (benchmarks/smem_contention_probe.cu).
-            if (next_b) named_barrier_arrive(kBarB1Free, kThreads);
-#else
             if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
-#endif
             wait_group(0, 1);
             FMLA_PAIR_STAMP(8);
             issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
@@ -599,12 +589,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           FMLA_PAIR_STAMP(6);
           // V_B[R] is consumed: boxes 4-7 of buffer 1 take the next B.
           if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
-#ifdef FMLA_B1_BY_WG1
-          if (next_b) {
-            named_barrier_sync(kBarB1Free, kThreads);
-            if (wtid == 0) issue_group(p, smem.k[1], &smem.kbar[1][1], 1, 1, h_k, page_b);
-          }
-#endif
           if (next_b) qk_page(1);
         } else {
           warpgroup_wait<0>();
