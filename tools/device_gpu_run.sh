@@ -2,8 +2,8 @@
 # Runs on a lent Hopper machine (the `device` tool), from the repository root, with .carry/ carried along:
 # .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers) and .carry/peers.tar.xz (FlashMLA + FlashInfer,
 # from ../shared/tools/peer-bundle.sh). Stages (any subset, in order): build sass test-quick test-k (TEST_K)
-# test sanitize sched-bench bench-quick variant-quick ab-quick breakdown ncu-small probe-small probes bench. Logs and
-# JSON go to $OUT.
+# test sanitize sched-bench bench-quick variant-quick ab-quick breakdown ncu-small probe-small probes bench.
+# Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmla_out}
 mkdir -p "$OUT"
