@@ -9,8 +9,9 @@
 // Each alone, then both at once: bytes per cycle per SM the copies get, and cycles per page of Q K^T.
 // Timing values only; the data are never checked (the wgmmas multiply whatever the smem holds).
 //
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/smem_contention_probe
-//   benchmarks/smem_contention_probe.cu /tmp/smem_contention_probe
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+//     -o /tmp/smem_contention_probe benchmarks/smem_contention_probe.cu
+//   /tmp/smem_contention_probe
 #include <cuda.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_runtime.h>
@@ -129,7 +130,6 @@ __device__ __forceinline__ void mma_loop(const Args& a, const char* q, Result& r
 
 __global__ void __launch_bounds__(256, 1) probe_kernel(const __grid_constant__ Args a, Result* res) {
   extern __shared__ __align__(1024) char smem[];
-  char* slot[2] = {smem, smem + kPageBytes};
   char* q = smem + 2 * kPageBytes;  // the Q K^T operands (both from this tile: its values do not matter)
   __shared__ uint64_t bars[2];
   __shared__ volatile int mma_done;
@@ -144,19 +144,19 @@ __global__ void __launch_bounds__(256, 1) probe_kernel(const __grid_constant__ A
   if (threadIdx.x == 0 && a.copy) {
     // Pages in this CTA's own stretch of the (random) page list, wrapping around.
     const int start = static_cast<int>((static_cast<int64_t>(blockIdx.x) * a.num_pages) / gridDim.x);
-    auto issue = [&](int s, int i) {
-      const int page = a.pages[(start + i) % a.num_pages];
+    auto page_of = [&](int i) { return a.pages[(start + i) % a.num_pages]; };
+    auto issue = [&](int s, int page) {  // slot s = smem + s * kPageBytes
       mbar_expect(&bars[s], kPageBytes);
       for (int j = 0; j < kBoxes; ++j)
         asm volatile(
             "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, "
-            "%4}], [%5];\n" ::"r"(smem_u32(slot[s] + j * kBoxBytes)),
+            "%4}], [%5];\n" ::"r"(smem_u32(smem + s * kPageBytes + j * kBoxBytes)),
             "l"(&a.map), "r"(j * 64), "r"(0), "r"(page), "r"(smem_u32(&bars[s]))
             : "memory");
     };
     const long long t0 = clock64();
-    issue(0, 0);
-    issue(1, 1);
+    issue(0, page_of(0));
+    issue(1, page_of(1));
     int landed = 0;
     uint64_t issue_cycles =
         0;  // time thread 0 spends issuing the nine copies of a page (after the first two)
@@ -166,8 +166,10 @@ __global__ void __launch_bounds__(256, 1) probe_kernel(const __grid_constant__ A
       ++landed;
       const bool stop = a.mma ? mma_done != 0 : landed + 1 >= a.iters;
       if (stop) break;
+      int next_page = page_of(landed + 1);
+      asm volatile("mov.b32 %0, %0;\n" : "+r"(next_page));  // the lookup completes before the timed issue
       const long long ti = clock64();
-      issue((landed + 1) & 1, landed + 1);
+      issue((landed + 1) & 1, next_page);
       issue_cycles += static_cast<uint64_t>(clock64() - ti);
     }
     r.copy_cycles = static_cast<uint64_t>(clock64() - t0);
@@ -256,7 +258,7 @@ int main() {
         a.num_pages = num_pages;
         a.copy = cfg == 0 || cfg >= 3;
         a.mma = cfg == 0 ? 0 : (cfg == 1 || cfg == 3 ? 1 : 2);
-        a.iters = a.mma ? 400 : 400;
+        a.iters = 400;
         std::vector<double> rate, cyc, iss;
         for (int rep = 0; rep < 5; ++rep) {
           CK(cudaMemset(d_res, 0, sms * sizeof(Result)));

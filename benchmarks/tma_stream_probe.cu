@@ -100,7 +100,7 @@ __device__ __forceinline__ uint64_t global_ns() {
 }
 
 // times[2 * cta] / [2 * cta + 1]: the CTA's start and end (globaltimer, ns), to see how far the per-SM
-// rates spread with identical work; cycles[2 * cta] / [2 * cta + 1]: its SM clock (clock64) at both ends and
+// rates spread with identical work; cycles[2 * cta] / [2 * cta + 1]: the SM cycles (clock64) the CTA took and
 // the bytes it received, for bytes per cycle per SM.
 __global__ void __launch_bounds__(128, 1)
     stream_kernel(const __grid_constant__ Args a, unsigned* sink, uint64_t* times, uint64_t* cycles) {
@@ -212,7 +212,7 @@ int main(int argc, char** argv) {
   if (l2) {
     for (int ctas : {1, 8, 32, 66, sms})
       for (int nbuf : {2, 3}) configs.push_back({0, nbuf, 0, ctas});
-    for (int group : {2, 4}) configs.push_back({0, 2, 0, sms, group});
+    for (int group : {2, 4}) configs.push_back({0, 2, 0, sms / group * group, group});  // whole groups only
     configs.push_back({2, 2, 0, sms});
     configs.push_back({2, 3, 0, 8});
   }
@@ -251,8 +251,8 @@ int main(int argc, char** argv) {
     CK(cudaMemcpy(h_times.data(), times, 2 * c.ctas * 8, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(h_cycles.data(), cycles, 2 * c.ctas * 8, cudaMemcpyDeviceToHost));
     std::vector<double> dur, rate;
-    // The last group may have fewer pages: left out (with one CTA, nothing is).
-    const int n = c.ctas == 1 ? 1 : c.ctas - c.group;
+    // The last group may have fewer pages: left out (with a single group, nothing is).
+    const int n = c.ctas == c.group ? c.ctas : c.ctas - c.group;
     for (int i = 0; i < n; ++i) {
       dur.push_back((h_times[2 * i + 1] - h_times[2 * i]) * 1e-3);
       rate.push_back(static_cast<double>(h_cycles[2 * i + 1]) / static_cast<double>(h_cycles[2 * i]));

@@ -135,7 +135,8 @@ for st in $stages; do
         | tee "$OUT/probe_small.log" | tail -22
       ;;
     probes)
-      # Page-copy ceilings (HBM and L2-resident pages) and TMA / wgmma shared-memory contention, no attention math.
+      # No attention math: TMA / wgmma shared-memory contention (pages from HBM and from L2) and the page-copy
+      # ceilings from L2-resident pages (tma_stream_probe without `l2` gives the HBM ones, session 10).
       nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe benchmarks/tma_stream_probe.cu \
         && nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/smem_contention_probe \
           benchmarks/smem_contention_probe.cu || exit 1
