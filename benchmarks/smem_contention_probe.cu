@@ -12,48 +12,17 @@
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
 //     -o /tmp/smem_contention_probe benchmarks/smem_contention_probe.cu
 //   /tmp/smem_contention_probe
-#include <cuda.h>
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
-#include <cuda_runtime.h>
-
 #include <algorithm>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <vector>
 
+#include "probe_common.cuh"
+
 namespace {
 
-constexpr int kRows = 64, kCols = 576, kPageBytes = kRows * kCols * 2, kBoxBytes = 8192, kBoxes = 9;
-
-#define CK(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(bar)));
-}
-__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}\n" ::"r"(
-          smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
+using namespace probe;
+constexpr int kBoxBytes = 8192, kBoxes = 9;
 
 struct Args {
   CUtensorMap map;
@@ -197,13 +166,6 @@ __global__ void __launch_bounds__(256, 1) probe_kernel(const __grid_constant__ A
   }
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 encoder() {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult qr;
-  CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &qr));
-  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-}
-
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0.0 : v[v.size() / 2];
@@ -219,19 +181,7 @@ int main() {
   CK(cudaMalloc(&base, static_cast<size_t>(num_pages) * kPageBytes));
   CK(cudaMemset(base, 1, static_cast<size_t>(num_pages) * kPageBytes));
   Args a{};
-  {
-    const cuuint64_t dims[3] = {kCols, kRows, static_cast<cuuint64_t>(num_pages)};
-    const cuuint64_t strides[2] = {kCols * 2, kPageBytes};
-    const cuuint32_t box[3] = {64, 64, 1};
-    const cuuint32_t es[3] = {1, 1, 1};
-    const CUresult e = encoder()(&a.map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, base, dims, strides, box, es,
-                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (e != CUDA_SUCCESS) {
-      std::printf("cuTensorMapEncodeTiled failed: %d\n", static_cast<int>(e));
-      return 1;
-    }
-  }
+  make_page_map(&a.map, base, num_pages, 64);
   std::vector<int> hbm(num_pages), l2(num_pages);
   std::iota(hbm.begin(), hbm.end(), 0);
   std::shuffle(hbm.begin(), hbm.end(), std::mt19937(1));

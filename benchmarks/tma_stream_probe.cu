@@ -14,50 +14,18 @@
 // cp.async.bulk of the whole contiguous page (no swizzle, not usable by wgmma as is; the contiguous-read
 // reference). The "hold" is the time (cycles) a consumer keeps a slot after it landed before it may be
 // refilled: what a page's Q K^T, softmax and P V take in the decode kernels.
-#include <cuda.h>
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
-#include <cuda_runtime.h>
-
 #include <algorithm>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "probe_common.cuh"
+
 namespace {
 
-constexpr int kRows = 64, kCols = 576, kPageBytes = kRows * kCols * 2;
+using namespace probe;
 constexpr int kMaxBufs = 6;
-
-#define CK(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(bar)));
-}
-__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}\n" ::"r"(
-          smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
 
 struct Args {
   CUtensorMap map64, map32;
@@ -144,27 +112,6 @@ __global__ void __launch_bounds__(128, 1)
   }
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 encoder() {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult q;
-  CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
-  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-}
-
-void make_map(CUtensorMap* m, void* base, int num_pages, int box_rows) {
-  const cuuint64_t dims[3] = {kCols, kRows, static_cast<cuuint64_t>(num_pages)};
-  const cuuint64_t strides[2] = {kCols * 2, kPageBytes};
-  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), 1};
-  const cuuint32_t es[3] = {1, 1, 1};
-  const CUresult r = encoder()(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, base, dims, strides, box, es,
-                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    std::printf("cuTensorMapEncodeTiled failed: %d\n", static_cast<int>(r));
-    std::exit(1);
-  }
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -193,8 +140,8 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&d_rnd, num_pages * 4));
   CK(cudaMemcpy(d_rnd, rnd.data(), num_pages * 4, cudaMemcpyHostToDevice));
   Args a{};
-  make_map(&a.map64, base, num_pages, 64);
-  make_map(&a.map32, base, num_pages, 32);
+  make_page_map(&a.map64, base, num_pages, 64);
+  make_page_map(&a.map32, base, num_pages, 32);
   a.base = base;
   a.num_pages = num_pages;
   CK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 3 * kPageBytes));
