@@ -246,7 +246,7 @@ def main():
     impls = [Ours, FlashMLA, FlashInfer] + ([] if args.no_torch else [TorchPadded])
     if args.only_ours:
         impls = [Ours]
-    # The GPU machine's copy of the tree has no .git: tools/device_gpu_run.sh passes the commit.
+    # The GPU machine's copy of the tree has no .git: lab/gpu_run.sh passes the commit.
     commit = os.environ.get("FLASHMLA_COMMIT", "")
     if not commit:
         try:

@@ -1,6 +1,6 @@
 // Diagnostic only (built with -DFMLA_TRACE, never in a release build): a per-CTA timeline of each request
 // segment of the main loops, to see where a call's time goes between the page loop and the fixed costs
-// (prologue, first Q K^T, epilogue) and how the CTAs finish (imbalance). benchmarks/segment_trace.py reads
+// (prologue, first Q K^T, epilogue) and how the CTAs finish (imbalance). lab/trace/segment_trace.py reads
 // it.
 //
 // Record of CTA c (linear block index): [0] globaltimer at entry, [1] globaltimer at exit, [2] SM id,

@@ -3,7 +3,7 @@ paged inputs, two warm-up calls, then the profiled call between cudaProfilerStar
 FlashMLA's matches regex:splitkv_mla_kernel, FlashInfer's regex:BatchMLAPageAttentionHopperKernel.
 
   ncu --profile-from-start off --kernel-name regex:decode_ --section SpeedOfLight \\
-      --section WarpStateStats python benchmarks/profile_decode.py --b 128 --s-q 2 --h-q 128 --s-k 4096
+      --section WarpStateStats python lab/profiling/profile_decode.py --b 128 --s-q 2 --h-q 128 --s-k 4096
 
 Prints the shape and the call's median time (10 runs, do_bench-free: CUDA events, L2 not flushed).
 """

@@ -62,7 +62,7 @@ for st in $stages; do
         --json "$OUT/bench_quick.json" 2>&1 | tee "$OUT/bench_quick.log" | tail -16
       ;;
     breakdown)
-      PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/kernel_breakdown.py ${BREAKDOWN_ARGS:-} \
+      PYTHONPATH=/tmp/site:/tmp/peers python3 lab/profiling/kernel_breakdown.py ${BREAKDOWN_ARGS:-} \
         --json "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log" | tail -80
       ;;
     variant-quick)
@@ -123,23 +123,23 @@ for st in $stages; do
       for impl in ours flashmla; do
         (cd /tmp && PYTHONPATH=/tmp/site:/tmp/peers timeout 240 ncu --profile-from-start off --cache-control none \
           --clock-control none --kernel-name regex:"combine|decode_(serial|seesaw)_kernel|splitkv_mla_kernel" \
-          --metrics "$M" python3 "$REPO/benchmarks/profile_decode.py" $shapes --impl $impl) \
+          --metrics "$M" python3 "$REPO/lab/profiling/profile_decode.py" $shapes --impl $impl) \
           > "$OUT/ncu_small_$impl.log" 2>&1
         grep -E "us, |^  [a-z_]|Function|duration|registers|grid_size|waves|warps_active|bytes_read|hit_rate|void |flashmla::" \
           "$OUT/ncu_small_$impl.log" | grep -v "==PROF==" | head -150
       done
       ;;
     probe-small)
-      (cd /tmp && PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/probe_parts.py" --small-b \
+      (cd /tmp && PYTHONPATH=/tmp/site python3 "$REPO/lab/probes/probe_parts.py" --small-b \
         --fractions ${PROBE_FRACTIONS:-1,0.75,0.5,0.25,0.125,0.0625} --json "$OUT/probe_small.json") 2>&1 \
         | tee "$OUT/probe_small.log" | tail -22
       ;;
     probes)
       # No attention math: TMA / wgmma shared-memory contention (pages from HBM and from L2) and the page-copy
       # ceilings from L2-resident pages (tma_stream_probe without `l2` gives the HBM ones, session 10).
-      nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe benchmarks/tma_stream_probe.cu \
+      nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe lab/probes/tma_stream_probe.cu \
         && nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/smem_contention_probe \
-          benchmarks/smem_contention_probe.cu || exit 1
+          lab/probes/smem_contention_probe.cu || exit 1
       timeout 120 /tmp/smem_contention_probe 2>&1 | tee "$OUT/smem_contention_probe.log"
       timeout 120 /tmp/tma_stream_probe l2 2>&1 | tee "$OUT/tma_stream_probe_l2.log"
       ;;

@@ -9,7 +9,7 @@ the call only, medians:
   warm   - no flush (the previous call's data may still be in L2); a short GPU sleep before the start event
            keeps host launch time out of this column as the flushes do for the others.
 
-  PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/probe_dirty_l2.py --rows "128,1,16,8192,0"
+  PYTHONPATH=/tmp/site:/tmp/peers python3 lab/probes/probe_dirty_l2.py --rows "128,1,16,8192,0"
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Times flashmla_ops (and FlashMLA when importable) on the same shapes twice: with
 L2-resident), so the kernel's own pipeline runs with short, cache-hit TMA latencies. A large gap means the
 main loop stalls on its page loads; no gap means it is bound by its on-chip schedule.
 
-  python benchmarks/probe_l2.py
+  python lab/probes/probe_l2.py
 """
 
 import torch

@@ -8,7 +8,7 @@ each implementation starts after a 0.5 s pause. Power is `power.draw.instant` wh
 (`power.draw` is a one-second average, which would mostly cover the pause), with the software power-cap
 clock-event reason; older nvidia-smi versions fall back to `power.draw` alone.
 
-  python benchmarks/probe_clocks.py --shape 128,2,128,8192 --shape 128,1,16,8192 [--json out.json]
+  python lab/probes/probe_clocks.py --shape 128,2,128,8192 --shape 128,1,16,8192 [--json out.json]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Summarise Nsight Compute per-instruction warp-state samples (tools/ncu_source.sh writes the CSVs):
+"""Summarise Nsight Compute per-instruction warp-state samples (lab/profiling/ncu_source.sh writes the CSVs):
 samples by stall reason for the whole kernel, and the instructions with the most samples, each with its two
 main stall reasons and its index in the SASS listing (to find its neighbours in the CSV).
 
-    python benchmarks/ncu_source_summary.py src_ours.csv.gz [src_flashmla.csv.gz ...] [--top 40]
+    python lab/profiling/ncu_source_summary.py src_ours.csv.gz [src_flashmla.csv.gz ...] [--top 40]
 """
 
 from __future__ import annotations

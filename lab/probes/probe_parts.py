@@ -3,7 +3,7 @@ sets the combine's work and the per-part fixed costs: the default P (SM count / 
 and smaller ones. Same inputs as benchmarks/bench_mla_decode.py; the metadata is computed once per P, outside
 the timing, and each P's output is checked against the default one's.
 
-  python benchmarks/probe_parts.py [--json out.json]
+  python lab/probes/probe_parts.py [--json out.json]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 // Timing values only; the data are never checked (the wgmmas multiply whatever the smem holds).
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-//     -o /tmp/smem_contention_probe benchmarks/smem_contention_probe.cu
+//     -o /tmp/smem_contention_probe lab/probes/smem_contention_probe.cu
 //   /tmp/smem_contention_probe
 #include <algorithm>
 #include <numeric>

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Diagnostic, for the lent GPU machine: builds flashmla_ops with -DFMLA_TRACE into build/trace and prints the
 # per-pair clock trace of the seesaw loop for b = 128, s_q = 1, h_q = 128, s_k = 8192 (HBM and L2-resident
-# pages). Needs the trace instrumentation applied first (benchmarks/trace/README.md); without it the build is
+# pages). Needs the trace instrumentation applied first (lab/trace/pair_trace_README.md); without it the build is
 # the normal one and nothing is traced.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/nvidia_cutlass-*.whl .carry/expecttest-*.whl
@@ -10,5 +10,5 @@ FLASHMLA_ENABLE_CUDA=ON FLASHMLA_NVCC_THREADS=8 python3 -m pip install --no-buil
 cd /tmp
 for a in "" "--l2-pages 64"; do
   echo "#### $a"
-  PYTHONPATH=/tmp/site python3 $OLDPWD/benchmarks/profile_decode.py --b 128 --s-q 1 --h-q 128 --s-k 8192 $a 2>&1 | tail -9
+  PYTHONPATH=/tmp/site python3 $OLDPWD/lab/profiling/profile_decode.py --b 128 --s-q 1 --h-q 128 --s-k 8192 $a 2>&1 | tail -9
 done

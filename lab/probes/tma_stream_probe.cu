@@ -3,7 +3,7 @@
 // much a per-page "hold" (the time a consumer keeps a buffer before it can be refilled) costs?
 // No attention math: this separates the memory system's share of the memory-bound gap from the kernel's.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe benchmarks/tma_stream_probe.cu
+//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe lab/probes/tma_stream_probe.cu
 //   /tmp/tma_stream_probe            # one line per (copy shape, buffers, hold, CTA count); random page order
 //   /tmp/tma_stream_probe l2   # the per-SM ceiling from L2: the same page reads folded onto 256 distinct
 //                              # pages (18 MB), 1 to 132 CTAs, and groups of 2 or 4 CTAs streaming the

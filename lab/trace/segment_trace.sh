@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Diagnostic, for the lent GPU machine (after `tools/device_gpu_run.sh build` set up /tmp/site): builds
+# Diagnostic, for the lent GPU machine (after `lab/gpu_run.sh build` set up /tmp/site): builds
 # flashmla_ops with the segment stamps (-DFMLA_TRACE, csrc/kernels/sm90/seg_trace.cuh) into /tmp/trace_site,
-# apart from the normal install, and prints benchmarks/segment_trace.py's reading for each shape given as
+# apart from the normal install, and prints lab/trace/segment_trace.py's reading for each shape given as
 # "b,s_q,h_q,s_k[,varlen]" arguments (varlen 1: variable lengths with mean s_k; default: the h_q = 128 rows
 # at 4096 and 8192 and b = 1 at 32768).
 set -u
@@ -17,6 +17,6 @@ for sh in $shapes; do
   vflag=""; [ "${var:-0}" = 1 ] && vflag="--varlen"
   echo "#### b=$b s_q=$sq h_q=$hq s_k=$sk ${vflag}"
   (cd /tmp && FMLA_TRACE_OUT=/tmp/seg_trace.txt PYTHONPATH=/tmp/trace_site:/tmp/site \
-    python3 "$REPO/benchmarks/segment_trace.py" --b "$b" --s-q "$sq" --h-q "$hq" --s-k "$sk" $vflag)
+    python3 "$REPO/lab/trace/segment_trace.py" --b "$b" --s-q "$sq" --h-q "$hq" --s-k "$sk" $vflag)
   cp /tmp/seg_trace.txt "$OUT/seg_trace_${b}_${sq}_${hq}_${sk}${var:+_$var}.txt"
 done

@@ -4,8 +4,8 @@
 # (pip --target, no bytecode), trims sglang-kernel to what an MLA model with the `flashmla` backend needs
 # (drops flash_ops.abi3.so (FA3), sm100/, infllm_ops), tars + xz-compresses it and splits it into parts under
 # 60 MiB:  $OUT/part-00, part-01, ... plus SHA256SUMS and MANIFEST.txt.   OUT defaults to .carry/sglang (ignored).
-# On the GPU machine: bash tools/sglang_gpu_unpack.sh <dir with the parts>  (see that script).
-#   bash tools/sglang_gpu_bundle.sh            # SGLANG_BUNDLE_FA3=1 keeps flash_ops.abi3.so (about +7 parts)
+# On the GPU machine: bash lab/sglang_offline/sglang_gpu_unpack.sh <dir with the parts>  (see that script).
+#   bash lab/sglang_offline/sglang_gpu_bundle.sh            # SGLANG_BUNDLE_FA3=1 keeps flash_ops.abi3.so (about +7 parts)
 # The package list is the minimal set found by importing sglang.launch_server, its --help, the HTTP server,
 # scheduler, model runner, deepseek_v2 and the flashmla / flashinfer_mla backends (CUDA faked) in a CPU venv
 # that has only what the GPU machine has (its `pip list` of 2026-11-22; it has no pydantic). transformers 5.12.1 + tokenizers 0.22.2 deliberately shadow the

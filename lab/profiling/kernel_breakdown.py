@@ -5,7 +5,7 @@ gap between them? Each call runs after an L2 flush (a 256 MB fill), as in the sw
 dropped from the tally. Run from the repository root (this folder, not the checkout, comes first on sys.path),
 peers on PYTHONPATH:
 
-  PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/kernel_breakdown.py \\
+  PYTHONPATH=/tmp/site:/tmp/peers python3 lab/profiling/kernel_breakdown.py \\
       --shape 128,1,16,4096 --shape 128,1,128,4096 --json out.json
 
 A shape is b,s_q,h_q,s_k[,varlen]. Prints, per shape and implementation, each kernel's median duration, their

@@ -1,9 +1,9 @@
 """Where a main-kernel call's time goes, per CTA and per request segment (diagnostic build, -DFMLA_TRACE).
 
 Build with the stamps (csrc/kernels/sm90/seg_trace.cuh) and run one shape; the launcher appends each launch's
-records to $FMLA_TRACE_OUT (tools/segment_trace.sh does both on the lent GPU):
+records to $FMLA_TRACE_OUT (lab/trace/segment_trace.sh does both on the lent GPU):
 
-  FMLA_TRACE_OUT=/tmp/t.txt python3 benchmarks/segment_trace.py --b 128 --h-q 128 --s-k 4096
+  FMLA_TRACE_OUT=/tmp/t.txt python3 lab/trace/segment_trace.py --b 128 --h-q 128 --s-k 4096
 
 Prints, for the last traced launch: the kernel's span (first CTA entry to last CTA exit, globaltimer), the
 spread of CTA exits (imbalance), and per segment kind (first / middle / last segment of a part) the median
@@ -73,7 +73,7 @@ PAIR_POINTS = {
 def analyse_pairs(rows: list[list[int]], skip: int) -> None:
     """Median cycles between consecutive stamps of each warpgroup over steady-state pairs (the first `skip`
     pairs of each CTA and its last stamped pair dropped), the pair period, and WG1's start against WG0's. The
-    stamps are never cleared on the device: trace one shape per process (tools/segment_trace.sh does)."""
+    stamps are never cleared on the device: trace one shape per process (lab/trace/segment_trace.sh does)."""
     by = {}
     for r in rows:
         by[(r[0], r[1], r[2])] = r[3:]
