@@ -68,6 +68,10 @@ MSG_BATCH_MISMATCH = "flashmla: {name} has batch size {got}, but q has batch siz
 MSG_BLOCK_TABLE_EMPTY = "flashmla: block_table must have at least one column, got shape {shape}"
 MSG_SHAPE = "flashmla: {name} must have shape {expected}, got {shape}"
 MSG_METADATA_SHAPE = "flashmla: tile_scheduler_metadata must have shape [num_sm_parts >= 1, 8], got {shape}"
+MSG_METADATA_BATCH = (
+    "flashmla: num_splits has {n} entries: the metadata was computed for batch size {meta_b}, but q has "
+    "batch size {b}; call get_mla_metadata with this batch's cache_seqlens"
+)
 MSG_DEVICE = "flashmla: {name} must be on the same device as q ({expected}), got {device}"
 MSG_LAST_DIM_CONTIGUOUS = "flashmla: {name} must have a contiguous last dimension, got strides {strides}"
 MSG_CONTIGUOUS = "flashmla: {name} must be contiguous, got shape {shape} and strides {strides}"
@@ -215,6 +219,9 @@ def check_mla_decode(
         MSG_METADATA_SHAPE,
         shape=fmt_shape(tile_scheduler_metadata.shape),
     )
+    if num_splits.dim() == 1:  # the likely cause of a wrong length: metadata of another decode step's batch
+        n = num_splits.size(0)
+        _require(n == b + 1, MSG_METADATA_BATCH, n=n, meta_b=n - 1, b=b)
     _require(
         num_splits.dim() == 1 and num_splits.size(0) == b + 1,
         MSG_SHAPE,

@@ -78,7 +78,7 @@ import torch
 
 import flashmla_ops
 
-from .sglang_plugin import BACKEND_NAME, FlashMLAOpsSGLangError, check_runner
+from ._common import BACKEND_NAME, FlashMLAOpsSGLangError, check_runner
 
 __all__ = [
     "BACKEND_MODULE",

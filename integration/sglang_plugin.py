@@ -48,6 +48,13 @@ import logging
 import sys
 from typing import Any
 
+from ._common import (
+    BACKEND_NAME,
+    PAGE_SIZE,
+    FlashMLAOpsSGLangError,
+    check_runner,
+)
+
 __all__ = [
     "BACKEND_NAME",
     "PAGE_SIZE",
@@ -60,27 +67,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The value of ``--attention-backend`` (and of the prefill / decode variants) that selects this backend.
-BACKEND_NAME = "flashmla_ops"
-#: The only KV-cache page size (tokens per page) the flashmla_ops kernels support.
-PAGE_SIZE = 64
 #: The SGLang server-args pass that snaps the page size of the MLA backends (0.5.17 ... 0.5.23).
 PAGE_SIZE_HOOK_TARGET = "sglang.srt.arg_groups.overrides._mla_backend_page_constraints"
-#: Latent ("NoPE") and RoPE widths of the absorbed MLA cache the kernels support (576 = 512 + 64).
-KV_LORA_RANK = 512
-QK_ROPE_HEAD_DIM = 64
 
 _HANDLER_MODULE = "sglang.srt.models.deepseek_common.attention_backend_handler"
 _BACKEND_ROLES = ("attention_backend", "decode_attention_backend", "prefill_attention_backend")
-
-
-class FlashMLAOpsSGLangError(ValueError):
-    """SGLang asked the ``flashmla_ops`` attention backend for a configuration it cannot serve.
-
-    Raised when the backend is created (in SGLang's scheduler process, so ``launch_server`` reports it
-    and exits) for: a model that is not MLA, a page size other than 64, an FP8 (or any non-16-bit) KV cache,
-    MLA dimensions other than kv_lora_rank 512 / qk_rope_head_dim 64, and decode context parallelism.
-    """
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,48 +223,6 @@ def _is_ours(obj: Any, fn: Any) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # The factory (runs in SGLang's scheduler process, ModelRunner.init_attention_backends)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def check_runner(runner: Any) -> None:
-    """Raise :class:`FlashMLAOpsSGLangError` if ``runner`` (a SGLang ``ModelRunner``) cannot use flashmla_ops.
-
-    Checked, in this order: ``runner.use_mla_backend`` (the model must be MLA), ``runner.page_size == 64``,
-    ``runner.kv_cache_dtype`` (bfloat16 or float16; FP8 is not supported yet) and, when
-    ``runner.model_config`` has them, ``kv_lora_rank == 512`` and ``qk_rope_head_dim == 64``.
-    Reads attributes only; never touches a device.
-    """
-    if not getattr(runner, "use_mla_backend", False):
-        raise FlashMLAOpsSGLangError(
-            f"--attention-backend {BACKEND_NAME} serves MLA models only (DeepSeek-V2/V3-style multi-head "
-            "latent attention); this model does not use MLA (ModelRunner.use_mla_backend is False). "
-            "Choose another attention backend for it, e.g. flashinfer, fa3 or triton."
-        )
-    page_size = getattr(runner, "page_size", None)
-    if page_size != PAGE_SIZE:
-        raise FlashMLAOpsSGLangError(
-            f"--attention-backend {BACKEND_NAME} needs a KV-cache page size of {PAGE_SIZE}, got "
-            f"page_size={page_size}: launch with --page-size {PAGE_SIZE}. (The plugin normally implies it; "
-            "this happens when its page-size hook could not be installed, see the plugin's log.)"
-        )
-    kv_dtype = getattr(runner, "kv_cache_dtype", None)
-    if kv_dtype is not None:
-        import torch  # SGLang has imported it already; deferred only to keep this module light
-
-        if kv_dtype not in (torch.bfloat16, torch.float16):
-            kind = "an FP8" if getattr(kv_dtype, "itemsize", 0) == 1 else f"a {kv_dtype}"
-            raise FlashMLAOpsSGLangError(
-                f"--attention-backend {BACKEND_NAME} does not support {kind} KV cache (kv_cache_dtype="
-                f"{kv_dtype}) yet: flashmla_ops has no FP8 decode (descale_q / descale_k). Use "
-                "--kv-cache-dtype auto with a bfloat16 / float16 model, or --attention-backend flashmla."
-            )
-    model_config = getattr(runner, "model_config", None)
-    for field, expected in (("kv_lora_rank", KV_LORA_RANK), ("qk_rope_head_dim", QK_ROPE_HEAD_DIM)):
-        value = getattr(model_config, field, expected)
-        if value != expected:
-            raise FlashMLAOpsSGLangError(
-                f"--attention-backend {BACKEND_NAME} supports MLA with kv_lora_rank={KV_LORA_RANK} and "
-                f"qk_rope_head_dim={QK_ROPE_HEAD_DIM} (a 576-wide latent cache), got {field}={value}."
-            )
 
 
 def create_backend(runner: Any) -> Any:

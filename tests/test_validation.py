@@ -189,7 +189,8 @@ DECODE_CASES = [
     (
         "num_splits-shape",
         setter(num_splits=lambda d: d["num_splits"][:2]),
-        "flashmla: num_splits must have shape [3], got [2]",
+        "flashmla: num_splits has 2 entries: the metadata was computed for batch size 1, but q has "
+        "batch size 2; call get_mla_metadata with this batch's cache_seqlens",
     ),
     (
         "num_splits-2d",
