@@ -7,7 +7,13 @@ FlashMLA's own benchmark. FLOPs and bytes use FlashMLA's formulas:
   FLOPs = 2 * s_q * sum(seqlens) * h_q * (576 + 512)
   bytes = 2 * (sum(seqlens) * h_kv * 576 + b * s_q * h_q * 576 + b * s_q * h_q * 512)
 
-  python benchmarks/bench_mla_decode.py [--quick | --small] [--json out.json] [--png out.png] [--no-torch]
+  python benchmarks/bench_mla_decode.py [--quick | --small | --small-b] [--graph] [--json F] [--png F]
+
+--graph times each implementation as a server runs a decode step: one CUDA graph holds one call per layer,
+each layer with its own cache and queries (as many layers as it takes to read at least 256 MB, so every call
+starts with its pages out of L2, as in a real model), and the graph is replayed; the time per call is the
+replay time divided by the layer count. Launch overhead is then out of every side. Without --graph, calls
+are timed one by one with do_bench (L2 flushed before each).
 
 Peers are used when importable: `flash_mla` (pip sgl-flash-mla==1.0.0, called with use_legacy=True) and
 `flashinfer` (pip flashinfer-python==0.7.2.post1, BatchMLAPagedAttentionWrapper, backend="fa3", page 64).
@@ -43,7 +49,7 @@ SWEEP = [
     (1, 1, 128, 32768, False),
     (32, 1, 16, 1024, True),
 ]
-# The issue's small-batch range: one to four requests, 1k-32k tokens, h_q 16 and 128.
+# Small batches: one to four requests, 1k-32k tokens, h_q 16 and 128.
 SMALL_B = [(b, 1, h_q, s_k, False) for b in (1, 2, 4) for h_q in (16, 128) for s_k in (1024, 8192, 32768)]
 QUICK = [
     (128, 1, 16, 8192, False),
@@ -83,10 +89,13 @@ def rel_err(x, ref):
 class Ours:
     name = "flashmla_ops"
 
-    def __init__(self, q, k_cache, block_table, seqlens, causal, scale):
+    def __init__(self, q, k_cache, block_table, seqlens, causal, scale, share=None):
         b, s_q, h_q, _ = q.shape
         h_kv = k_cache.shape[2]
-        meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+        if share is not None:  # another layer of the same step: the step's metadata
+            meta, num_splits = share.args[5], share.args[6]
+        else:
+            meta, num_splits = flashmla_ops.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
         self.args = (q, k_cache, block_table, seqlens, 512, meta, num_splits, scale, causal)
         self.out = torch.empty(b, s_q, h_q, 512, dtype=q.dtype, device="cuda")
         self.lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device="cuda")
@@ -99,11 +108,12 @@ class Ours:
 class FlashMLA:
     name = "FlashMLA"
 
-    def __init__(self, q, k_cache, block_table, seqlens, causal, scale):
+    def __init__(self, q, k_cache, block_table, seqlens, causal, scale, share=None):
         import flash_mla
 
         self.fm = flash_mla
-        self.meta, _ = flash_mla.get_mla_metadata()
+        # Its metadata object is filled by the first call and reused: one per step, shared by the layers.
+        self.meta = share.meta if share is not None else flash_mla.get_mla_metadata()[0]
         self.args = (q, k_cache, block_table, seqlens, 512, self.meta, None)
         self.kw = dict(softmax_scale=scale, causal=causal, use_legacy=True)
 
@@ -114,11 +124,19 @@ class FlashMLA:
 class FlashInfer:
     name = "FlashInfer"
 
-    def __init__(self, q, k_cache, block_table, seqlens, causal, scale):
+    def __init__(self, q, k_cache, block_table, seqlens, causal, scale, share=None):
         import flashinfer
 
         b, s_q, h_q, _ = q.shape
         assert k_cache.shape[2] == 1, "FlashInfer MLA takes one kv head"
+        self.q_nope = q[..., :512].reshape(b * s_q, h_q, 512)
+        self.q_pe = q[..., 512:].reshape(b * s_q, h_q, 64)
+        self.ckv = k_cache[:, :, 0, :512]
+        self.kpe = k_cache[:, :, 0, 512:]
+        self.shape = (b, s_q, h_q, 512)
+        if share is not None:  # another layer of the same step: the same plan, other tensors
+            self.w = share.w
+            return
         nblk = (seqlens.long() + PAGE - 1) // PAGE
         used = torch.arange(block_table.shape[1], device="cuda")[None, :] < nblk[:, None]
         kv_indices = block_table[used].contiguous()
@@ -141,11 +159,6 @@ class FlashInfer:
             q.dtype,
             k_cache.dtype,
         )
-        self.q_nope = q[..., :512].reshape(b * s_q, h_q, 512)
-        self.q_pe = q[..., 512:].reshape(b * s_q, h_q, 64)
-        self.ckv = k_cache[:, :, 0, :512]
-        self.kpe = k_cache[:, :, 0, 512:]
-        self.shape = (b, s_q, h_q, 512)
 
     def __call__(self):
         return self.w.run(self.q_nope, self.q_pe, self.ckv, self.kpe).view(self.shape)
@@ -185,6 +198,33 @@ def bench(fn):
     import triton
 
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # µs
+
+
+def graph_us(impl, q, k_cache, block_table, seqlens, causal, scale, min_bytes=256 << 20, max_layers=64):
+    """Time per call inside a CUDA graph of one decode step: one call per layer, each layer its own cache and
+    queries (copies of the given ones), enough layers to read ``min_bytes``, so no call finds its pages in L2.
+    """
+    per_layer = k_cache.numel() * k_cache.element_size() + q.numel() * q.element_size()
+    layers = max(4, min(max_layers, -(-min_bytes // per_layer)))
+    first = impl(q, k_cache, block_table, seqlens, causal, scale)
+    calls = [first] + [
+        impl(q.clone(), k_cache.clone(), block_table, seqlens, causal, scale, share=first)
+        for _ in range(layers - 1)
+    ]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (peers fill their metadata on the first call)
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    us = bench(graph.replay) / layers
+    del graph, calls
+    return us, layers
 
 
 def host_us(fn, n=200):
@@ -240,6 +280,9 @@ def main():
         "--only-ours", action="store_true", help="time flashmla_ops alone (A/B runs), no workspace report"
     )
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument(
+        "--graph", action="store_true", help="also time each call in CUDA-graph replay of a multi-layer step"
+    )
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     torch.manual_seed(0)
@@ -259,6 +302,7 @@ def main():
         torch=torch.__version__,
         commit=commit or "unknown",
         dtype=args.dtype,
+        graph=args.graph,
     )
     print(json.dumps(info))
     results = []
@@ -295,13 +339,22 @@ def main():
             row[impl.name] = dict(
                 us=us, gbps=nbytes / us / 1e3, tflops=flops / us / 1e6, rel_err=err, host_us=host
             )
+            if args.graph and impl is not TorchPadded:
+                try:
+                    g_us, layers = graph_us(impl, q, k_cache, block_table, seqlens, causal, scale)
+                    row[impl.name].update(graph_us=g_us, graph_layers=layers)
+                except Exception as e:  # e.g. out of memory for the layer copies
+                    row[impl.name]["graph_error"] = f"{type(e).__name__}: {e}"[:200]
+                torch.cuda.empty_cache()
         results.append(row)
-        ours = row.get("flashmla_ops", {}).get("us")
-        peers = {k: v["us"] for k, v in row.items() if k in ("FlashMLA", "FlashInfer") and "us" in v}
-        if ours:
-            row["ratio_vs_fastest_peer"] = min(peers.values()) / ours if peers else None
-            for k, v in peers.items():
-                row[f"ratio_vs_{k}"] = v / ours
+        peer_names = ("FlashMLA", "FlashInfer")
+        for key, suffix in (("us", ""), ("graph_us", "_graph")):
+            ours = row.get("flashmla_ops", {}).get(key)
+            peers = {k: v[key] for k, v in row.items() if k in peer_names and key in v}
+            if ours:
+                row[f"ratio_vs_fastest_peer{suffix}"] = min(peers.values()) / ours if peers else None
+                for k, v in peers.items():
+                    row[f"ratio_vs_{k}{suffix}"] = v / ours
         del q, k_cache, ref
         torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
@@ -335,6 +388,30 @@ def main():
     if ratios:
         geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
         print(f"min ratio vs fastest peer: {min(ratios):.3f}; geomean {geomean:.3f}")
+    if args.graph:
+        print("\nCUDA-graph replay (µs per call, one call per layer in one graph):")
+        head = f"{'b':>4} {'sq':>2} {'hq':>4} {'sk':>6} {'var':>3} | {'ours':>8} {'FlashMLA':>8}"
+        print(head + f" {'FlashInf':>8} | {'r/FM':>5} {'r/FI':>5} {'r/best':>6} | layers")
+        for r in results:
+
+            def g(name, r=r):
+                v = r.get(name, {})
+                return f"{v['graph_us']:8.1f}" if "graph_us" in v else f"{'-':>8}"
+
+            def rat(key, r=r):
+                v = r.get(key)
+                return f"{v:5.2f}" if v else f"{'-':>5}"
+
+            print(
+                f"{r['b']:>4} {r['s_q']:>2} {r['h_q']:>4} {r['s_k']:>6} {'y' if r['varlen'] else 'n':>3} | "
+                f"{g('flashmla_ops')} {g('FlashMLA')} {g('FlashInfer')} | {rat('ratio_vs_FlashMLA_graph')} "
+                f"{rat('ratio_vs_FlashInfer_graph')} {rat('ratio_vs_fastest_peer_graph'):>6} | "
+                f"{r.get('flashmla_ops', {}).get('graph_layers', '-')}"
+            )
+        g_ratios = [r["ratio_vs_fastest_peer_graph"] for r in results if r.get("ratio_vs_fastest_peer_graph")]
+        if g_ratios:
+            geomean = math.exp(sum(map(math.log, g_ratios)) / len(g_ratios))
+            print(f"graph: min ratio vs fastest peer: {min(g_ratios):.3f}; geomean {geomean:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(info=info, rows=results, workspace=ws), f, indent=1)

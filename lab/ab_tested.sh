@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A/B on the device (tool `device`): ab-quick of lab/gpu_run.sh (this tree built as the base, each
+# A/B on a Hopper machine (as lab/gpu_run.sh): ab-quick of lab/gpu_run.sh (this tree built as the base, each
 # AB_TREES build alternating with it for AB_ROUNDS rounds, --only-ours on ROWS), then the quick GPU suite
-# (device_gpu_run.sh test-quick) on each AB_TREES build, since ab-quick only times them. Usage:
+# (lab/gpu_run.sh test-quick) on each AB_TREES build, since ab-quick only times them. Usage:
 #   AB_TREES="name=-DFLAG=1 ..." [ROWS="b,s_q,h_q,s_k,varlen;..."] [AB_ROUNDS=2] bash lab/ab_tested.sh
 set -uo pipefail
 R=${ROWS:-"128,1,128,8192,0;128,2,128,8192,0;128,1,128,8192,1;128,2,64,4096,0"}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs on a lent Hopper machine (the `device` tool), from the repository root, with .carry/ carried along:
-# .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers) and .carry/peers.tar.xz (FlashMLA + FlashInfer,
-# from ../shared/tools/peer-bundle.sh). Stages (any subset, in order): build sass test-quick test-k (TEST_K)
+# Runs on a Hopper machine without network access, from the repository root, with the wheels and peer bundle
+# in .carry/: .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers), .carry/expecttest-*.whl and
+# .carry/peers.tar.xz (FlashMLA + FlashInfer, from ../shared/tools/peer-bundle.sh), and .carry/commit (the
+# commit the copy was taken at). Stages (any subset, in order): build sass test-quick test-k (TEST_K)
 # test sanitize sched-bench bench-quick variant-quick ab-quick breakdown ncu-small probe-small probes bench.
 # Logs and JSON go to $OUT.
 set -uo pipefail
@@ -19,7 +20,7 @@ if [ ! -d /tmp/peers/flash_mla ] && [ -f .carry/peers.tar.xz ]; then
   mkdir -p /tmp/peers && tar -C /tmp/peers -xJf .carry/peers.tar.xz
 fi
 export PYTHONPATH=/tmp/site
-# The device copy has no .git: the benchmark labels its JSON with the commit written to .carry/commit here.
+# A copy of the tree without .git: the benchmark labels its JSON with the commit written to .carry/commit.
 export FLASHMLA_COMMIT=${FLASHMLA_COMMIT:-$(cat .carry/commit 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$OUT/gpu.txt"
 for st in $stages; do
@@ -76,7 +77,7 @@ for st in $stages; do
       ;;
     ab-quick)
       # A/B: AB_TREES="name=X ...", X either a tree (path.tar: git archive of csrc flashmla_ops meta integration
-      # CMakeLists.txt pyproject.toml README.md, carried in .carry/) or -D/-U flags for this tree, given to both
+      # CMakeLists.txt pyproject.toml README.md, placed in .carry/) or -D/-U flags for this tree, given to both
       # nvcc and the host compiler (commas for spaces: -DA=1,-DB; nvcc-only flags would break the host build).
       # Each is built into /tmp/ab_NAME; bench-quick on each in turn, then on this tree (AB_BENCH="--small" or
       # "" for other benchmark rows, AB_ROUNDS for repeated alternating rounds).
@@ -136,7 +137,7 @@ for st in $stages; do
       ;;
     probes)
       # No attention math: TMA / wgmma shared-memory contention (pages from HBM and from L2) and the page-copy
-      # ceilings from L2-resident pages (tma_stream_probe without `l2` gives the HBM ones, session 10).
+      # ceilings from L2-resident pages (tma_stream_probe without `l2` gives the HBM ones).
       nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/tma_stream_probe lab/probes/tma_stream_probe.cu \
         && nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/smem_contention_probe \
           lab/probes/smem_contention_probe.cu || exit 1

@@ -102,7 +102,7 @@ def test_softmax_scale(softmax_scale, h_q):
 
 
 # The kernels keep the running row max a page's P is taken against unless a page's row max exceeds it by
-# more than 8 log2 units (FMLA_MAX_SLACK_LOG2 in kernels/sm90/common.cuh): P values reach 2^8 and O is
+# more than 8 log2 units (kMaxSlackLog2 in kernels/sm90/common.cuh): P values reach 2^8 and O is
 # rescaled only when the max is replaced. Here every token's logit rises by 1.5 log2 units per page along its
 # request (the max is replaced after ~6 pages of small rises) and three pages jump: request 0's pages 20 and
 # 31 (both parities, so both seesaw warpgroups take a replacement) by 14 and 30 units over the ramp, request

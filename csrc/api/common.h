@@ -21,9 +21,9 @@ namespace flashmla::api {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-// Messages are built with std::string and std::to_string only: on the GPU test machine (torch 2.11), a
-// message formatted through std::ostringstream with integer or std::string pieces crashed the process when
-// the exception crossed the stable-ABI boundary, while plain strings did not.
+// Messages are built with std::string and std::to_string only: with torch 2.11, a message formatted through
+// std::ostringstream with integer or std::string pieces crashed the process when the exception crossed the
+// stable-ABI boundary, while plain strings did not.
 inline std::string to_msg(const char* s) {
   return s;
 }

@@ -127,6 +127,12 @@ DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_t
 
   FLASHMLA_CHECK(meta.dim() == 2 && meta.size(0) >= 1 && meta.size(1) == kMetaSize,
                  "tile_scheduler_metadata must have shape [num_sm_parts >= 1, 8], got ", shape_str(meta));
+  // A 1-D num_splits of the wrong length is almost always metadata computed for another decode step's batch.
+  if (num_splits.dim() == 1) {
+    FLASHMLA_CHECK(num_splits.size(0) == b + 1, "num_splits has ", num_splits.size(0),
+                   " entries: the metadata was computed for batch size ", num_splits.size(0) - 1,
+                   ", but q has batch size ", b, "; call get_mla_metadata with this batch's cache_seqlens");
+  }
   FLASHMLA_CHECK(num_splits.dim() == 1 && num_splits.size(0) == b + 1, "num_splits must have shape [", b + 1,
                  "], got ", shape_str(num_splits));
 

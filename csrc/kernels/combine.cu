@@ -34,11 +34,10 @@ namespace {
 
 constexpr int kCombineWarps = 8;
 // The eight-warp grid needs at least this many parts per request (b * kSplitsGridMinPieces <= num_sm_parts),
-// i.e. requests cut into about that many pieces or more.
-#ifndef FMLA_SPLITS_GRID_MIN_PIECES  // (an A/B knob)
-#define FMLA_SPLITS_GRID_MIN_PIECES 8
-#endif
-constexpr int kSplitsGridMinPieces = FMLA_SPLITS_GRID_MIN_PIECES;
+// i.e. requests cut into about that many pieces or more. 8, one piece per warp: with fewer pieces per
+// request its CTAs do one round of loads each, and the row grid is faster (with 2, b32 varlen 1024 took the
+// eight-warp grid and ran +17 %; benchmarks/NOTES.md, v7.3).
+constexpr int kSplitsGridMinPieces = 8;
 // The eight-warp grid's CTAs (one per request, row and 128 columns) stay within this many per SM; its build
 // for grids past three CTAs per SM is held to 64 registers, so four fit, the other one to 80 (72 used), so
 // three do (see launch_combine).
@@ -248,8 +247,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
              head * p.o_head_stride + col;
     float* lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
     // (The row indexing above and this check repeat combine_request's on purpose: a shared helper changed the
-    // row grid's generated code and measured +1.5 to +2.6 % on its b = 2-4, h_q = 128 rows; NOTES,
-    // session 9.)
+    // row grid's generated code and measured +1.5 to +2.6 % on its b = 2-4, h_q = 128 rows; commit 1b4a598,
+    // reverted in 7cbf0aa, benchmarks/NOTES.md.)
     if (n < 0 || slot0 < 0 || slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts)) {
       // num_splits does not match the metadata (mixed-up calls): flag the request instead of reading garbage.
       if (threadIdx.x < kCols / 2) {

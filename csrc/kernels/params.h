@@ -41,11 +41,11 @@ enum MetaField : int {
 // kFixedOverhead): a piece that fits is taken whole, the first that does not is cut to (room left -
 // kFixedOverhead) blocks when that is >= 1, and the next part starts where this one stopped (sched_meta.cu
 // has the details).
-// FMLA_FIXED_OVERHEAD: A/B builds only (benchmarks/NOTES.md, v9.1); the CPU reference and the tests assume 5.
-#ifndef FMLA_FIXED_OVERHEAD
-#define FMLA_FIXED_OVERHEAD 5
-#endif
-constexpr int kFixedOverhead = FMLA_FIXED_OVERHEAD;
+// 5 blocks: a smaller overhead splits uniform batches to fill the few parts that 5 leaves idle (with 2,
+// b = 128 x 8192 tokens spreads over 131 of 132 parts instead of 128), but in the memory-bound regime those
+// SMs add no bandwidth while the split adds fp32 partials and a combine (b128 h64 8192 +5.7 % with 2;
+// benchmarks/NOTES.md, v9.1). flashmla_ops/reference.py (FIXED_OVERHEAD) must use the same value.
+constexpr int kFixedOverhead = 5;
 
 // The scheduler keeps its per-request arrays (prefix sums of the costs, the transition from each request's
 // start; 16 bytes per request) in shared memory up to this many requests, beyond in `scratch`, a global

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine after `lab/gpu_run.sh build` (with .carry/peers.tar.xz unpacked to
+# Runs on a Hopper machine after `lab/gpu_run.sh build` (with .carry/peers.tar.xz unpacked to
 # /tmp/peers): Nsight Compute warp-state sampling per SASS instruction (SourceCounters) of one decode call, ours
 # and FlashMLA's, written as CSV (one row per instruction: stall samples by reason), plus the warp-state summary
 # and L2 traffic counters by shape. Read the CSVs with lab/profiling/ncu_source_summary.py.

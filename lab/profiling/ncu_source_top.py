@@ -3,7 +3,7 @@
 
 Prints the column names, the instructions with the most warp-stall samples (with their SASS), and the samples
 summed by opcode, so the instructions the warps wait at can be compared between builds (benchmarks/NOTES.md,
-session 12). Usage: python3 lab/profiling/ncu_source_top.py SOURCE.csv [--top 30]
+"Where the warps wait", after v11.0). Usage: python3 lab/profiling/ncu_source_top.py SOURCE.csv [--top 30]
 """
 
 import argparse

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine after `lab/gpu_run.sh build` (and with .carry/peers.tar.xz unpacked to
+# Runs on a Hopper machine after `lab/gpu_run.sh build` (and with .carry/peers.tar.xz unpacked to
 # /tmp/peers): Nsight Compute metrics of one decode call, ours and FlashMLA's, with distinct (HBM) and
 # L2-resident pages: duration, clock, tensor-pipe and smem-bank utilisation, instruction count and the warp
 # stall breakdown. Used for benchmarks/NOTES.md (v3.1) and results/ncu_8871a2c/.

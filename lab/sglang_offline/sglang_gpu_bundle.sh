@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the offline SGLang 0.5.17 bundle for the GPU test machine (Python 3.12, torch 2.11.0+cu130, no network).
+# Build the offline SGLang 0.5.17 bundle for a GPU machine without network access (Python 3.12, torch 2.11.0+cu130).
 # Run here (PyPI reachable). Downloads cp312 x86_64 wheels with --no-deps, installs them into one directory tree
 # (pip --target, no bytecode), trims sglang-kernel to what an MLA model with the `flashmla` backend needs
 # (drops flash_ops.abi3.so (FA3), sm100/, infllm_ops), tars + xz-compresses it and splits it into parts under

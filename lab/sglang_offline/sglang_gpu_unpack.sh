@@ -2,7 +2,7 @@
 # Reassemble the offline SGLang 0.5.17 bundle (made by lab/sglang_offline/sglang_gpu_bundle.sh) on the GPU machine.
 #   bash lab/sglang_offline/sglang_gpu_unpack.sh [PARTS_DIR ...]     # default PARTS_DIR: /tmp/sglang_parts
 #   source lab/sglang_offline/sglang_gpu_unpack.sh [PARTS_DIR ...]   # same, and exports PYTHONPATH in this shell
-# The part-XX files (and SHA256SUMS, if carried) may be spread over several folders (one per carry call).
+# The part-XX files (and SHA256SUMS, if copied along) may be spread over several folders (one per transfer).
 # Unpacks into $DEST (default /tmp/sglang_bundle), writes $DEST/env.sh (export PYTHONPATH=$DEST/site:...)
 # and checks `import sglang.launch_server, sgl_kernel.flash_mla, flashinfer` with $PYTHON (default python3).
 # Then: source $DEST/env.sh && bash tools/sglang_e2e.sh

@@ -1,7 +1,7 @@
 """Where a main-kernel call's time goes, per CTA and per request segment (diagnostic build, -DFMLA_TRACE).
 
 Build with the stamps (csrc/kernels/sm90/seg_trace.cuh) and run one shape; the launcher appends each launch's
-records to $FMLA_TRACE_OUT (lab/trace/segment_trace.sh does both on the lent GPU):
+records to $FMLA_TRACE_OUT (lab/trace/segment_trace.sh does both):
 
   FMLA_TRACE_OUT=/tmp/t.txt python3 lab/trace/segment_trace.py --b 128 --h-q 128 --s-k 4096
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Diagnostic, for the lent GPU machine (after `lab/gpu_run.sh build` set up /tmp/site): builds
+# Diagnostic, for a Hopper machine (after `lab/gpu_run.sh build` set up /tmp/site): builds
 # flashmla_ops with the segment stamps (-DFMLA_TRACE, csrc/kernels/sm90/seg_trace.cuh) into /tmp/trace_site,
 # apart from the normal install, and prints lab/trace/segment_trace.py's reading for each shape given as
 # "b,s_q,h_q,s_k[,varlen]" arguments (varlen 1: variable lengths with mean s_k; default: the h_q = 128 rows

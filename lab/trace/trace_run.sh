@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Diagnostic, for the lent GPU machine: builds flashmla_ops with -DFMLA_TRACE into build/trace and prints the
-# per-pair clock trace of the seesaw loop for b = 128, s_q = 1, h_q = 128, s_k = 8192 (HBM and L2-resident
-# pages). Needs the trace instrumentation applied first (lab/trace/pair_trace_README.md); without it the build is
-# the normal one and nothing is traced.
+# Diagnostic, for a Hopper machine set up as lab/gpu_run.sh describes (wheels in .carry/): builds flashmla_ops
+# with -DFMLA_TRACE into build/trace and prints the per-pair clock trace of the seesaw loop for b = 128,
+# s_q = 1, h_q = 128, s_k = 8192 (HBM and L2-resident pages). Needs the trace instrumentation applied first
+# (lab/trace/pair_trace_README.md); without it the build is the normal one and nothing is traced.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/nvidia_cutlass-*.whl .carry/expecttest-*.whl
 export PYTHONPATH=/tmp/site

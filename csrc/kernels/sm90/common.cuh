@@ -132,21 +132,23 @@ __device__ __forceinline__ int block_page(const DecodeParams& p, int req, int bl
   return page;
 }
 
+// How far (log2 domain) a page's row max may exceed the running max before it replaces it. 8: P values stay
+// at most 2^8 = 256, which bf16 and fp16 hold (the row sums are fp32), and once the max has settled almost no
+// page exceeds it by that much, so the O rescale is skipped on nearly every page (-3 % on the seesaw rows;
+// benchmarks/NOTES.md, v10.0). 0 would be the plain running max, which rescales O whenever any row of a warp
+// moved its max: several times per page pair in the benchmark's data.
+constexpr float kMaxSlackLog2 = 8.f;
+
 // The running row max a page's softmax works against (log2 domain). A page's row max mx replaces the old max
-// only when it exceeds it by more than FMLA_MAX_SLACK_LOG2; otherwise the old max stays, the page's P values
-// may reach 2^slack (256: no overflow in bf16/fp16 P, fp32 sums), and the rescale factor is exactly 1, so O
-// is not rescaled (the loops skip that when a whole warp's factors are 1). Exact in real arithmetic: O and
-// the row sum are kept relative to the same max and the epilogue divides one by the other. Once the max has
-// settled a rescale is then rare instead of frequent (benchmarks/NOTES.md, v10.0). Slack 0 is the plain
-// running max. Also handles the first page (m_old = -inf: -inf - (-inf) is NaN, the max stays -inf for a
-// fully masked page) and NaN or +inf logits like fmaxf.
-#ifndef FMLA_MAX_SLACK_LOG2
-#define FMLA_MAX_SLACK_LOG2 8.f
-#endif
+// only when it exceeds it by more than kMaxSlackLog2; otherwise the old max stays, the page's P values may
+// reach 2^kMaxSlackLog2, and the rescale factor is exactly 1, so O is not rescaled (the loops skip that when
+// a whole warp's factors are 1). Exact in real arithmetic: O and the row sum are kept relative to the same
+// max and the epilogue divides one by the other. Also handles the first page (m_old = -inf: -inf - (-inf) is
+// NaN, the max stays -inf for a fully masked page) and NaN or +inf logits like fmaxf.
 // (mx - m_old, not m_old + slack: for |m_old| >= 2^27 the sum rounds by more than the slack, and P could then
 // reach 2^16, past fp16's range.)
 __device__ __forceinline__ float next_running_max(float m_old, float mx) {
-  return mx - m_old > FMLA_MAX_SLACK_LOG2 ? mx : m_old;
+  return mx - m_old > kMaxSlackLog2 ? mx : m_old;
 }
 
 // 2^x with subnormal results flushed to zero (one MUFU.EX2; -inf -> 0, NaN -> NaN).
@@ -184,11 +186,10 @@ struct Pack2<cutlass::half_t> {
 // is read once per CTA pair and never again in the call), so that L2 keeps the split partials the main
 // kernel writes and the combine reads right after. Where nothing is split the hint only costs: with L2 full
 // of dirty lines, as after any kernel that wrote its output (and after the benchmark's L2 flush), hinted
-// copies made the unsplit memory-bound rows 3-4 % slower (benchmarks/NOTES.md, v9.5). FMLA_NO_L2_HINT builds
-// drop the hint everywhere, for A/B runs.
+// copies made the unsplit memory-bound rows 3-4 % slower (benchmarks/NOTES.md, v9.5): the serial loop passes
+// evict_first only where the call leaves split partials; the seesaw loop, faster with the hint, always does.
 __device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, uint64_t* bar, int col,
                                              int h_k, int page, bool evict_first) {
-#ifndef FMLA_NO_L2_HINT
   if (evict_first) {
     uint64_t policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
@@ -199,7 +200,6 @@ __device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, u
         : "memory");
     return;
   }
-#endif
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
       "%5}], [%6];\n" ::"r"(smem_u32(dst)),

@@ -77,13 +77,6 @@ struct alignas(1024) SeesawStorage {
   float s_b[kBlockM];         // rescale by page B
   float row_sum[2][kBlockM];  // per-warpgroup softmax denominators, summed in the epilogue
   uint64_t kbar[2][2];        // [buffer][box group]: completes when that group of the buffer's page landed
-#ifdef FMLA_ABL_SHADOW_TMA
-  // Ablation build: FMLA_ABL_NO_TMA's loop, plus the real pages copied into this one box (smem write traffic
-  // without the refill latency on the loop's chain). The struct is then exactly 232448 bytes, the sm_90
-  // maximum: nothing more fits.
-  alignas(1024) T shadow[kBoxElems];
-  uint64_t shadow_bar;
-#endif
 };
 
 // Box `i` of group `grp` of buffer `buf` (see the refill table at the top of this file). Buffer 1's groups
@@ -147,9 +140,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) mbar_init(&smem.kbar[i / 2][i % 2], 1);
-#ifdef FMLA_ABL_SHADOW_TMA
-    mbar_init(&smem.shadow_bar, 1);
-#endif
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k) : "memory");
   }
@@ -157,10 +147,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   // Bit 2 * buf + grp: parity of the next phase of kbar[buf][grp] this thread waits for. Each warpgroup waits
   // once for every fill of each group it reads, so its parities stay in step with the fills.
   uint32_t kphase = 0;
-#ifdef FMLA_ABL_SHADOW_TMA
-  bool shadow_pending = false;
-  uint32_t shadow_phase = 0;
-#endif
   FMLA_PAIR_DECL();  // diagnostic builds only: index of the page pair being stamped (seg_trace.cuh)
   auto wait_group = [&](int buf, int grp) FMLA_INLINE {
     const int bit = 2 * buf + grp;
@@ -180,14 +166,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   auto thr_pv = mma_pv.get_thread_slice(wtid);
   auto thr_pv_rs = mma_pv_rs.get_thread_slice(wtid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
-#ifdef FMLA_ABL_QK_RS
-  // Ablation build (wrong results): Q K^T as register-A wgmmas whose A is the first k-block of the P
-  // registers (whatever they hold), so Q K^T reads only K from shared memory (half its operand traffic).
-  using MmaQKrs = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kPageSize>, Int<kHeadDimK>>>()));
-  MmaQKrs mma_qk_rs;
-  auto thr_qk_rs = mma_qk_rs.get_thread_slice(wtid);
-#endif
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kPageSize>>{});
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDimV / 2>>{});
   // P of the warpgroup's own page as the register A operand of P V. Its value order is the accumulator's
@@ -208,20 +186,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     Tensor tSrK =
         thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{}));
     warpgroup_fence_operand(tSrS);
-#ifdef FMLA_ABL_QK_RS
-    Tensor tSrKrs =
-        thr_qk_rs.partition_fragment_B(make_tensor(make_smem_ptr(smem.k[buf]), typename Tr::SmemLayoutQK{}));
-    warpgroup_fence_operand(tOrPrs);
-    warpgroup_arrive();
-#pragma unroll
-    for (int kb = 4 * kFirst; kb < 4 * (kFirst + kN); ++kb) {
-      mma_qk_rs.accumulate_ = (kZero && kb == 4 * kFirst) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
-      cute::gemm(mma_qk_rs, tOrPrs(_, _, 0), tSrKrs(_, _, kb), tSrS);
-    }
-    warpgroup_commit_batch();
-    warpgroup_fence_operand(tOrPrs);
-    (void)tSrK;
-#else
     warpgroup_arrive();
 #pragma unroll
     for (int kb = 4 * kFirst; kb < 4 * (kFirst + kN); ++kb) {
@@ -229,7 +193,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
     }
     warpgroup_commit_batch();
-#endif
   };
   // Q K^T of a whole page, each box group waited for just before its first wgmma (WG0 reads buffer 0 in box
   // order; WG1 reads buffer 1 in the order its groups are refilled). Ends with nothing in flight.
@@ -295,9 +258,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
   // O *= per-row scale. Once the running max settles most pages leave it unchanged (scale == 1): skip the
   // 128 multiplies per thread when that holds for the whole warp (a warp-uniform branch).
   auto rescale_o = [&](float s0, float s1) FMLA_INLINE {
-#ifdef FMLA_ABL_NO_RESCALE
-    return;  // ablation build (wrong results): O is never rescaled
-#endif
     if (!__all_sync(0xffffffffu, s0 == 1.f && s1 == 1.f)) {
 #pragma unroll
       for (int j = 0; j < kHeadDimV / 2 / 8; ++j) {
@@ -359,21 +319,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     // and ex2.approx.ftz (exp2f adds denormal handling to every element; p < 2^-126 flushing to 0 is
     // harmless).
     auto softmax = [&](int blk, float (&m)[2], float (&sc)[2], float (&sum)[2]) FMLA_INLINE {
-#if defined(FMLA_ABL_NO_SOFTMAX) || defined(FMLA_ABL_NO_SOFTMAX_WG)
-#ifdef FMLA_ABL_NO_SOFTMAX_WG
-      const bool abl_skip = wg == FMLA_ABL_NO_SOFTMAX_WG;
-#else
-      const bool abl_skip = true;
-#endif
-      // Ablation build (wrong results; benchmarks/NOTES.md, session 11): P = S, no statistics (in warpgroup
-      // FMLA_ABL_NO_SOFTMAX_WG only, if set).
-      if (abl_skip) {
-        sc[0] = sc[1] = 1.f;
-        sum[0] = sum[1] = 1.f;
-        m[0] = m[1] = 0.f;
-        return;
-      }
-#endif
       const int col0 = blk * kPageSize;
       // 64-bit: col0 + 64 overflows int32 on the last page of a ~2^31-token (invalid, NaN-flagged) request.
       const bool need_mask =
@@ -457,34 +402,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       if (wtid == 0) {
         if (next_a) page_a = block_page(p, req, blk + 2, w.seqlen_safe, bad);
         if (next_b) page_b = block_page(p, req, blk + 3, w.seqlen_safe, bad);
-#if defined(FMLA_ABL_NO_TMA) || defined(FMLA_ABL_SHADOW_TMA)
-        // Ablation build (wrong results): no refills, the barriers complete at once, the buffers keep the
-        // segment's first two pages.
-#ifdef FMLA_ABL_SHADOW_TMA
-#ifdef FMLA_ABL_SHADOW_HALF
-        // Only even m-blocks copy: the same traffic into each copying SM, half the L2 -> SM traffic in all.
-        if (wg == 0 && m_block % 2 == 0) {
-#else
-        if (wg == 0) {
-#endif
-          // One pair's pages (18 boxes) into the shadow box; the previous pair's copies are long done.
-          if (shadow_pending) mbar_wait(&smem.shadow_bar, shadow_phase);
-          shadow_phase ^= shadow_pending ? 1u : 0u;
-          const int n = (page_a >= 0) + (page_b >= 0);
-          shadow_pending = n > 0;
-          if (n > 0) {
-            mbar_arrive_expect_tx(&smem.shadow_bar, kBoxElems * 2 * kNumBoxes * n);
-            for (int j = 0; j < kNumBoxes; ++j) {
-              if (page_a >= 0)
-                tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_a, true);
-              if (page_b >= 0)
-                tma_load_box(p, smem.shadow, &smem.shadow_bar, j * kBoxCols, h_k, page_b, true);
-            }
-          }
-        }
-#endif
-        page_a = page_b = -1;
-#endif
       }
       // Rows past seqlen of a page hold stale data or NaN: zero their V part before any P V reads it (WG0 for
       // A, WG1 for B; both Q K^T are done). The lengths depend on w.seqlen_safe only, never on the lookup
@@ -637,9 +554,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegEnd);
     w = w_next;
   }
-#ifdef FMLA_ABL_SHADOW_TMA
-  if (threadIdx.x == 0 && shadow_pending) mbar_wait(&smem.shadow_bar, shadow_phase);
-#endif
   FMLA_TRACE_EXIT();
 }
 

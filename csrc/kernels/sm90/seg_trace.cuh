@@ -69,8 +69,8 @@ __device__ __forceinline__ void trace_stamp(int seg, int stamp, int nblk = -1) {
 // warpgroup; mainloop_seesaw.cuh says which point is which), for the first kPairTraceMax pairs of each CTA.
 // The store is predicated inside one asm block, not a C++ branch: a branch while wgmmas are in flight would
 // make ptxas serialise them (C7515) and change what is measured. The clock read has no register inputs, so
-// ptxas may move it above a preceding wgmma wait or bar.sync (a stamp there reads early; session 6 of
-// benchmarks/NOTES.md was misled by one); a stamp after an mbarrier spin loop cannot move above the loop.
+// ptxas may move it above a preceding wgmma wait or bar.sync (a stamp there reads early); a stamp after an
+// mbarrier spin loop cannot move above the loop.
 constexpr int kPairStamps = 10;
 constexpr int kPairTraceMax = 24;
 __device__ unsigned long long g_pair_trace[kTraceCtas][2][kPairTraceMax][kPairStamps];
