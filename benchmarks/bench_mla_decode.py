@@ -281,12 +281,16 @@ def main():
     )
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument(
+        "--peers", default="FlashMLA,FlashInfer", help="comma-separated peers to run (FlashMLA, FlashInfer)"
+    )
+    ap.add_argument(
         "--graph", action="store_true", help="also time each call in CUDA-graph replay of a multi-layer step"
     )
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     torch.manual_seed(0)
-    impls = [Ours, FlashMLA, FlashInfer] + ([] if args.no_torch else [TorchPadded])
+    peers = [p for p in (FlashMLA, FlashInfer) if p.name in args.peers.split(",")]
+    impls = [Ours, *peers] + ([] if args.no_torch else [TorchPadded])
     if args.only_ours:
         impls = [Ours]
     # The GPU machine's copy of the tree has no .git: lab/gpu_run.sh passes the commit.

@@ -24,7 +24,8 @@ from datetime import datetime
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The benchmark's implementations and inputs (benchmarks/bench_mla_decode.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 from bench_mla_decode import FlashInfer, FlashMLA, Ours, bench, make_case  # noqa: E402
 
 # Preferred query first; the second works on any driver.

@@ -15,10 +15,15 @@ the call only, medians:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 
 import torch
-from bench_mla_decode import FlashInfer, FlashMLA, Ours, make_case
+
+# The benchmark's implementations and inputs (benchmarks/bench_mla_decode.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+from bench_mla_decode import FlashInfer, FlashMLA, Ours, make_case  # noqa: E402
 
 
 def time_calls(fn, prep, reps: int = 50) -> float:

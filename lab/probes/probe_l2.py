@@ -8,8 +8,14 @@ main loop stalls on its page loads; no gap means it is bound by its on-chip sche
   python lab/probes/probe_l2.py
 """
 
+import os
+import sys
+
 import torch
-from bench_mla_decode import FlashMLA, Ours, make_case
+
+# The benchmark's implementations and inputs (benchmarks/bench_mla_decode.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+from bench_mla_decode import FlashMLA, Ours, make_case  # noqa: E402
 from triton.testing import do_bench
 
 import flashmla_ops

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
-from bench_mla_decode import SMALL_B, SWEEP, bench, make_case
+
+# The benchmark's implementations and inputs (benchmarks/bench_mla_decode.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+from bench_mla_decode import SMALL_B, SWEEP, bench, make_case  # noqa: E402
 
 import flashmla_ops  # noqa: F401  (registers torch.ops.flashmla)
 

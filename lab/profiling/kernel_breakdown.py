@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 
 import torch
-from bench_mla_decode import FlashInfer, FlashMLA, Ours, make_case
+
+# The benchmark's implementations and inputs (benchmarks/bench_mla_decode.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+from bench_mla_decode import FlashInfer, FlashMLA, Ours, make_case  # noqa: E402
 
 DEFAULT_SHAPES = ["128,1,16,4096", "128,1,16,8192", "128,1,128,4096", "128,1,128,8192", "1,1,128,32768"]
 

@@ -11,10 +11,15 @@ Prints the shape and the call's median time (10 runs, do_bench-free: CUDA events
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
 import flashmla_ops
+
+# --impl flashinfer uses the benchmark's FlashInfer wrapper (benchmarks/bench_mla_decode.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 
 PAGE = 64
 
