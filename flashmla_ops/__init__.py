@@ -5,7 +5,9 @@ Import order matters:
 1. ``_schema`` defines the op schemas (``torch.library.Library("flashmla", "DEF")``);
 2. ``_C``, the compiled CUDA extension, registers the CUDA kernels. It is optional: a build with
    ``FLASHMLA_ENABLE_CUDA=OFF`` (or without nvcc) has none, and the CUDA kernels are then stubs that raise
-   ``NotImplementedError`` explaining how to rebuild;
+   ``NotImplementedError`` explaining how to rebuild. The FP8 ops (``_schema.FP8_OPS``) get a stub saying
+   that their sm_90a kernels are not built in this version whenever ``_C`` registered no CUDA kernel for
+   them, so a later extension that does takes over without a change here;
 3. ``meta`` registers the fake kernels (``FakeTensor``, ``meta`` device, ``torch.compile``);
 4. ``reference`` registers the pure-PyTorch CPU kernels;
 5. ``ops`` is the public API (a drop-in for FlashMLA's ``flash_mla`` Python API).
@@ -32,6 +34,7 @@ else:
 
 from . import meta, reference  # noqa: E402, F401  (registrations: fakes, then CPU kernels)
 from ._validation import FlashMLAInputError  # noqa: E402
+from .fp8 import dequantize_kv_cache, quantize_kv_cache  # noqa: E402
 from .ops import flash_mla_with_kvcache, get_mla_metadata, workspace_size  # noqa: E402
 
 try:
@@ -45,8 +48,10 @@ __all__ = [
     "FlashMLAInputError",
     "__version__",
     "cuda_extension_available",
+    "dequantize_kv_cache",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
+    "quantize_kv_cache",
     "workspace_size",
 ]
 
@@ -65,14 +70,45 @@ def _missing_cuda_message(op: str) -> str:
     )
 
 
-def _register_missing_cuda_kernels() -> None:
+def _fp8_not_built_message(op: str) -> str:
+    if _C_IMPORT_ERROR is None:
+        why = "the compiled extension (flashmla_ops._C) registers no CUDA kernel for it"
+    else:
+        why = f"flashmla_ops was built without its CUDA extension (flashmla_ops._C: {_C_IMPORT_ERROR})"
+    return (
+        f"flashmla: FP8 KV-cache kernels for sm_90a are not built in this version; torch.ops.flashmla.{op} "
+        f"was called on CUDA tensors and {why}. The FP8 ops run on CPU tensors (the reference "
+        "implementation); on the GPU, decode a dequantised cache instead: "
+        "flashmla_ops.dequantize_kv_cache(k_cache, k_scale).to(q.dtype) with is_fp8_kvcache=False"
+    )
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{_schema.NAMESPACE}::{op}", "CUDA")
+
+
+def _register_cuda_stub(op: str, message: str) -> None:
+    def _stub(*args: object, **kwargs: object) -> None:
+        raise NotImplementedError(message)
+
+    torch.library.register_kernel(f"{_schema.NAMESPACE}::{op}", "cuda", _stub)
+
+
+def _register_missing_cuda_kernels() -> frozenset[str]:
+    """A raising CUDA stub for each op the compiled extension (if loaded) registered no CUDA kernel for."""
+    stubbed = []
     for op in _schema.SCHEMAS:
+        if _has_cuda_kernel(op):
+            continue
+        if op in _schema.FP8_OPS:
+            _register_cuda_stub(op, _fp8_not_built_message(op))
+        elif _C_IMPORT_ERROR is not None:
+            _register_cuda_stub(op, _missing_cuda_message(op))
+        else:  # a loaded extension without a dense kernel: leave PyTorch's "no CUDA kernel" error
+            continue
+        stubbed.append(op)
+    return frozenset(stubbed)
 
-        def _missing(*args: object, _op: str = op, **kwargs: object) -> None:
-            raise NotImplementedError(_missing_cuda_message(_op))
 
-        torch.library.register_kernel(f"{_schema.NAMESPACE}::{op}", "cuda", _missing)
-
-
-if _C_IMPORT_ERROR is not None:
-    _register_missing_cuda_kernels()
+#: Ops whose CUDA kernel is a Python stub (the others have the compiled extension's kernel).
+_CUDA_STUB_OPS = _register_missing_cuda_kernels()

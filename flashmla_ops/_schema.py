@@ -38,7 +38,27 @@ SCHEMAS: dict[str, str] = {
         "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, "
         "bool causal, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? workspace=None) -> ()"
     ),
+    # FP8 KV cache, q stays bfloat16/float16, out in q's dtype, lse fp32. The cache format follows from
+    # k_cache's dtype and last dim: float8_e4m3fn [num_pages, 64, h_kv, 576] with a per-tensor float32
+    # k_scale of shape [1] (a tensor, so a captured CUDA graph sees a new value), or uint8
+    # [num_pages, 64, h_kv, 656] (DeepSeek V3.2: 512 e4m3 + 4 float32 scales + 64 bfloat16 per token) with
+    # k_scale None. Separate ops rather than an extra argument of mla_decode: the dense schemas, for which
+    # the compiled extension registers its kernels, stay as they are.
+    "mla_decode_fp8": (
+        "mla_decode_fp8(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+        "Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, "
+        "Tensor? k_scale) -> (Tensor, Tensor)"
+    ),
+    "mla_decode_fp8_out": (
+        "mla_decode_fp8_out(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, "
+        "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, "
+        "bool causal, Tensor? k_scale, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? workspace=None) -> ()"
+    ),
 }
+
+#: The ops that read an FP8 KV cache. Until the compiled extension registers a CUDA kernel for one of them,
+#: ``flashmla_ops/__init__.py`` gives it a CUDA stub that raises ``NotImplementedError``.
+FP8_OPS: tuple[str, ...] = ("mla_decode_fp8", "mla_decode_fp8_out")
 
 _lib = torch.library.Library(NAMESPACE, "DEF")  # noqa: TOR901 - the library must outlive this module
 for _schema in SCHEMAS.values():

@@ -34,12 +34,19 @@ __all__ = [
     "PAGE_SIZE",
     "TILE_SCHEDULER_METADATA_SIZE",
     "check_get_mla_metadata",
+    "check_k_scale",
+    "check_kv_fp8_format",
     "check_mla_decode",
+    "check_mla_decode_fp8",
+    "check_mla_decode_fp8_out",
     "check_mla_decode_out",
     "check_positive_int",
     "workspace_numel",
     "fmt_dtype",
     "fmt_shape",
+    "KV_FORMAT_PER_TENSOR",
+    "KV_FORMAT_V32",
+    "V32_BYTES_PER_TOKEN",
 ]
 
 #: q / k width: 512 latent ("NoPE") columns + 64 RoPE columns.
@@ -52,6 +59,16 @@ PAGE_SIZE = 64
 TILE_SCHEDULER_METADATA_SIZE = 8
 
 _Q_DTYPES = (torch.bfloat16, torch.float16)
+_FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.uint8)
+
+# ---- FP8 KV-cache formats (docs/architecture.md, "FP8 KV cache") ------------------------------------------
+#: float8_e4m3fn ``[num_pages, 64, h_kv, 576]``; dequantised value = stored * k_scale (float32 ``[1]``).
+KV_FORMAT_PER_TENSOR = "per_tensor"
+#: uint8 ``[num_pages, 64, h_kv, 656]``: per token 512 e4m3 (latent / V), 4 float32 scales (one per 128
+#: values, little-endian), 64 bfloat16 RoPE values (little-endian); no k_scale.
+KV_FORMAT_V32 = "v32"
+#: Bytes per (token, kv head) of the DeepSeek V3.2 format: 512 + 4 * 4 + 64 * 2.
+V32_BYTES_PER_TOKEN = 656
 
 # ---- Message templates (mirrored verbatim by the C++ launcher) -------------------------------------------
 MSG_Q_DTYPE = "flashmla: q must be bfloat16 or float16, got {dtype}"
@@ -84,9 +101,45 @@ MSG_WORKSPACE_SIZE = (
 )
 MSG_POSITIVE_INT = "flashmla: {name} must be >= 1, got {value}"
 
+# FP8 KV cache (mla_decode_fp8 / mla_decode_fp8_out; also quantize_kv_cache / dequantize_kv_cache). The
+# format follows from k_cache's dtype, then its last dim must match it.
+MSG_KV_FP8_DTYPE = (
+    "flashmla: an FP8 k_cache must be float8_e4m3fn (per-tensor scale, [num_pages, 64, h_kv, 576]) or uint8 "
+    "(DeepSeek V3.2, [num_pages, 64, h_kv, 656]), got {dtype}"
+)
+MSG_KV_PER_TENSOR_DIM = (
+    "flashmla: a float8_e4m3fn k_cache (per-tensor FP8) must have head dim (size(-1)) 576, got {size}; "
+    "a DeepSeek V3.2 cache (656 bytes per token) must be uint8"
+)
+MSG_KV_V32_DIM = (
+    "flashmla: a uint8 k_cache (DeepSeek V3.2 FP8) must have 656 bytes per token (size(-1)), got {size}; "
+    "a per-tensor FP8 cache (576 values per token) must be float8_e4m3fn"
+)
+MSG_K_SCALE_MISSING = (
+    "flashmla: a float8_e4m3fn k_cache (per-tensor FP8) needs k_scale, a float32 tensor of shape [1]"
+)
+MSG_K_SCALE_V32 = (
+    "flashmla: k_scale must be None for a uint8 k_cache (DeepSeek V3.2 FP8 keeps its scales in the cache)"
+)
+MSG_K_SCALE_DTYPE = "flashmla: k_scale must be float32, got {dtype}"
+
 # Python-only (raised by the public wrappers in ops.py, never by an op):
 MSG_OUT_LSE_TOGETHER = "flashmla: out and lse must be given together (both or neither)"
 MSG_WORKSPACE_NEEDS_OUT = "flashmla: workspace is used by the out-variant only: give out and lse with it"
+MSG_K_SCALE_NEEDS_FP8 = "flashmla: k_scale is used only with is_fp8_kvcache=True"
+MSG_FP8_CACHE_NEEDS_FLAG = (
+    "flashmla: k_cache has dtype {dtype}, an FP8 KV cache: pass is_fp8_kvcache=True (and k_scale for a "
+    "float8_e4m3fn cache)"
+)
+
+# Python-only (flashmla_ops.quantize_kv_cache / dequantize_kv_cache; no q there, so k_scale follows k_cache).
+MSG_QUANT_DTYPE = "flashmla: quantize_kv_cache takes a bfloat16, float16 or float32 k_cache, got {dtype}"
+MSG_QUANT_FORMAT = "flashmla: format must be 'per_tensor' or 'v32', got {format}"
+MSG_QUANT_V32_K_SCALE = (
+    "flashmla: quantize_kv_cache(format='v32') computes a scale per 128 values: k_scale must be None"
+)
+MSG_K_SCALE_VALUE = "flashmla: k_scale must be a positive finite number, got {value}"
+MSG_K_SCALE_KV_DEVICE = "flashmla: k_scale must be on k_cache's device ({expected}), got {device}"
 
 # Value checks of the CPU reference (reference.py). The CUDA kernel does not read values on the host: it
 # writes NaN to out and lse for a request with such inputs instead of raising.
@@ -168,6 +221,45 @@ def check_get_mla_metadata(
     return b
 
 
+def check_kv_fp8_format(k_cache: torch.Tensor) -> str:
+    """The FP8 format of ``k_cache``, from its dtype (``float8_e4m3fn``: per-tensor, ``uint8``: DeepSeek
+    V3.2), after checking that its last dim fits that format. Returns ``KV_FORMAT_PER_TENSOR`` or
+    ``KV_FORMAT_V32``."""
+    _require(k_cache.dtype in _FP8_KV_DTYPES, MSG_KV_FP8_DTYPE, dtype=fmt_dtype(k_cache.dtype))
+    if k_cache.dtype == torch.float8_e4m3fn:
+        _require(k_cache.size(-1) == HEAD_DIM_K, MSG_KV_PER_TENSOR_DIM, size=k_cache.size(-1))
+        return KV_FORMAT_PER_TENSOR
+    _require(k_cache.size(-1) == V32_BYTES_PER_TOKEN, MSG_KV_V32_DIM, size=k_cache.size(-1))
+    return KV_FORMAT_V32
+
+
+def check_k_scale(
+    kv_format: str, k_scale: torch.Tensor | None, device: torch.device, device_template: str = MSG_DEVICE
+) -> None:
+    """``k_scale``: a float32 ``[1]`` tensor on ``device`` for the per-tensor format, None for V3.2.
+
+    ``device_template``: ``MSG_DEVICE`` (the ops: q's device) or ``MSG_K_SCALE_KV_DEVICE`` (the quantiser).
+    The None checks are plain ``if`` statements: whether an optional tensor is given is static under
+    tracing."""
+    if kv_format == KV_FORMAT_V32:
+        if k_scale is not None:
+            raise FlashMLAInputError(MSG_K_SCALE_V32)
+        return
+    if k_scale is None:
+        raise FlashMLAInputError(MSG_K_SCALE_MISSING)
+    _require(k_scale.dtype == torch.float32, MSG_K_SCALE_DTYPE, dtype=fmt_dtype(k_scale.dtype))
+    _require(
+        k_scale.dim() == 1 and k_scale.size(0) == 1,
+        MSG_SHAPE,
+        name="k_scale",
+        expected="[1]",
+        shape=fmt_shape(k_scale.shape),
+    )
+    _require(
+        k_scale.device == device, device_template, name="k_scale", expected=device, device=k_scale.device
+    )
+
+
 def check_mla_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -178,21 +270,64 @@ def check_mla_decode(
     num_splits: torch.Tensor,
 ) -> tuple[int, int, int, int]:
     """Validate the arguments of ``flashmla::mla_decode``; return ``(b, s_q, h_q, h_kv)``."""
+    return _check_decode(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, None
+    )
+
+
+def check_mla_decode_fp8(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    k_scale: torch.Tensor | None,
+) -> tuple[int, int, int, int]:
+    """Validate the arguments of ``flashmla::mla_decode_fp8``; return ``(b, s_q, h_q, h_kv)``.
+
+    The same checks, in the same order, as :func:`check_mla_decode`, except that k_cache's dtype and last dim
+    must be one of the FP8 formats (:func:`check_kv_fp8_format`) instead of q's dtype and 576; then
+    ``k_scale`` (:func:`check_k_scale`)."""
+    return _check_decode(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, k_scale, True
+    )
+
+
+def _check_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    fp8: bool = False,
+) -> tuple[int, int, int, int]:
     # dtypes
     _require(q.dtype in _Q_DTYPES, MSG_Q_DTYPE, dtype=fmt_dtype(q.dtype))
-    _require(
-        k_cache.dtype == q.dtype, MSG_KV_DTYPE, q_dtype=fmt_dtype(q.dtype), dtype=fmt_dtype(k_cache.dtype)
-    )
+    if fp8:
+        _require(k_cache.dtype in _FP8_KV_DTYPES, MSG_KV_FP8_DTYPE, dtype=fmt_dtype(k_cache.dtype))
+    else:
+        _require(
+            k_cache.dtype == q.dtype, MSG_KV_DTYPE, q_dtype=fmt_dtype(q.dtype), dtype=fmt_dtype(k_cache.dtype)
+        )
     _check_int32(block_table, "block_table")
     _check_int32(cache_seqlens, "cache_seqlens")
     _check_int32(tile_scheduler_metadata, "tile_scheduler_metadata")
     _check_int32(num_splits, "num_splits")
 
-    # q [b, s_q, h_q, 576], k_cache [num_pages, 64, h_kv, 576]
+    # q [b, s_q, h_q, 576], k_cache [num_pages, 64, h_kv, 576] (656 bytes for DeepSeek V3.2 FP8)
     _check_ndim(q, "q", 4, "[b, s_q, h_q, 576]")
-    _check_ndim(k_cache, "k_cache", 4, "[num_pages, 64, h_kv, 576]")
+    v32 = fp8 and k_cache.dtype == torch.uint8
+    _check_ndim(k_cache, "k_cache", 4, "[num_pages, 64, h_kv, 656]" if v32 else "[num_pages, 64, h_kv, 576]")
     _require(q.size(-1) == HEAD_DIM_K, MSG_HEAD_DIM, name="q", size=q.size(-1))
-    _require(k_cache.size(-1) == HEAD_DIM_K, MSG_HEAD_DIM, name="k_cache", size=k_cache.size(-1))
+    if fp8:
+        kv_format = check_kv_fp8_format(k_cache)
+    else:
+        _require(k_cache.size(-1) == HEAD_DIM_K, MSG_HEAD_DIM, name="k_cache", size=k_cache.size(-1))
     _require(head_dim_v == HEAD_DIM_V, MSG_HEAD_DIM_V, value=head_dim_v)
     _require(k_cache.size(1) == PAGE_SIZE, MSG_PAGE_SIZE, size=k_cache.size(1))
     b, s_q, h_q, _ = q.shape
@@ -244,6 +379,9 @@ def check_mla_decode(
     _check_last_dim_contiguous(block_table, "block_table")
     _check_contiguous(tile_scheduler_metadata, "tile_scheduler_metadata")
     _check_contiguous(num_splits, "num_splits")
+
+    if fp8:
+        check_k_scale(kv_format, k_scale, device)
     return b, s_q, h_q, h_kv
 
 
@@ -270,6 +408,42 @@ def check_mla_decode_out(
     b, s_q, h_q, h_kv = check_mla_decode(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits
     )
+    _check_out_args(q, tile_scheduler_metadata, out, lse, workspace, b, s_q, h_q, h_kv)
+    return b, s_q, h_q, h_kv
+
+
+def check_mla_decode_fp8_out(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    workspace: torch.Tensor | None = None,
+) -> tuple[int, int, int, int]:
+    """Validate the arguments of ``flashmla::mla_decode_fp8_out``; return ``(b, s_q, h_q, h_kv)``."""
+    b, s_q, h_q, h_kv = check_mla_decode_fp8(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, k_scale
+    )
+    _check_out_args(q, tile_scheduler_metadata, out, lse, workspace, b, s_q, h_q, h_kv)
+    return b, s_q, h_q, h_kv
+
+
+def _check_out_args(
+    q: torch.Tensor,
+    tile_scheduler_metadata: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    workspace: torch.Tensor | None,
+    b: int,
+    s_q: int,
+    h_q: int,
+    h_kv: int,
+) -> None:
     _require(out.dtype == q.dtype, MSG_OUT_DTYPE, q_dtype=fmt_dtype(q.dtype), dtype=fmt_dtype(out.dtype))
     expected_out = (b, s_q, h_q, HEAD_DIM_V)
     _require(
@@ -297,4 +471,3 @@ def check_mla_decode_out(
         _require(workspace.numel() >= need, MSG_WORKSPACE_SIZE, need=need, numel=workspace.numel())
         _check_device(workspace, "workspace", q.device)
         _check_contiguous(workspace, "workspace")
-    return b, s_q, h_q, h_kv

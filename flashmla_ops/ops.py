@@ -1,4 +1,5 @@
-"""Public API: a drop-in replacement for the 2025 ``flash_mla`` Python API (dense BF16/FP16 MLA decode).
+"""Public API: a drop-in replacement for the 2025 ``flash_mla`` Python API (dense MLA decode over a BF16/FP16
+or FP8 KV cache).
 
 Both functions are thin wrappers over the ``torch.ops.flashmla`` custom ops (schemas in ``_schema.py``).
 They sit on the decode hot path: they do no tensor work, no device synchronisation, and are traced by
@@ -13,10 +14,13 @@ import torch
 
 from ._validation import (
     HEAD_DIM_K,
+    MSG_FP8_CACHE_NEEDS_FLAG,
+    MSG_K_SCALE_NEEDS_FP8,
     MSG_OUT_LSE_TOGETHER,
     MSG_WORKSPACE_NEEDS_OUT,
     FlashMLAInputError,
     check_positive_int,
+    fmt_dtype,
     workspace_numel,
 )
 
@@ -27,7 +31,8 @@ _BLOCK_M = 64
 #: Multiprocessor count assumed for non-CUDA tensors (an H100 SXM), so CPU runs schedule like a GPU would.
 _DEFAULT_SM_COUNT = 132
 _DEFAULT_SOFTMAX_SCALE = HEAD_DIM_K**-0.5
-_NOT_SUPPORTED = "flashmla: FP8 KV cache / sparse decode not supported yet"
+_SPARSE_NOT_SUPPORTED = "flashmla: sparse (top-k) decode is not supported yet"
+_FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
 
 @functools.cache
@@ -64,7 +69,8 @@ def get_mla_metadata(
             one KV head (MTP tokens times the query heads of a group).
         num_heads_k: number of KV heads ``h_kv`` (1 for DeepSeek MLA).
         num_heads_q: accepted for compatibility with FlashMLA's API; unused by dense decode.
-        is_fp8_kvcache: must be False: FP8 KV cache is not supported.
+        is_fp8_kvcache: accepted (either value): an FP8 KV cache uses the same scheduler, so the same
+            metadata serves both kinds of cache.
         topk: must be None: sparse (top-k) decode is not supported.
 
     Returns:
@@ -84,12 +90,12 @@ def get_mla_metadata(
     ``num_sm_parts``, so the call is CUDA-graph capturable.
 
     Raises:
-        NotImplementedError: ``is_fp8_kvcache=True`` or ``topk`` given.
+        NotImplementedError: ``topk`` given.
         FlashMLAInputError (a ``ValueError`` and a ``RuntimeError``): invalid arguments, e.g.
             ``cache_seqlens`` not int32 / not 1-D / empty, ``num_heads_k < 1``.
     """
-    if is_fp8_kvcache or topk is not None:
-        raise NotImplementedError(_NOT_SUPPORTED)
+    if topk is not None:
+        raise NotImplementedError(_SPARSE_NOT_SUPPORTED)
     check_positive_int(num_q_tokens_per_head_k, "num_q_tokens_per_head_k")
     check_positive_int(num_heads_k, "num_heads_k")
     num_m_blocks = (num_q_tokens_per_head_k + _BLOCK_M - 1) // _BLOCK_M
@@ -115,6 +121,7 @@ def flash_mla_with_kvcache(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    k_scale: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head latent attention (MLA) decode over a paged KV cache ("MQA mode", absorbed weights).
 
@@ -126,7 +133,16 @@ def flash_mla_with_kvcache(
             64 tokens per page (block). Each row is 512 latent ("NoPE") + 64 RoPE columns; the values are
             the first 512 columns of the same rows (there is no separate V cache). Only the last dimension
             must be contiguous. ``num_heads_q`` must be a multiple of ``num_heads_k``; query head h attends
-            with KV head ``h // (num_heads_q // num_heads_k)``.
+            with KV head ``h // (num_heads_q // num_heads_k)``. With ``is_fp8_kvcache=True``, one of the
+            FP8 formats instead (``q`` stays bfloat16/float16):
+
+            * per-tensor: ``torch.float8_e4m3fn`` ``[num_blocks, 64, num_heads_k, 576]``; the value is
+              ``stored * k_scale``;
+            * DeepSeek V3.2: ``torch.uint8`` ``[num_blocks, 64, num_heads_k, 656]``: per token 512 e4m3
+              values (latent / V), 4 float32 scales (one per 128 of them, little-endian), 64 bfloat16 RoPE
+              values; value = e4m3 * its tile's scale. The page stride may be padded (last dim contiguous).
+
+            :func:`flashmla_ops.quantize_kv_cache` makes either from a bfloat16/float16 cache.
         block_table: int32 ``[batch_size, max_num_blocks_per_seq]``, last dimension contiguous. Token t of
             request i lives in page ``block_table[i, t // 64]``, row ``t % 64``. Only the first
             ``ceil(cache_seqlens[i] / 64)`` entries of row i are read; the rest may hold anything
@@ -141,7 +157,8 @@ def flash_mla_with_kvcache(
         causal: apply a causal mask over the query tokens, aligned to the bottom right: query token s
             (0-based) sees the first ``cache_seqlens[i] - (seq_len_q - 1 - s)`` tokens. Irrelevant when
             ``seq_len_q == 1``.
-        is_fp8_kvcache: must be False: FP8 KV cache is not supported.
+        is_fp8_kvcache: True for an FP8 ``k_cache`` (the format follows from its dtype and last dim).
+            Attention runs over the dequantised cache with fp32 accumulation; ``out`` has ``q``'s dtype.
         indices: must be None: sparse (top-k) attention is not supported.
         out: optional preallocated output, ``[batch_size, seq_len_q, num_heads_q, 512]``, ``q``'s dtype,
             last dimension contiguous. Give ``out`` and ``lse`` together (e.g. for CUDA-graph capture):
@@ -152,6 +169,11 @@ def flash_mla_with_kvcache(
             the call allocates nothing (without it, each call takes its scratch from PyTorch's caching
             allocator). One workspace may serve every layer of a step (the calls run one after another on
             the stream); calls that may run concurrently on different streams need their own.
+        k_scale: the per-tensor FP8 format's scale (required there; None for a bf16/fp16 or V3.2 cache):
+            a float32 tensor of shape ``[1]`` on ``q``'s device, read on the device, so a captured CUDA
+            graph sees a new value written into it. A Python float is accepted for convenience; it is
+            turned into a one-element tensor on each call (an allocation and a fill kernel, and a CUDA
+            graph would keep the captured value): pass a tensor on the hot path.
 
     Returns:
         ``(out, softmax_lse)``:
@@ -164,54 +186,49 @@ def flash_mla_with_kvcache(
         A query row that sees no key (``cache_seqlens[i] == 0``, or a causal row whose window is empty)
         gets ``out = 0`` and ``softmax_lse = +inf``. Freshly allocated outputs are contiguous.
 
-    Not supported: FP8 KV cache, sparse (top-k / ``indices``) attention, attention sinks, head dims other
+    Not supported: sparse (top-k / ``indices``) attention, attention sinks, FP8 queries, head dims other
     than 576/512, page sizes other than 64, and autograd (this is a forward-only decode kernel). The CUDA
-    kernel targets Hopper (sm_90a). Shapes, dtypes and devices are checked without reading tensor values;
-    the CUDA kernel does not validate ``cache_seqlens`` / ``block_table`` values (a negative length, or a
-    used block id out of range, gives NaN for that request), while the CPU implementation raises.
+    kernel targets Hopper (sm_90a); this version has no CUDA kernel for an FP8 cache yet (CPU only: a CUDA
+    FP8 call raises ``NotImplementedError``). Shapes, dtypes and devices are checked without reading tensor
+    values; the CUDA kernel does not validate ``cache_seqlens`` / ``block_table`` values (a negative length,
+    or a used block id out of range, gives NaN for that request), while the CPU implementation raises.
 
     Raises:
-        NotImplementedError: ``is_fp8_kvcache=True`` or ``indices`` given.
+        NotImplementedError: ``indices`` given; an FP8 cache on CUDA tensors (no FP8 kernel in this version).
         FlashMLAInputError (a ``ValueError`` and a ``RuntimeError``): invalid shapes, dtypes, devices or
-            strides, or only one of ``out`` / ``lse`` given. The CUDA kernel raises ``RuntimeError`` with the
-            same message.
+            strides; only one of ``out`` / ``lse`` given; an FP8 cache without ``is_fp8_kvcache=True``;
+            ``k_scale`` missing for a per-tensor FP8 cache or given for any other. The CUDA kernel raises
+            ``RuntimeError`` with the same message.
     """
-    if is_fp8_kvcache or indices is not None:
-        raise NotImplementedError(_NOT_SUPPORTED)
+    if indices is not None:
+        raise NotImplementedError(_SPARSE_NOT_SUPPORTED)
     if softmax_scale is None:
         # == q.shape[-1] ** -0.5 for every valid q (the op rejects any other head dim); a Python constant
         # keeps the scale a plain float under torch.compile with dynamic shapes.
         softmax_scale = _DEFAULT_SOFTMAX_SCALE
-    if out is None and lse is None:
+    if out is None or lse is None:
+        if out is not None or lse is not None:
+            raise FlashMLAInputError(MSG_OUT_LSE_TOGETHER)
         if workspace is not None:
             raise FlashMLAInputError(MSG_WORKSPACE_NEEDS_OUT)
-        return torch.ops.flashmla.mla_decode(
-            q,
-            k_cache,
-            block_table,
-            cache_seqlens,
-            head_dim_v,
-            tile_scheduler_metadata,
-            num_splits,
-            softmax_scale,
-            causal,
-        )
-    if out is None or lse is None:
-        raise FlashMLAInputError(MSG_OUT_LSE_TOGETHER)
-    torch.ops.flashmla.mla_decode_out(
-        q,
-        k_cache,
-        block_table,
-        cache_seqlens,
-        head_dim_v,
-        tile_scheduler_metadata,
-        num_splits,
-        softmax_scale,
-        causal,
-        out,
-        lse,
-        workspace,
-    )
+    args = (q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits)
+
+    if not is_fp8_kvcache:
+        if k_scale is not None:
+            raise FlashMLAInputError(MSG_K_SCALE_NEEDS_FP8)
+        if k_cache.dtype in _FP8_KV_DTYPES:
+            raise FlashMLAInputError(MSG_FP8_CACHE_NEEDS_FLAG.format(dtype=fmt_dtype(k_cache.dtype)))
+        if out is None:
+            return torch.ops.flashmla.mla_decode(*args, softmax_scale, causal)
+        torch.ops.flashmla.mla_decode_out(*args, softmax_scale, causal, out, lse, workspace)
+        return out, lse
+
+    if k_scale is not None and not isinstance(k_scale, torch.Tensor):
+        # Convenience only: an allocation and a fill on every call (no host sync).
+        k_scale = torch.full((1,), k_scale, dtype=torch.float32, device=q.device)
+    if out is None:
+        return torch.ops.flashmla.mla_decode_fp8(*args, softmax_scale, causal, k_scale)
+    torch.ops.flashmla.mla_decode_fp8_out(*args, softmax_scale, causal, k_scale, out, lse, workspace)
     return out, lse
 
 

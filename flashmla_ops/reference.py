@@ -1,13 +1,16 @@
 """Pure-PyTorch reference implementations of the ``torch.ops.flashmla`` ops.
 
-They are registered below as the ``cpu`` kernels of the three ops, so the ops (and ``opcheck``,
-``torch.compile``) work on any machine. They are written with device-agnostic torch code, so the GPU tests
-also call them on CUDA tensors as the oracle for the CUDA kernels:
+They are registered below as the ``cpu`` kernels of the ops, so the ops (and ``opcheck``, ``torch.compile``)
+work on any machine. They are written with device-agnostic torch code, so the GPU tests also call them on
+CUDA tensors as the oracle for the CUDA kernels:
 
 * :func:`get_mla_metadata_reference` is the specification of the tile scheduler; the CUDA scheduler kernel
   must produce bit-identical output.
 * :func:`mla_decode_reference` / :func:`mla_decode_out_reference` compute MLA decode attention with fp32
   accumulation.
+* :func:`mla_decode_fp8_reference` / :func:`mla_decode_fp8_out_reference` do the same over an FP8 KV cache
+  (per-tensor e4m3 or DeepSeek V3.2's 656-byte format), dequantising the pages they use to float32 first
+  (``flashmla_ops.fp8``).
 
 Unlike the fakes and the CUDA launchers, the references *do* read values on the host: the scheduler walks
 the ``cache_seqlens`` list; the decode reads ``cache_seqlens`` and ``block_table`` (one host sync) to size its
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -33,13 +37,19 @@ from ._validation import (
     TILE_SCHEDULER_METADATA_SIZE,
     FlashMLAInputError,
     check_get_mla_metadata,
+    check_kv_fp8_format,
     check_mla_decode,
+    check_mla_decode_fp8,
+    check_mla_decode_fp8_out,
     check_mla_decode_out,
 )
+from .fp8 import dequantize_rows
 
 __all__ = [
     "FIXED_OVERHEAD",
     "get_mla_metadata_reference",
+    "mla_decode_fp8_out_reference",
+    "mla_decode_fp8_reference",
     "mla_decode_out_reference",
     "mla_decode_reference",
 ]
@@ -161,8 +171,12 @@ def _decode_into(
     cache_seqlens: torch.Tensor,
     softmax_scale: float,
     causal: bool,
+    dequantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Write attention output into ``out`` [b, s_q, h_q, 512] and ``lse`` [b, h_q, s_q], chunk by chunk."""
+    """Write attention output into ``out`` [b, s_q, h_q, 512] and ``lse`` [b, h_q, s_q], chunk by chunk.
+
+    ``dequantize`` (FP8 caches) turns gathered cache rows ``[..., k_cache.size(-1)]`` into float32
+    ``[..., 576]``; only the pages a chunk uses are dequantised, never the whole cache."""
     b, s_q, h_q, d = q.shape
     num_pages, _, h_kv, _ = k_cache.shape
     group = h_q // h_kv
@@ -170,9 +184,11 @@ def _decode_into(
     device = q.device
     seqlens, used_pages = _check_values(cache_seqlens, block_table, num_pages)
 
-    # Peak bytes per key position of one request: the gathered k (input dtype + 2 fp32 copies while it is
-    # converted and masked) and up to 4 fp32 copies of the logits block (rows x keys per kv head).
-    per_key = h_kv * d * (k_cache.element_size() + 8) + 4 * 4 * h_kv * rows
+    # Peak bytes per key position of one request: the gathered k (stored bytes + 2 fp32 copies while it is
+    # converted and masked, + 2 more while FP8 is dequantised) and up to 4 fp32 copies of the logits block
+    # (rows x keys per kv head).
+    stored = k_cache.size(-1) * k_cache.element_size()
+    per_key = h_kv * (stored + d * (8 if dequantize is None else 16)) + 4 * 4 * h_kv * rows
     r0 = 0
     while r0 < b:
         # Grow the chunk while its padded key length times its size fits the budget.
@@ -198,6 +214,7 @@ def _decode_into(
             causal,
             group,
             device,
+            dequantize,
         )
         r0 = r1
 
@@ -215,6 +232,7 @@ def _decode_chunk(
     causal: bool,
     group: int,
     device: torch.device,
+    dequantize: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> None:
     bc, s_q, h_q, d = q.shape
     h_kv = k_cache.size(2)
@@ -229,12 +247,13 @@ def _decode_chunk(
     page_idx = torch.arange(num_pages_max, device=device)
     pages = block_table[:, :num_pages_max].to(torch.int64)
     pages = torch.where(page_idx < used_pages[:, None], pages, 0)
-    k = k_cache[pages].reshape(bc, length, h_kv, d)  # [bc, L, h_kv, 576]
+    k = k_cache[pages]  # [bc, P, 64, h_kv, 576] (FP8: [..., 576] e4m3 or [..., 656] bytes)
+    k = (k.to(f32) if dequantize is None else dequantize(k)).reshape(bc, length, h_kv, d)  # [bc, L, h_kv, d]
     # Zero every row past seqlen (NaN there must not leak through 0 * NaN in the matmuls).
     seqlens = cache_seqlens.to(torch.int64)
     key_pos = torch.arange(length, device=device)
     key_valid = key_pos < seqlens[:, None]  # [bc, L]
-    k = torch.where(key_valid[:, :, None, None], k.to(f32), 0.0)
+    k = torch.where(key_valid[:, :, None, None], k, 0.0)
     k = k.permute(0, 2, 1, 3)  # [bc, h_kv, L, 576]
     v = k[..., :HEAD_DIM_V]  # [bc, h_kv, L, 512]
 
@@ -353,7 +372,97 @@ mla_decode_out_reference.__doc__ = (
 )
 
 
+# ---- FP8 KV cache: dequantise the used pages to float32, then the same decode ----------------------------
+_FP8_DOC = """
+    FP8 KV cache (``flashmla_ops.fp8``): ``k_cache`` is float8_e4m3fn ``[num_pages, 64, h_kv, 576]`` with
+    ``k_scale`` a float32 tensor ``[1]`` on q's device (value = stored * k_scale), or uint8
+    ``[num_pages, 64, h_kv, 656]`` (DeepSeek V3.2: 512 e4m3, 4 float32 scales, 64 bfloat16 RoPE values per
+    token; any page stride, last dim contiguous) with ``k_scale`` None. The pages a request uses are
+    dequantised to float32 and attended over exactly as by :func:`mla_decode_reference`. Cache rows past a
+    request's length and unused pages may hold any bytes (NaN, garbage scales): they are never used.
+"""
+
+
+def _fp8_dequantizer(k_cache: torch.Tensor, k_scale: torch.Tensor | None) -> Callable:
+    kv_format = check_kv_fp8_format(k_cache)
+    return lambda raw: dequantize_rows(raw, kv_format, k_scale)
+
+
+def mla_decode_fp8_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    k_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, s_q, h_q, _ = check_mla_decode_fp8(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, k_scale
+    )
+    out = q.new_empty((b, s_q, h_q, head_dim_v))
+    lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    dequantize = _fp8_dequantizer(k_cache, k_scale)
+    _decode_into(out, lse, q, k_cache, block_table, cache_seqlens, softmax_scale, causal, dequantize)
+    return out, lse
+
+
+mla_decode_fp8_reference.__doc__ = (
+    """Reference MLA decode over an FP8 KV cache. Returns ``(out [b, s_q, h_q, 512] in q's dtype, lse float32
+    [b, h_q, s_q])``, as :func:`mla_decode_reference`.
+"""
+    + _FP8_DOC
+    + _DECODE_DOC_ARGS
+)
+
+
+def mla_decode_fp8_out_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    k_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    workspace: torch.Tensor | None = None,
+) -> None:
+    check_mla_decode_fp8_out(
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        k_scale,
+        out,
+        lse,
+        workspace,
+    )
+    dequantize = _fp8_dequantizer(k_cache, k_scale)
+    _decode_into(out, lse, q, k_cache, block_table, cache_seqlens, softmax_scale, causal, dequantize)
+
+
+mla_decode_fp8_out_reference.__doc__ = (
+    """Reference MLA decode over an FP8 KV cache, out-variant: writes ``out`` and ``lse`` in place and returns
+    None, as :func:`mla_decode_out_reference` (``workspace`` is validated and otherwise unused).
+"""
+    + _FP8_DOC
+    + _DECODE_DOC_ARGS
+)
+
+
 # ---- Registration as the CPU kernels --------------------------------------------------------------------
 torch.library.register_kernel("flashmla::get_mla_metadata", "cpu", get_mla_metadata_reference)
 torch.library.register_kernel("flashmla::mla_decode", "cpu", mla_decode_reference)
 torch.library.register_kernel("flashmla::mla_decode_out", "cpu", mla_decode_out_reference)
+torch.library.register_kernel("flashmla::mla_decode_fp8", "cpu", mla_decode_fp8_reference)
+torch.library.register_kernel("flashmla::mla_decode_fp8_out", "cpu", mla_decode_fp8_out_reference)

@@ -12,6 +12,8 @@ Output shapes depend only on input shapes and int arguments:
 * ``mla_decode``: ``out`` ``[b, s_q, h_q, 512]`` in q's dtype and ``lse`` float32 ``[b, h_q, s_q]``, both
   contiguous.
 * ``mla_decode_out``: returns None (it writes its ``out`` / ``lse`` arguments; ``workspace`` is scratch).
+* ``mla_decode_fp8`` / ``mla_decode_fp8_out``: as ``mla_decode`` / ``mla_decode_out`` (out in q's dtype,
+  whatever the FP8 cache format); the checks also infer the cache format and validate ``k_scale``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from flashmla_ops._validation import (
     TILE_SCHEDULER_METADATA_SIZE,
     check_get_mla_metadata,
     check_mla_decode,
+    check_mla_decode_fp8,
+    check_mla_decode_fp8_out,
     check_mla_decode_out,
 )
 
@@ -79,6 +83,59 @@ def _mla_decode_out_fake(
         head_dim_v,
         tile_scheduler_metadata,
         num_splits,
+        out,
+        lse,
+        workspace,
+    )
+    return None
+
+
+@torch.library.register_fake("flashmla::mla_decode_fp8")
+def _mla_decode_fp8_fake(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    k_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, s_q, h_q, _ = check_mla_decode_fp8(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, k_scale
+    )
+    out = q.new_empty((b, s_q, h_q, head_dim_v))
+    lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("flashmla::mla_decode_fp8_out")
+def _mla_decode_fp8_out_fake(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    k_scale: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    workspace: torch.Tensor | None = None,
+) -> None:
+    check_mla_decode_fp8_out(
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        k_scale,
         out,
         lse,
         workspace,

@@ -31,18 +31,35 @@ class TestSchema(expecttest.TestCase):
             """flashmla::mla_decode_out(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? workspace=None) -> ()""",  # noqa: E501
         )
 
+    def test_mla_decode_fp8(self):
+        self.assertExpectedInline(
+            str(torch.ops.flashmla.mla_decode_fp8.default._schema),
+            """flashmla::mla_decode_fp8(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, Tensor? k_scale) -> (Tensor, Tensor)""",  # noqa: E501
+        )
+
+    def test_mla_decode_fp8_out(self):
+        self.assertExpectedInline(
+            str(torch.ops.flashmla.mla_decode_fp8_out.default._schema),
+            """flashmla::mla_decode_fp8_out(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, Tensor? k_scale, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? workspace=None) -> ()""",  # noqa: E501
+        )
+
     def test_op_set(self):
         """Exactly these ops exist in the namespace, each with one (default) overload."""
-        self.assertEqual(sorted(_schema.SCHEMAS), ["get_mla_metadata", "mla_decode", "mla_decode_out"])
+        self.assertEqual(
+            sorted(_schema.SCHEMAS),
+            ["get_mla_metadata", "mla_decode", "mla_decode_fp8", "mla_decode_fp8_out", "mla_decode_out"],
+        )
+        self.assertEqual(_schema.FP8_OPS, ("mla_decode_fp8", "mla_decode_fp8_out"))
         for name in _schema.SCHEMAS:
             self.assertEqual(getattr(torch.ops.flashmla, name).overloads(), ["default"])
 
     def test_mutation_annotations(self):
-        """Only the out-variant mutates (out, lse, its workspace); nothing returns a mutated tensor."""
+        """Only the out-variants mutate (out, lse, their workspace); nothing returns a mutated tensor."""
         for name in _schema.SCHEMAS:
             schema = getattr(torch.ops.flashmla, name).default._schema
             mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-            self.assertEqual(mutated, ["out", "lse", "workspace"] if name == "mla_decode_out" else [])
+            is_out = name.endswith("_out")
+            self.assertEqual(mutated, ["out", "lse", "workspace"] if is_out else [])
             self.assertTrue(all(r.alias_info is None for r in schema.returns))
 
     def test_kernels_registered(self):
