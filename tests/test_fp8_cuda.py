@@ -1,0 +1,127 @@
+"""FP8 KV cache on CUDA tensors. This version has no sm_90a FP8 kernel: the ops must raise the
+NotImplementedError that says so. Once the compiled extension registers one, the same tests check it
+against an independent float64 computation on the dequantised cache, and CUDA-graph replay with a new k_scale.
+
+Skipped (with the reason) without a CUDA device; the kernel checks also need a Hopper GPU and the extension.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _fp8 import assert_close_to_oracle, make_fp8_inputs
+from _gpu import HOPPER_SKIP_REASON
+from _helpers import D_V
+
+import flashmla_ops
+from flashmla_ops import flash_mla_with_kvcache, get_mla_metadata
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.gpu,
+]
+
+FORMATS = ["per_tensor", "v32"]
+SCALE = 576**-0.5
+
+
+def _has_fp8_kernel() -> bool:
+    return not set(flashmla_ops._schema.FP8_OPS) & flashmla_ops._CUDA_STUB_OPS
+
+
+def _to_cuda(inp):
+    for name in ("q", "k_cache", "k_scale", "block_table", "cache_seqlens"):
+        value = getattr(inp, name)
+        if value is not None:
+            setattr(inp, name, value.cuda())
+    return inp
+
+
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_fp8_without_kernel_raises(kv_format):
+    if _has_fp8_kernel():
+        pytest.skip("the compiled extension has FP8 kernels")
+    inp = _to_cuda(make_fp8_inputs([70, 5], 1, 16, 1, kv_format, poison=False))
+    # CPU scheduler (the CUDA one needs the extension); its values do not matter here
+    meta, num_splits = (
+        t.cuda() for t in torch.ops.flashmla.get_mla_metadata(inp.cache_seqlens.cpu(), 16, 1, 8)
+    )
+    args = (inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, D_V, meta, num_splits)
+    out = torch.empty(2, 1, 16, D_V, dtype=inp.q.dtype, device="cuda")
+    lse = torch.empty(2, 16, 1, device="cuda")
+    for kw in ({}, {"out": out, "lse": lse}):
+        with pytest.raises(NotImplementedError, match="FP8 KV-cache kernels for sm_90a are not built"):
+            flash_mla_with_kvcache(*args, causal=True, is_fp8_kvcache=True, k_scale=inp.k_scale, **kw)
+
+
+def _needs_kernel():
+    if not _has_fp8_kernel():
+        pytest.skip("no FP8 CUDA kernel in this version")
+    if HOPPER_SKIP_REASON is not None:
+        pytest.skip(HOPPER_SKIP_REASON)
+
+
+@pytest.mark.parametrize("kv_format", FORMATS)
+@pytest.mark.parametrize("s_q,h_q,h_kv", [(1, 16, 1), (2, 64, 1), (4, 128, 1), (1, 32, 2), (2, 128, 2)])
+def test_fp8_kernel_matches_oracle(kv_format, s_q, h_q, h_kv):
+    _needs_kernel()
+    seqlens = [0, 1, 64, 65, 700, 4097][: 2 + s_q]
+    inp = make_fp8_inputs(
+        seqlens, s_q, h_q, h_kv, kv_format, seed=h_q + s_q, page_pad=64 * (kv_format == "v32")
+    )
+    _to_cuda(inp)
+    meta, num_splits = get_mla_metadata(inp.cache_seqlens, s_q * h_q // h_kv, h_kv, is_fp8_kvcache=True)
+    out, lse = flash_mla_with_kvcache(
+        inp.q,
+        inp.k_cache,
+        inp.block_table,
+        inp.cache_seqlens,
+        D_V,
+        meta,
+        num_splits,
+        None,
+        True,
+        True,
+        k_scale=inp.k_scale,
+    )
+    assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)
+
+
+def test_fp8_cuda_graph_sees_a_new_k_scale():
+    _needs_kernel()
+    inp = _to_cuda(make_fp8_inputs([300, 0, 65], 2, 64, 1, "per_tensor", seed=3))
+    meta, num_splits = get_mla_metadata(inp.cache_seqlens, 128, 1, is_fp8_kvcache=True)
+    out = torch.empty(3, 2, 64, D_V, dtype=inp.q.dtype, device="cuda")
+    lse = torch.empty(3, 64, 2, device="cuda")
+    ws = torch.empty(flashmla_ops.workspace_size(meta, 128, 1), device="cuda")
+
+    def step():
+        flash_mla_with_kvcache(
+            inp.q,
+            inp.k_cache,
+            inp.block_table,
+            inp.cache_seqlens,
+            D_V,
+            meta,
+            num_splits,
+            None,
+            True,
+            True,
+            out=out,
+            lse=lse,
+            workspace=ws,
+            k_scale=inp.k_scale,
+        )
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    inp.k_scale.mul_(2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)
