@@ -18,7 +18,7 @@ for sh in ${SHAPES:-128,2,128,8192 128,1,128,4096}; do
     f="$OUT/sbs_${impl}_${b}_${sq}_${hq}_${sk}.txt"
     echo "##### $impl b=$b s_q=$sq h_q=$hq s_k=$sk"
     (cd /tmp && PYTHONPATH=/tmp/site:/tmp/peers timeout 150 ncu --profile-from-start off --kernel-name "$K" \
-      --metrics "$M,sass__inst_executed_per_opcode" --print-metric-instances values \
+      --metrics "$M,sass__inst_executed_per_opcode" --print-metric-instances details \
       python3 "$OLDPWD/lab/profiling/profile_decode.py" --b "$b" --s-q "$sq" --h-q "$hq" --s-k "$sk" \
       --impl "$impl") > "$f" 2>&1
     grep -vE "^==PROF==|^\s*$|^==WARNING==" "$f" | cut -c1-2500 | tail -40
