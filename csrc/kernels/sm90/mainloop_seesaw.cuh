@@ -428,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
         store_p_regs(0);
         fence_async_proxy();
         FMLA_PAIR_STAMP(1);
-        named_barrier_arrive(kBarAReady, kThreads);
+        named_barrier_sync(kBarAReady, kThreads);
         FMLA_PAIR_STAMP(2);
         issue_pv_rs(0);
         warpgroup_wait<0>();
@@ -490,7 +490,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           store_p_regs(1);
           fence_async_proxy();
           FMLA_PAIR_STAMP(3);
-          named_barrier_arrive(kBarBReady, kThreads);
+          named_barrier_sync(kBarBReady, kThreads);
           FMLA_PAIR_STAMP(4);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
