@@ -47,6 +47,20 @@ V32_TILE = 128
 _V32_SCALES = HEAD_DIM_V // V32_TILE  # 4
 _V32_SCALE_END = HEAD_DIM_V + 4 * _V32_SCALES  # byte 528: the RoPE part starts here
 _QUANT_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The helpers work through a cache in slices along dim 0 of about this many values, so that their float32
+# temporaries stay small next to a real cache (tens of GB on a GPU).
+_CHUNK_VALUES = 1 << 24
+
+
+def _split_size(t: torch.Tensor) -> int:
+    """Slices of dim 0 per chunk (the whole tensor for 0-D / 1-D / empty ones)."""
+    if t.dim() < 2 or t.numel() == 0:
+        return max(t.size(0) if t.dim() else 1, 1)
+    return max(1, _CHUNK_VALUES // t[0].numel())
+
+
+def _chunks(t: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    return t.split(n) if t.dim() >= 1 else (t,)
 
 
 # ---- byte layout ------------------------------------------------------------------------------------------
@@ -135,7 +149,11 @@ def dequantize_kv_cache(k_cache: torch.Tensor, k_scale: torch.Tensor | float | N
     if k_scale is not None and not isinstance(k_scale, torch.Tensor):
         k_scale = _scale_tensor(k_scale, k_cache.device)
     check_k_scale(kv_format, k_scale, k_cache.device, MSG_K_SCALE_KV_DEVICE)
-    return dequantize_rows(k_cache, kv_format, k_scale)
+    out = torch.empty((*k_cache.shape[:-1], HEAD_DIM_K), dtype=torch.float32, device=k_cache.device)
+    n = _split_size(k_cache)
+    for src, dst in zip(_chunks(k_cache, n), _chunks(out, n), strict=True):
+        dst.copy_(dequantize_rows(src, kv_format, k_scale))
+    return out
 
 
 # ---- quantisation -----------------------------------------------------------------------------------------
@@ -151,6 +169,8 @@ def quantize_kv_cache(
         k_scale: ``"per_tensor"`` only: the scale to use (float32 tensor ``[1]`` on k_cache's device, or a
             positive float). Default: ``amax / 448`` over the finite values of the cache (1 for an all-zero
             cache), so the largest value maps to e4m3's largest. Must be None for ``"v32"``.
+
+    Works through the cache in slices along dim 0, so its float32 temporaries stay small.
 
     Returns ``(quantised, k_scale)``, both new tensors on k_cache's device, ready for
     ``flash_mla_with_kvcache(..., is_fp8_kvcache=True, k_scale=k_scale)``:
@@ -175,25 +195,32 @@ def quantize_kv_cache(
         raise FlashMLAInputError(MSG_HEAD_DIM.format(name="k_cache", size=size))
     if format not in (KV_FORMAT_PER_TENSOR, KV_FORMAT_V32):
         raise FlashMLAInputError(MSG_QUANT_FORMAT.format(format=repr(format)))
-    x = k_cache.float()
     device = k_cache.device
+    n = _split_size(k_cache)
 
     if format == KV_FORMAT_PER_TENSOR:
         if k_scale is None:
-            amax = _finite_abs(x).amax() if x.numel() else torch.zeros((), device=device)
+            amax = torch.zeros((), device=device)
+            for src in _chunks(k_cache, n):
+                if src.numel():
+                    amax = torch.maximum(amax, _finite_abs(src.float()).amax())
             k_scale = torch.where(amax > 0, amax / E4M3_MAX, 1.0).reshape(1)
         elif not isinstance(k_scale, torch.Tensor):
             k_scale = _scale_tensor(k_scale, device)
         check_k_scale(KV_FORMAT_PER_TENSOR, k_scale, device, MSG_K_SCALE_KV_DEVICE)
-        return _to_e4m3(x / k_scale), k_scale
+        out = torch.empty(k_cache.shape, dtype=torch.float8_e4m3fn, device=device)
+        for src, dst in zip(_chunks(k_cache, n), _chunks(out, n), strict=True):
+            dst.copy_(_to_e4m3(src.float() / k_scale))
+        return out, k_scale
 
     if k_scale is not None:
         raise FlashMLAInputError(MSG_QUANT_V32_K_SCALE)
-    tiles = x[..., :HEAD_DIM_V].unflatten(-1, (_V32_SCALES, V32_TILE))  # [..., 4, 128]
-    scales = _pow2_scale(_finite_abs(tiles).amax(dim=-1))  # [..., 4]
-    nope = _to_e4m3(tiles / scales[..., None]).flatten(-2)  # exact division: scales are powers of two
     out = torch.empty((*k_cache.shape[:-1], V32_BYTES_PER_TOKEN), dtype=torch.uint8, device=device)
-    out[..., :HEAD_DIM_V] = nope.view(torch.uint8)
-    out[..., HEAD_DIM_V:_V32_SCALE_END] = _to_le_bytes(scales)
-    out[..., _V32_SCALE_END:] = _to_le_bytes(k_cache[..., HEAD_DIM_V:].to(torch.bfloat16))
+    for src, dst in zip(_chunks(k_cache, n), _chunks(out, n), strict=True):
+        tiles = src[..., :HEAD_DIM_V].float().unflatten(-1, (_V32_SCALES, V32_TILE))  # [..., 4, 128]
+        scales = _pow2_scale(_finite_abs(tiles).amax(dim=-1))  # [..., 4]
+        nope = _to_e4m3(tiles / scales[..., None]).flatten(-2)  # exact division: scales are powers of two
+        dst[..., :HEAD_DIM_V] = nope.view(torch.uint8)
+        dst[..., HEAD_DIM_V:_V32_SCALE_END] = _to_le_bytes(scales)
+        dst[..., _V32_SCALE_END:] = _to_le_bytes(src[..., HEAD_DIM_V:].to(torch.bfloat16))
     return out, None

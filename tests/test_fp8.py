@@ -338,6 +338,23 @@ def test_quantiser_corner_cases():
     assert quantize(torch.zeros(3, 576), "v32")[0].shape == (3, V32_BYTES)
 
 
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_quantiser_slices_give_the_same_result(kv_format, monkeypatch):
+    """The helpers work through a big cache in slices along dim 0: the slicing changes nothing."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 64, 2, 576, generator=gen).bfloat16()
+    x[4, 7, 1, 3] = 90.0  # the amax, in the last slice
+    whole = quantize(x, kv_format)
+    whole_back = dequantize_kv_cache(*whole)
+    monkeypatch.setattr(flashmla_ops.fp8, "_CHUNK_VALUES", 2 * 64 * 2 * 576)  # 2 pages per slice
+    sliced = quantize(x, kv_format)
+    assert torch.equal(sliced[0].view(torch.uint8), whole[0].view(torch.uint8))
+    assert (sliced[1] is None) == (whole[1] is None) and (
+        whole[1] is None or torch.equal(sliced[1], whole[1])
+    )
+    assert torch.equal(dequantize_kv_cache(*sliced), whole_back)
+
+
 def test_quantised_cache_decodes_close_to_the_dense_cache():
     """End to end: attention over the quantised cache stays close to attention over the original one."""
     inp = make_inputs([300, 64, 0], 2, 64, 1, seed=5, poison=False)
