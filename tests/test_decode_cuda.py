@@ -160,7 +160,7 @@ def test_functional_matches_out_variant_and_is_deterministic():
 
 
 def test_out_variant_with_workspace_allocates_nothing():
-    """out + lse + a preallocated workspace: the call takes no memory from the allocator (issue rule: no
+    """out + lse + a preallocated workspace: the call takes no memory from the allocator (design rule: no
     per-call allocation on the decode path), reuses one workspace across layers, and computes bit for bit
     what the functional op computes."""
     torch.manual_seed(5)
