@@ -293,7 +293,7 @@ def main():
     impls = [Ours, *peers] + ([] if args.no_torch else [TorchPadded])
     if args.only_ours:
         impls = [Ours]
-    # The GPU machine's copy of the tree has no .git: lab/gpu_run.sh passes the commit.
+    # Without .git (an exported tree), FLASHMLA_COMMIT names the commit.
     commit = os.environ.get("FLASHMLA_COMMIT", "")
     if not commit:
         try:

@@ -32,7 +32,14 @@ except ImportError as e:
 else:
     _C_IMPORT_ERROR = None
 
-from . import meta, reference  # noqa: E402, F401  (registrations: fakes, then CPU kernels)
+try:
+    from . import meta  # noqa: E402, F401  (registrations: the fakes; installed from meta/ at the top level)
+except ImportError as e:  # the source folder, not the installed package, is first on sys.path
+    raise ImportError(
+        "flashmla_ops: this is the source tree (its meta/ and integration/ join the package only when it is "
+        "installed). Install it (`pip install .`), then import flashmla_ops from another directory."
+    ) from e
+from . import reference  # noqa: E402, F401  (registrations: the CPU kernels)
 from ._validation import FlashMLAInputError  # noqa: E402
 from .fp8 import dequantize_kv_cache, quantize_kv_cache  # noqa: E402
 from .ops import flash_mla_with_kvcache, get_mla_metadata, workspace_size  # noqa: E402
@@ -65,8 +72,10 @@ def _missing_cuda_message(op: str) -> str:
     return (
         f"flashmla: torch.ops.flashmla.{op} was called on CUDA tensors, but flashmla_ops was built without "
         f"its CUDA extension (flashmla_ops._C could not be imported: {_C_IMPORT_ERROR}). Rebuild it on a "
-        "machine with the CUDA toolkit (nvcc) on the PATH: `pip install --no-deps nvidia-cutlass==4.2.0.0`, "
-        "then `FLASHMLA_ENABLE_CUDA=ON pip install --no-build-isolation .`"
+        "machine with the CUDA toolkit (nvcc >= 12.3) on the PATH: `pip install .` from the source tree, "
+        "or, against your own torch, `pip install scikit-build-core 'cmake>=3.26' ninja` and "
+        "`pip install --no-deps nvidia-cutlass==4.2.0.0`, then "
+        "`FLASHMLA_ENABLE_CUDA=ON pip install --no-build-isolation .`"
     )
 
 

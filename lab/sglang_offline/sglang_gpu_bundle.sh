@@ -8,7 +8,7 @@
 #   bash lab/sglang_offline/sglang_gpu_bundle.sh            # SGLANG_BUNDLE_FA3=1 keeps flash_ops.abi3.so (about +7 parts)
 # The package list is the minimal set found by importing sglang.launch_server, its --help, the HTTP server,
 # scheduler, model runner, deepseek_v2 and the flashmla / flashinfer_mla backends (CUDA faked) in a CPU venv
-# that has only what the GPU machine has (its `pip list` of 2026-11-22; it has no pydantic). transformers 5.12.1 + tokenizers 0.22.2 deliberately shadow the
+# that has only what the target has (no pydantic; transformers 5.17.0, tokenizers 0.23.2). transformers 5.12.1 + tokenizers 0.22.2 deliberately shadow the
 # machine's 5.17.0 / 0.23.2: sglang 0.5.17 pins transformers==5.12.1 and fails to import with 5.17
 # ("'qwen3_asr' is already used by a Transformers config"); 5.12.1 requires tokenizers<=0.23.0.
 set -euo pipefail
