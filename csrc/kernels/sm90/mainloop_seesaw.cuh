@@ -65,7 +65,6 @@ enum NamedBarrier : int {
   kBarAReady = 1,  // m_A, s_A and P_A of the pair are in smem (WG0 -> WG1)
   kBarBReady = 2,  // m_B, s_B and P_B are in smem (WG1 -> WG0)
   kBarZero = 3,    // the V tails of the pair's pages are zeroed (only where a page has rows past seqlen)
-  kBarQkA = 4,  // WG0's Q K^T of the next A is done: WG1 may put its Q K^T of the next B on the tensor pipe
 };
 
 template <typename T>
@@ -464,10 +463,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
             issue_qk(0, Int<4>{}, Int<5>{}, std::false_type{});
             warpgroup_wait<0>();
             warpgroup_fence_operand(tSrS);
-            // The next A's Q K^T is on the critical path (its softmax opens the next pair); the next B's is
-            // not needed before the next pair's A-ready barrier. Let WG1 queue its Q K^T only now, so it runs
-            // under this warpgroup's softmax instead of sharing the tensor pipe with the Q K^T it waits for.
-            named_barrier_arrive(kBarQkA, kThreads);
             FMLA_PAIR_STAMP(9);
           } else {
             warpgroup_wait<0>();
@@ -511,7 +506,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
           FMLA_PAIR_STAMP(6);
           // V_B[R] is consumed: boxes 4-7 of buffer 1 take the next B.
           if (wtid == 0 && next_b) issue_group(p, smem.k[1], &smem.kbar[1][0], 1, 0, h_k, page_b);
-          if (next_a) named_barrier_sync(kBarQkA, kThreads);  // WG0 arrives whenever there is a next A
           if (next_b) qk_page(1);
         } else {
           warpgroup_wait<0>();
