@@ -55,8 +55,9 @@ CUDA-graph buffer compatibility (read from 0.5.17 and 0.5.23, the same in both)
   by ``block_table.size(1)`` (a request needing more pages gets NaN rows instead of an out-of-bounds read),
   so the adapter below widens such a view to its full rows (:func:`widen_block_table`: the row stride, cut
   to what the tensor's storage holds) before calling the kernel. It reads only strides and the storage
-  size, never values, so it is capture-safe and costs no sync. Found on the H100 end-to-end run: without
-  it every request longer than 64 tokens decoded NaN under CUDA graphs (eager mode was right).
+  size, never values, so it is capture-safe and costs no sync; it runs inside a custom op, so
+  ``--enable-torch-compile`` traces the adapter without a graph break. Without the widening every request
+  longer than 64 tokens decodes NaN under CUDA graphs (eager mode is right).
   ``k_cache`` is ``[slots // 64, 64, 1, 576]`` (a view, or ``as_strided`` in 0.5.23), also accepted.
 
 Not supported (clear errors): FP8 KV cache (``descale_q`` / ``descale_k``), the ``FlashMLASchedMeta`` API
@@ -176,6 +177,37 @@ def flash_mla_with_kvcache(
     """
     if descale_q is not None or descale_k is not None or is_fp8_kvcache or q.element_size() == 1:
         raise NotImplementedError(_FP8_MESSAGE)
+    if indices is not None:
+        raise NotImplementedError("flashmla_ops: sparse (top-k, indices=) decode is not supported")
+    return _decode_widened(
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        softmax_scale,
+        causal,
+    )
+
+
+# The widening reads the block table's storage size, which torch.compile cannot trace (a graph break under
+# SGLang's --enable-torch-compile). Inside a custom op it runs on the real tensors at run time instead: the
+# op is opaque to the compiler, which keeps its inputs' strides (so the narrow view still shows its row
+# stride), and its fake implementation needs only shapes.
+@torch.library.custom_op("flashmla_ops_sglang::decode_widened", mutates_args=())
+def _decode_widened(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float | None,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return flashmla_ops.flash_mla_with_kvcache(
         q,
         k_cache,
@@ -186,8 +218,32 @@ def flash_mla_with_kvcache(
         num_splits,
         softmax_scale,
         causal,
-        False,
-        indices,
+    )
+
+
+@_decode_widened.register_fake
+def _(
+    q,
+    k_cache,
+    block_table,
+    cache_seqlens,
+    head_dim_v,
+    tile_scheduler_metadata,
+    num_splits,
+    softmax_scale,
+    causal,
+):
+    # The output shapes do not depend on the block table's width: flashmla_ops' own fake (and checks) decide.
+    return flashmla_ops.flash_mla_with_kvcache(
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        softmax_scale,
+        causal,
     )
 
 
@@ -200,8 +256,9 @@ def widen_block_table(block_table: torch.Tensor) -> torch.Tensor:
     (one column, see the module docstring) while the real lengths need more; FlashMLA reads past the width
     through the row stride. Widening the view gives flashmla_ops the same pages, and its bound check then
     only refuses entries that lie outside the buffer. Reads strides and the storage size, never values, so
-    it is safe under CUDA-graph capture; under ``torch.compile`` the storage-size query is a graph break
-    (SGLang's default CUDA-graph path does not compile the backend). The cost of matching FlashMLA: a request
+    it is safe under CUDA-graph capture. ``torch.compile`` cannot trace the storage-size query, so the
+    adapter calls it inside the opaque custom op ``flashmla_ops_sglang::decode_widened``: no graph break.
+    The cost of matching FlashMLA: a request
     that needs more pages than the view is wide reads what follows in the buffer's row, as FlashMLA does,
     instead of getting NaN rows.
     """

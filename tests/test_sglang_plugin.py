@@ -120,6 +120,33 @@ def test_kernel_adapters_match_flashmla_ops(s_q):
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+def test_adapter_compiles_without_graph_breaks_and_still_widens_the_capture_view():
+    """Under torch.compile (SGLang's --enable-torch-compile) the adapter is one graph: the block-table
+    widening, which reads the storage size, runs inside an opaque custom op. The narrow capture-time view
+    is sliced inside the compiled region, as SGLang's forward does; the op must still see its row stride, or
+    the requests longer than the view's one column would fail (the CPU kernel refuses a too-narrow table)."""
+    inputs = make_inputs([3, 64, 130, 200], h_q=16, seed=3, extra_cols=0)
+    buf = torch.zeros(6, 40, dtype=torch.int32)  # SGLang's cuda_graph_kv_indices: [max_bs, max_pages]
+    buf[:4, : inputs.block_table.shape[1]] = inputs.block_table
+    meta, num_splits = sglang_backend.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+
+    def step(buf, q, k_cache, seqlens, meta, num_splits):
+        table = buf[: q.shape[0], :1]  # the view a captured graph bakes in
+        return sglang_backend.flash_mla_with_kvcache(
+            q, k_cache, table, seqlens, 512, meta, num_splits, 0.125, True
+        )
+
+    args = (buf, inputs.q, inputs.k_cache, inputs.cache_seqlens, meta, num_splits)
+    explained = torch._dynamo.explain(step)(*args)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    out, lse = torch.compile(step, fullgraph=True)(*args)
+    ref_out, ref_lse = flashmla_ops.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits, 0.125, True
+    )
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
 def test_kernel_adapters_reject_fp8_and_the_sched_meta_api():
     inputs = make_inputs([10], h_q=16)
     meta, num_splits = sglang_backend.get_mla_metadata(inputs.cache_seqlens, 16, 1)
