@@ -179,25 +179,17 @@ def flash_mla_with_kvcache(
         raise NotImplementedError(_FP8_MESSAGE)
     if indices is not None:
         raise NotImplementedError("flashmla_ops: sparse (top-k, indices=) decode is not supported")
-    return _decode_widened(
-        q,
-        k_cache,
-        block_table,
-        cache_seqlens,
-        head_dim_v,
-        tile_scheduler_metadata,
-        num_splits,
-        softmax_scale,
-        causal,
-    )
+    args = (q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits)
+    if torch.compiler.is_compiling():  # traced: the widening must sit inside an opaque op (see below)
+        return _decode_widened(*args, softmax_scale, causal)
+    return _decode_widened_eager(*args, softmax_scale, causal)  # eager: no custom-op dispatch cost
 
 
 # The widening reads the block table's storage size, which torch.compile cannot trace (a graph break under
 # SGLang's --enable-torch-compile). Inside a custom op it runs on the real tensors at run time instead: the
 # op is opaque to the compiler, which keeps its inputs' strides (so the narrow view still shows its row
 # stride), and its fake implementation needs only shapes.
-@torch.library.custom_op("flashmla_ops_sglang::decode_widened", mutates_args=())
-def _decode_widened(
+def _decode_widened_eager(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     block_table: torch.Tensor,
@@ -219,6 +211,11 @@ def _decode_widened(
         softmax_scale,
         causal,
     )
+
+
+_decode_widened = torch.library.custom_op("flashmla_ops_sglang::decode_widened", mutates_args=())(
+    _decode_widened_eager
+)
 
 
 @_decode_widened.register_fake
@@ -256,11 +253,11 @@ def widen_block_table(block_table: torch.Tensor) -> torch.Tensor:
     (one column, see the module docstring) while the real lengths need more; FlashMLA reads past the width
     through the row stride. Widening the view gives flashmla_ops the same pages, and its bound check then
     only refuses entries that lie outside the buffer. Reads strides and the storage size, never values, so
-    it is safe under CUDA-graph capture. ``torch.compile`` cannot trace the storage-size query, so the
-    adapter calls it inside the opaque custom op ``flashmla_ops_sglang::decode_widened``: no graph break.
-    The cost of matching FlashMLA: a request
-    that needs more pages than the view is wide reads what follows in the buffer's row, as FlashMLA does,
-    instead of getting NaN rows.
+    it is safe under CUDA-graph capture. ``torch.compile`` cannot trace the storage-size query, so under
+    compilation the adapter calls it inside the opaque custom op ``flashmla_ops_sglang::decode_widened``
+    (no graph break); eager calls skip the custom-op dispatch. The cost of matching FlashMLA: a request that
+    needs more pages than the view is wide reads what follows in the buffer's row, as FlashMLA does, instead
+    of getting NaN rows.
     """
     if block_table.dim() != 2 or block_table.stride(1) != 1 or block_table.numel() == 0:
         return block_table
