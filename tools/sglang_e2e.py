@@ -1,20 +1,40 @@
 #!/usr/bin/env python3
 """End-to-end check of ``--attention-backend flashmla_ops`` in a real SGLang server, offline, on a Hopper GPU.
 
-For each configuration (decode CUDA graphs on, then ``--disable-cuda-graph``; tensor parallel 1, and 2 with
-``--tp 2``) and each backend (``flashmla_ops``, then SGLang's builtin ``flashmla``), the script:
+For each configuration (``--modes``; tensor parallel 1, and 2 with ``--tp 2``) and each server of that
+configuration, the script:
 
 1. launches ``python -m sglang.launch_server --attention-backend <backend> --page-size 64 ...`` on a tiny
-   DeepSeek-V2 (MLA) model it writes itself, with the same ``--random-seed``;
+   DeepSeek (MLA) model it writes itself, with the same ``--random-seed``;
 2. sends one batch of greedy requests (prompt lengths chosen around the 64-token page boundaries) with
    ``return_logprob`` and ``top_logprobs_num``, and records every decode step's logprobs;
 3. measures decode throughput: the same batch with ``max_new_tokens = N`` and ``= 1``, so
    ``decode tokens/s = batch * (N - 1) / (t_N - t_1)`` (prefill cancels out);
 4. stops the server.
 
-It then compares each backend's logprobs with the reference backend's (``flashmla`` by default) in the same
-configuration, and prints a summary table and writes JSON (``--out``). Exit status 0 when every server ran and
-every comparison is within tolerance.
+Configurations (``--modes``, default ``cuda_graph,eager``):
+
+* ``cuda_graph`` / ``eager``: ``flashmla_ops`` and the builtin ``flashmla`` (``--backends``) with decode CUDA
+  graphs on / ``--disable-cuda-graph``, on the DeepSeek-V2 model; each compared with ``--reference``.
+* ``mtp``: speculative decoding the way DeepSeek-V3 is served: ``--speculative-algorithm NEXTN`` with the
+  model's NextN (MTP) layer as the draft (``--speculative-draft-model-path``), ``--speculative-eagle-topk 1``,
+  CUDA graphs on. The target model's verify step (s_q = ``--speculative-num-draft-tokens`` query tokens per
+  request, causal) runs on the backend under test; the draft steps run on
+  ``--speculative-draft-attention-backend flashmla`` (SGLang's draft-backend tables are closed dictionaries).
+  ``flashmla_ops`` is compared with the builtin ``flashmla`` in the same configuration: logprobs, and the
+  acceptance length of both (``completion_tokens / spec_verify_ct`` of the responses' ``meta_info``, SGLang's
+  own ``spec_accept_length``). With random weights the draft rarely agrees with the target, so the acceptance
+  length is close to 1 for both; it shows that speculative decoding ran and the two agree.
+* ``torch_compile``: ``flashmla_ops`` with ``--enable-torch-compile`` (CUDA graphs on; batch sizes up to
+  ``--torch-compile-max-bs`` are compiled), compared with ``flashmla_ops`` without it (the ``cuda_graph`` run
+  of the same invocation is reused when there is one). The compiled server runs with
+  ``TORCH_LOGS=graph_breaks``; the script counts the graph breaks in its log, and those attributed to the
+  attention backend (a location or reason naming flashmla_ops, SGLang's ``flashmla_backend.py`` or
+  ``flash_mla``) must be zero: the adapter is designed to trace without one.
+
+It then compares each server's logprobs with its configuration's reference, prints a summary table, writes
+all results to ``--out`` (one JSON, as before) and one ``<configuration>.json`` per configuration to
+``--out-dir``. Exit status 0 when every server ran and every configuration passed.
 
 Tolerance (``--atol``, ``--mean-atol``): both backends run the same model code and differ only in the
 attention kernel of decode steps: the order of the fp32 accumulations and the split-KV combine, and the bf16
@@ -25,27 +45,38 @@ most ``--atol`` = 0.1 (about 10 %, in probability), and the mean difference must
 position. Greedy decoding may legitimately diverge where two tokens are tied within that noise. Positions are
 compared up to and including the first divergence, because after it the two contexts differ. For each
 divergence the reference's top-2 gap there is reported (``tie_gap``). The builtin backend's own CUDA-graph vs
-eager difference is reported as a noise floor.
+eager difference is reported as a noise floor. ``torch_compile`` uses the same tolerances: Inductor's fused
+kernels round bf16 intermediates differently, which is noise of the same order.
 
-Model: 2 layers, hidden 1024, 16 heads (``--num-heads``; 128 = DeepSeek-V3's head count), kv_lora_rank 512,
-qk_rope_head_dim 64 (the MLA geometry FlashMLA supports), vocab 1024, all-dense MLPs. It has no tokenizer:
-the server runs with ``--skip-tokenizer-init`` and requests carry ``input_ids``. Weights: ``random`` (default)
-writes a safetensors checkpoint with transformers (std ``--init-std`` 0.05; that std makes the attention
-clearly non-uniform, so the comparison is sensitive to the kernel). ``dummy`` uses SGLang's
-``--load-format dummy`` (uniform +-1e-3, near-uniform attention: a smoke test only).
+Models: 2 layers, hidden 1024, 16 heads (``--num-heads``; 128 = DeepSeek-V3's head count), kv_lora_rank 512,
+qk_rope_head_dim 64 (the MLA geometry FlashMLA supports), vocab 1024, dense MLPs. ``cuda_graph``, ``eager``
+and ``torch_compile`` use a DeepSeek-V2 model (``DeepseekV2ForCausalLM``); ``mtp`` uses a DeepSeek-V3 model
+(``DeepseekV3ForCausalLM``, ``num_nextn_predict_layers`` 1, sigmoid ``noaux_tc`` routing) whose checkpoint
+also holds the NextN layer as ``model.layers.2.*`` (the DeepSeek-V3 layout: ``enorm``, ``hnorm``, ``eh_proj``,
+``shared_head``, and an MoE MLP of 16 experts in 4 groups), plus a standalone draft checkpoint
+(``DeepseekV3ForCausalLMNextN``, ``num_hidden_layers`` 1, the layer renamed ``model.layers.0.*``, without
+the embedding and head, which the draft shares with the target), the layout of SGLang's
+``export_deepseek_nextn.py``. ``--mtp-draft target`` points the draft at the target checkpoint instead. No
+tokenizer: the servers run with ``--skip-tokenizer-init`` and requests carry ``input_ids``. Weights:
+``random`` (default; std ``--init-std`` 0.05, which makes the attention clearly non-uniform, so the
+comparison is sensitive to the kernel): the V2 checkpoint is written with transformers, the V3 / NextN
+checkpoints directly as safetensors (torch only). ``dummy`` uses SGLang's ``--load-format dummy`` (uniform
++-1e-3, near-uniform attention: a smoke test only).
 
 Requirements: a Hopper (sm_90) GPU; SGLang with its CUDA dependencies (tested against the 0.5.17 layout, the
 newest release pinned to torch 2.11; 0.5.23 has the same flags); flashmla_ops installed with its CUDA
 extension (the plugin is found through its ``sglang.srt.plugins`` entry point); transformers (for
 ``--weights random``). Nothing is downloaded: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are set for the servers.
 FlashInfer compiles its MLA prefill kernels at first use (minutes); ``--prefill-backend triton`` avoids
-FlashInfer kernels (both backends then run as decode backends of a hybrid).
+FlashInfer kernels (both backends then run as decode backends of a hybrid; ``mtp`` then adds
+``--speculative-attention-mode decode`` so that the verify step still runs on the backend under test).
 
 Usage::
 
     python tools/sglang_e2e.py --out sglang_e2e.json            # TP 1, CUDA graphs on and off
     python tools/sglang_e2e.py --tp 1 2 --out sglang_e2e.json    # TP 1 and TP 2 (two GPUs)
-    python tools/sglang_e2e.py --dry-run                         # print the server commands only
+    python tools/sglang_e2e.py --modes mtp,torch_compile --out-dir e2e  # e2e/mtp.json, e2e/torch_compile.json
+    python tools/sglang_e2e.py --modes cuda_graph,eager,mtp,torch_compile --dry-run   # the commands only
 """
 
 from __future__ import annotations
@@ -58,9 +89,11 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -73,6 +106,12 @@ from typing import Any
 BACKEND_UNDER_TEST = "flashmla_ops"
 PAGE_SIZE = 64
 DEFAULT_PROMPT_LENS = "1,7,63,64,65,100,127,128,129,191,200,256,257,300,511,700"
+MODES = ("cuda_graph", "eager", "mtp", "torch_compile")
+DEFAULT_MODES = "cuda_graph,eager"
+# What the draft steps of ``mtp`` run on: SGLang's draft-backend tables (speculative/draft_utils.py,
+# DraftBackendFactory) are closed dictionaries that do not know flashmla_ops.
+DRAFT_ATTENTION_BACKEND = "flashmla"
+COMPILED = f"{BACKEND_UNDER_TEST}+torch_compile"
 
 
 # ---- the tiny model ----------------------------------------------------------------------------------------
@@ -149,6 +188,187 @@ def write_model(path: Path, weights: str, num_heads: int, init_std: float, seed:
     return info
 
 
+# ---- the tiny model with an MTP (NextN) layer, for ``mtp`` -------------------------------------------------
+# What SGLang expects, read from sglang 0.5.23 (srt/configs/model_config.py ``_config_draft_model``,
+# srt/arg_groups/speculative_hook.py ``_handle_eagle_family``, srt/models/deepseek_nextn.py,
+# srt/models/deepseek_common/deepseek_weight_loader.py ``_initialize_nextn_conf`` / ``do_load_weights``):
+# * the target is ``DeepseekV3ForCausalLM`` with ``num_nextn_predict_layers`` = 1; loading it skips every
+#   ``model.layers.<i>`` with i >= num_hidden_layers, so the NextN layer may sit in the same checkpoint;
+# * a draft model's ``DeepseekV3ForCausalLM`` architecture is rewritten to ``DeepseekV3ForCausalLMNextN``
+#   (which a standalone draft checkpoint names itself); its loader reads only ``model.layers.<N>.*`` with
+#   N = 0 if num_hidden_layers == 1 else num_hidden_layers, maps ``enorm``, ``hnorm``, ``eh_proj`` and
+#   ``shared_head.norm`` to ``model.*`` and everything else to ``model.decoder.*``, and skips
+#   ``embed_tokens`` and ``shared_head.head`` (the EAGLE worker gives the draft the target's embedding and LM
+#   head);
+# * the NextN decoder layer is always an MoE layer (``DeepseekV2DecoderLayer._is_layer_sparse``: is_nextn);
+#   its gate has ``e_score_correction_bias`` (fp32) when ``topk_method`` is ``noaux_tc``.
+def mtp_model_config(num_heads: int, init_std: float) -> dict[str, Any]:
+    """A DeepSeek-V3 config (same attention geometry as :func:`model_config`) with one NextN layer.
+
+    The two target layers stay dense (``first_k_dense_replace`` = 2); the NextN layer's MoE has 16 experts in
+    4 groups (top-2 groups, top-2 experts, sigmoid scores with a correction bias: DeepSeek-V3's routing), a
+    shape SGLang's fused grouped-top-k kernels accept (power-of-two experts, <= 32 per group)."""
+    config = model_config(num_heads, init_std)
+    config |= {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "num_nextn_predict_layers": 1,
+        "n_routed_experts": 16,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "n_group": 4,
+        "topk_group": 2,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+    }
+    for key in ("aux_loss_alpha", "seq_aux"):  # DeepSeek-V2 fields only
+        config.pop(key)
+    return config
+
+
+def nextn_draft_config(target: dict[str, Any]) -> dict[str, Any]:
+    """The standalone draft's config: the target's, one hidden layer, the NextN architecture."""
+    return target | {"num_hidden_layers": 1, "architectures": ["DeepseekV3ForCausalLMNextN"]}
+
+
+def _decoder_layer_weights(prefix: str, c: dict[str, Any], moe: bool) -> dict[str, tuple[tuple, str, str]]:
+    """name -> (shape, safetensors dtype, init) of one DeepSeek decoder layer (MLA without q LoRA)."""
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    nope, rope, v, rank = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+    w: dict[str, tuple[tuple, str, str]] = {
+        "input_layernorm.weight": ((hidden,), "BF16", "ones"),
+        "post_attention_layernorm.weight": ((hidden,), "BF16", "ones"),
+        "self_attn.q_proj.weight": ((heads * (nope + rope), hidden), "BF16", "normal"),
+        "self_attn.kv_a_proj_with_mqa.weight": ((rank + rope, hidden), "BF16", "normal"),
+        "self_attn.kv_a_layernorm.weight": ((rank,), "BF16", "ones"),
+        "self_attn.kv_b_proj.weight": ((heads * (nope + v), rank), "BF16", "normal"),
+        "self_attn.o_proj.weight": ((hidden, heads * v), "BF16", "normal"),
+    }
+
+    def mlp(name: str, inter: int) -> None:
+        w[f"{name}.gate_proj.weight"] = ((inter, hidden), "BF16", "normal")
+        w[f"{name}.up_proj.weight"] = ((inter, hidden), "BF16", "normal")
+        w[f"{name}.down_proj.weight"] = ((hidden, inter), "BF16", "normal")
+
+    if moe:
+        experts = c["n_routed_experts"]
+        w["mlp.gate.weight"] = ((experts, hidden), "BF16", "normal")
+        w["mlp.gate.e_score_correction_bias"] = ((experts,), "F32", "zeros")
+        for e in range(experts):
+            mlp(f"mlp.experts.{e}", c["moe_intermediate_size"])
+        mlp("mlp.shared_experts", c["moe_intermediate_size"] * c["n_shared_experts"])
+    else:
+        mlp("mlp", c["intermediate_size"])
+    return {prefix + k: val for k, val in w.items()}
+
+
+def mtp_weight_layout(c: dict[str, Any]) -> dict[str, tuple[tuple, str, str]]:
+    """Every tensor of the target checkpoint: the dense target layers, then the NextN layer as
+    ``model.layers.<num_hidden_layers>.*`` (with its own copy of the embedding and head, as DeepSeek-V3 ships
+    it; SGLang skips both)."""
+    hidden, vocab, n = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
+    w: dict[str, tuple[tuple, str, str]] = {"model.embed_tokens.weight": ((vocab, hidden), "BF16", "normal")}
+    for i in range(n):
+        w |= _decoder_layer_weights(f"model.layers.{i}.", c, moe=False)
+    w["model.norm.weight"] = ((hidden,), "BF16", "ones")
+    w["lm_head.weight"] = ((vocab, hidden), "BF16", "normal")
+    nextn = f"model.layers.{n}."
+    w[nextn + "embed_tokens.weight"] = ((vocab, hidden), "BF16", "normal")
+    w[nextn + "enorm.weight"] = ((hidden,), "BF16", "ones")
+    w[nextn + "hnorm.weight"] = ((hidden,), "BF16", "ones")
+    w[nextn + "eh_proj.weight"] = ((hidden, 2 * hidden), "BF16", "normal")
+    w |= _decoder_layer_weights(nextn, c, moe=True)
+    w[nextn + "shared_head.norm.weight"] = ((hidden,), "BF16", "ones")
+    w[nextn + "shared_head.head.weight"] = ((vocab, hidden), "BF16", "normal")
+    return w
+
+
+def nextn_draft_names(target_names: list[str], num_hidden_layers: int) -> dict[str, str]:
+    """target checkpoint name -> standalone draft name: ``model.layers.<N>`` -> ``model.layers.0``, without
+    the embedding and head (the renaming of SGLang's ``scripts/export_deepseek_nextn.py``)."""
+    prefix = f"model.layers.{num_hidden_layers}."
+    return {
+        name: "model.layers.0." + name[len(prefix) :]
+        for name in target_names
+        if name.startswith(prefix) and "embed_tokens" not in name and "shared_head.head" not in name
+    }
+
+
+def write_safetensors(path: Path, tensors: dict[str, Any]) -> None:
+    """Write torch tensors (bf16 / fp32) as one safetensors file: an 8-byte little-endian header size, a JSON
+    header (dtype, shape, byte offsets per tensor; 8-byte aligned), then the raw little-endian data."""
+    import torch
+
+    names = {torch.bfloat16: "BF16", torch.float32: "F32"}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    blobs, offset = [], 0
+    for name, tensor in tensors.items():
+        raw = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for raw in blobs:
+            f.write(raw)
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (name -> dtype, shape, data_offsets)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))
+
+
+def write_mtp_model(
+    path: Path, draft_path: Path, weights: str, num_heads: int, init_std: float, seed: int
+) -> dict[str, Any]:
+    """Write the DeepSeek-V3 target (with its NextN layer) and the standalone NextN draft checkpoint.
+
+    ``random``: every matrix ~ N(0, init_std) (bf16), norms 1, the gate's correction bias 0; the draft holds
+    the same NextN tensors as the target. Needs torch (and numpy), not transformers."""
+    config = mtp_model_config(num_heads, init_std)
+    draft_config = nextn_draft_config(config)
+    layout = mtp_weight_layout(config)
+    renamed = nextn_draft_names(list(layout), config["num_hidden_layers"])
+    info: dict[str, Any] = {
+        "path": str(path),
+        "draft_path": str(draft_path),
+        "weights": weights,
+        "config": config,
+        "draft_config": draft_config,
+    }
+    for directory, cfg in ((path, config), (draft_path, draft_config)):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(cfg, indent=1))
+        (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    if weights == "random":
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for name, (shape, dtype, init) in layout.items():
+            if init == "normal":
+                t = torch.randn(shape, generator=generator) * init_std
+            else:
+                t = torch.ones(shape) if init == "ones" else torch.zeros(shape)
+            tensors[name] = t.to(torch.bfloat16 if dtype == "BF16" else torch.float32)
+        write_safetensors(path / "model.safetensors", tensors)
+        write_safetensors(
+            draft_path / "model.safetensors", {new: tensors[old] for old, new in renamed.items()}
+        )
+        info["parameters"] = sum(t.numel() for t in tensors.values())
+        info["draft_parameters"] = sum(tensors[old].numel() for old in renamed)
+    return info
+
+
 # ---- the server --------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -157,7 +377,15 @@ def free_port() -> int:
 
 
 def server_command(
-    args: argparse.Namespace, model: Path, backend: str, mode: str, tp: int, port: int
+    args: argparse.Namespace,
+    model: Path,
+    backend: str,
+    mode: str,
+    tp: int,
+    port: int,
+    *,
+    draft_model: Path | None = None,
+    torch_compile: bool = False,
 ) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model)]
     cmd += ["--load-format", "dummy" if args.weights == "dummy" else "auto", "--dtype", "bfloat16"]
@@ -169,11 +397,35 @@ def server_command(
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--disable-radix-cache"]
     cmd += ["--mem-fraction-static", str(args.mem_fraction), "--context-length", "4096"]
     cmd += ["--max-running-requests", str(max(args.batch, len(args.prompt_lens)) * 2), "--log-level", "info"]
-    if mode == "cuda_graph":
-        cmd += ["--cuda-graph-max-bs-decode", str(max(args.batch, len(args.prompt_lens)))]
-    else:
+    if mode == "eager":
         cmd += ["--disable-cuda-graph"]
+    else:  # cuda_graph, mtp, torch_compile: decode (and verify) CUDA graphs on
+        cmd += ["--cuda-graph-max-bs-decode", str(max(args.batch, len(args.prompt_lens)))]
+    if mode == "mtp":
+        if draft_model is None:
+            raise ValueError("mode mtp needs a draft model")
+        # NEXTN is SGLang's alias of EAGLE (speculative_hook._resolve_speculative_algorithm_alias); topk 1 is
+        # what the flashmla draft backend supports (FlashMLAMultiStepDraftBackend).
+        cmd += ["--speculative-algorithm", "NEXTN", "--speculative-draft-model-path", str(draft_model)]
+        cmd += ["--speculative-num-steps", str(args.spec_steps), "--speculative-eagle-topk", "1"]
+        cmd += ["--speculative-num-draft-tokens", str(args.spec_steps + 1)]
+        cmd += ["--speculative-draft-attention-backend", DRAFT_ATTENTION_BACKEND]
+        if args.prefill_backend:
+            # a hybrid backend sends target_verify to its prefill backend unless told otherwise
+            # (HybridAttnBackend._select_backend)
+            cmd += ["--speculative-attention-mode", "decode"]
+    if torch_compile:
+        cmd += ["--enable-torch-compile", "--torch-compile-max-bs", str(args.torch_compile_max_bs)]
     return cmd + args.extra_server_args
+
+
+def torch_logs_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a ``torch_compile`` server gets on top of ours: TORCH_LOGS with ``graph_breaks``."""
+    current = (os.environ if environ is None else environ).get("TORCH_LOGS", "")
+    parts = [p for p in current.split(",") if p]
+    if "graph_breaks" not in parts and "+graph_breaks" not in parts:
+        parts.append("graph_breaks")
+    return {"TORCH_LOGS": ",".join(parts)}
 
 
 def http(url: str, payload: dict | None = None, timeout: float = 600.0) -> Any:
@@ -186,9 +438,17 @@ def http(url: str, payload: dict | None = None, timeout: float = 600.0) -> Any:
 class Server:
     """``sglang.launch_server`` in its own process group (so that stopping it stops its workers too)."""
 
-    def __init__(self, cmd: list[str], log_path: Path, workdir: Path, port: int) -> None:
+    def __init__(
+        self,
+        cmd: list[str],
+        log_path: Path,
+        workdir: Path,
+        port: int,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.cmd, self.log_path, self.url = cmd, log_path, f"http://127.0.0.1:{port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env |= extra_env or {}
         # NVLink multicast stays off unless the caller turned it on: shared multi-GPU hosts ask for that, a
         # two-rank test does not need it.
         for var, value in (
@@ -263,9 +523,96 @@ def generate_with_logprobs(url: str, input_ids: list[list[int]], new_tokens: int
                     {str(entry[1]): entry[0] for entry in position} if position else {}
                     for position in meta["output_top_logprobs"]
                 ],
+                "meta": {k: meta[k] for k in SPEC_META_FIELDS if k in meta},
             }
         )
     return results
+
+
+# meta_info fields of speculative decoding (sglang 0.5.23 TokenizerManager._calculate_spec_decoding_metrics:
+# spec_accept_length = completion_tokens / spec_verify_ct, the bonus token included)
+SPEC_META_FIELDS = ("completion_tokens", "spec_verify_ct", "spec_accept_length", "spec_accept_rate")
+
+
+def acceptance_length(metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """Acceptance length of a batch from its responses' ``meta_info``: total completion tokens / total verify
+    steps (SGLang's ``spec_accept_length`` per request, summed over the batch), and the mean of the
+    per-request values. ``measured`` is False when no response carries ``spec_verify_ct`` > 0 (speculative
+    decoding did not run)."""
+    spec = [m for m in metas if m.get("spec_verify_ct") and m.get("completion_tokens") is not None]
+    if not spec:
+        return {"measured": False, "requests": len(metas)}
+    completion = sum(m["completion_tokens"] for m in spec)
+    verify = sum(m["spec_verify_ct"] for m in spec)
+    per_request = [m.get("spec_accept_length") or m["completion_tokens"] / m["spec_verify_ct"] for m in spec]
+    rates = [m["spec_accept_rate"] for m in spec if m.get("spec_accept_rate") is not None]
+    return {
+        "measured": True,
+        "requests": len(metas),
+        "requests_with_verify": len(spec),
+        "completion_tokens": completion,
+        "verify_steps": verify,
+        "accept_length": completion / verify,
+        "mean_request_accept_length": statistics.fmean(per_request),
+        "mean_accept_rate": statistics.fmean(rates) if rates else None,
+    }
+
+
+# ---- graph breaks (TORCH_LOGS=graph_breaks) ----------------------------------------------------------------
+# torch._dynamo logs one record per graph break (torch 2.13 symbolic_convert.py, the "graph_breaks" artifact):
+# "Graph break in user code at <file>:<line>" or, for a repeat, "Graph break (user stack suppressed due to
+# duplicate graph break) in user code at <file>:<line>", each followed by "Graph Break Reason: <reason>".
+# A frame Dynamo gives up on entirely logs "WON'T CONVERT <function> <file> line <n>" (exc.py).
+_GRAPH_BREAK = re.compile(
+    r"Graph break (?:\(user stack suppressed due to duplicate graph break\) )?in user code at (\S+?):(\d+)"
+)
+_GRAPH_BREAK_REASON = re.compile(r"Graph Break Reason: (.*)")
+_WONT_CONVERT = re.compile(r"WON'T CONVERT (\S+) (\S+) line (\d+)")
+# a graph break is the attention backend's when its location or reason names one of these
+ATTENTION_MARKERS = ("flashmla_ops", "flashmla_backend", "flash_mla", "sglang_backend.py")
+
+
+def count_graph_breaks(log_text: str) -> dict[str, Any]:
+    """Count Dynamo graph breaks in a server log written with ``TORCH_LOGS=graph_breaks``."""
+    lines = log_text.splitlines()
+    breaks = []
+    for i, line in enumerate(lines):
+        match = _GRAPH_BREAK.search(line)
+        if match is None:
+            continue
+        reason = next(
+            (m.group(1).strip() for m in map(_GRAPH_BREAK_REASON.search, lines[i : i + 4]) if m), None
+        )
+        breaks.append(
+            {
+                "location": f"{match.group(1)}:{match.group(2)}",
+                "reason": reason,
+                "duplicate": "duplicate graph break" in line,
+            }
+        )
+    wont_convert = [
+        {"function": m.group(1), "location": f"{m.group(2)}:{m.group(3)}"}
+        for m in map(_WONT_CONVERT.search, lines)
+        if m
+    ]
+
+    def attention(entry: dict[str, Any]) -> bool:
+        text = " ".join(str(v) for v in entry.values()).lower()
+        return any(marker in text for marker in ATTENTION_MARKERS)
+
+    locations: dict[str, int] = {}
+    for b in breaks:
+        locations[b["location"]] = locations.get(b["location"], 0) + 1
+    attention_breaks = [b for b in breaks if attention(b)] + [w for w in wont_convert if attention(w)]
+    return {
+        "total": len(breaks),
+        "unique_locations": len(locations),
+        "locations": locations,
+        "reasons": sorted({b["reason"] for b in breaks if b["reason"]}),
+        "wont_convert": wont_convert,
+        "attention": len(attention_breaks),
+        "attention_details": attention_breaks,
+    }
 
 
 def measure_decode_throughput(url: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
@@ -296,23 +643,98 @@ def measure_decode_throughput(url: str, args: argparse.Namespace, vocab: int) ->
 
 
 # ---- comparison --------------------------------------------------------------------------------------------
+def mode_variants(mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The servers of one configuration: name (what results are keyed by), backend, torch_compile."""
+    if mode == "torch_compile":
+        return [
+            {"name": COMPILED, "backend": BACKEND_UNDER_TEST, "torch_compile": True},
+            {"name": BACKEND_UNDER_TEST, "backend": BACKEND_UNDER_TEST, "torch_compile": False},
+        ]
+    return [{"name": b, "backend": b, "torch_compile": False} for b in args.backends]
+
+
+def mode_reference(mode: str, args: argparse.Namespace) -> str:
+    """The server every other server of the configuration is compared with."""
+    return BACKEND_UNDER_TEST if mode == "torch_compile" else args.reference
+
+
+def config_key(tp: int, mode: str) -> str:
+    return f"tp{tp}-{mode}"
+
+
+def config_file_name(mode: str, tp: int) -> str:
+    """``<configuration>.json``; TP > 1 adds ``_tp<N>``."""
+    return f"{mode}.json" if tp == 1 else f"{mode}_tp{tp}.json"
+
+
 def add_comparisons(results: dict[str, Any], outputs: dict[tuple, list[dict]], args) -> None:
-    """Append every comparison whose two sides have run and is not recorded yet: each backend against the
-    reference in the same (tp, mode); the reference's CUDA-graph run against its eager run (noise floor)."""
+    """Append every comparison whose two sides have run and is not recorded yet: each server against its
+    configuration's reference; the reference's CUDA-graph run against its eager run (noise floor)."""
     done = {(c["key"], c["backend"]) for c in results["comparisons"]}
-    for (tp, mode, backend), got in outputs.items():
-        key = f"tp{tp}-{mode}"
-        ref = outputs.get((tp, mode, args.reference))
-        if backend == args.reference or ref is None or (key, backend) in done:
+    for (tp, mode, name), got in outputs.items():
+        key, reference = config_key(tp, mode), mode_reference(mode, args)
+        ref = outputs.get((tp, mode, reference))
+        if name == reference or ref is None or (key, name) in done:
             continue
         comparison = compare(ref, got, args.atol, args.mean_atol)
-        results["comparisons"].append({"key": key, "backend": backend} | comparison)
+        results["comparisons"].append({"key": key, "backend": name, "reference": reference} | comparison)
     floors = {f["tp"] for f in results["noise_floor"]}
     for tp in args.tp:
         graph, eager = (outputs.get((tp, m, args.reference)) for m in ("cuda_graph", "eager"))
         if tp not in floors and graph is not None and eager is not None:
             floor = compare(graph, eager, args.atol, args.mean_atol)
             results["noise_floor"].append({"backend": args.reference, "tp": tp} | floor)
+
+
+def configuration_result(results: dict[str, Any], tp: int, mode: str, args) -> dict[str, Any]:
+    """One configuration's record (the ``<configuration>.json`` file): its servers, comparisons, the
+    acceptance lengths (``mtp``) or graph breaks (``torch_compile``), and whether it passed."""
+    key = config_key(tp, mode)
+    runs = [r for r in results["runs"] if r["key"] == key]
+    comparisons = [c for c in results["comparisons"] if c["key"] == key]
+    variants = mode_variants(mode, args)
+    checks = {
+        "all_servers_ran": len(runs) == len(variants) and all(r["ok"] for r in runs),
+        "all_compared": len(comparisons) == len(variants) - 1,
+        "comparisons_passed": bool(comparisons) and all(c["passed"] for c in comparisons),
+    }
+    data: dict[str, Any] = {
+        "configuration": mode,
+        "tp": tp,
+        "key": key,
+        "reference": mode_reference(mode, args),
+        "environment": results["environment"],
+        "model": results["models"]["mtp" if mode == "mtp" else "default"],
+        "settings": results["settings"],
+        "runs": runs,
+        "comparisons": comparisons,
+    }
+    if mode in ("cuda_graph", "eager"):
+        data["noise_floor"] = [f for f in results["noise_floor"] if f["tp"] == tp]
+    if mode == "mtp":
+        data["acceptance"] = {r["backend"]: r.get("acceptance") for r in runs}
+        measured = [a for a in data["acceptance"].values() if a and a.get("measured")]
+        checks["speculative_decoding_ran"] = len(measured) == len(variants)
+        if len(measured) == 2:
+            lengths = [a["accept_length"] for a in measured]
+            data["accept_length_diff"] = abs(lengths[0] - lengths[1])
+    if mode == "torch_compile":
+        compiled = next((r for r in runs if r["backend"] == COMPILED), {})
+        data["graph_breaks"] = compiled.get("graph_breaks")
+        checks["no_attention_graph_breaks"] = (
+            data["graph_breaks"] is not None and data["graph_breaks"]["attention"] == 0
+        )
+    data["checks"] = checks
+    data["passed"] = all(checks.values())
+    return data
+
+
+def write_configuration_json(out_dir: Path, data: dict[str, Any], partial: bool = False) -> Path:
+    """Write one configuration's record to ``out_dir/<configuration>.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / config_file_name(data["configuration"], data["tp"])
+    path.write_text(json.dumps(data | ({"partial": True} if partial else {}), indent=1, default=str))
+    return path
 
 
 def compare(reference: list[dict], other: list[dict], atol: float, mean_atol: float) -> dict[str, Any]:
@@ -413,9 +835,20 @@ def preflight_problems(env: dict[str, Any], args: argparse.Namespace) -> list[st
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="sglang_e2e.json", help="JSON results file")
+    p.add_argument("--out", default="sglang_e2e.json", help="JSON results file (every configuration)")
+    p.add_argument(
+        "--out-dir", default=None, help="one <configuration>.json per configuration (default: <out>.d/)"
+    )
     p.add_argument("--workdir", default=None, help="model + server logs (default: a new temporary directory)")
     p.add_argument("--model-dir", default=None, help="use this model directory instead of writing one")
+    p.add_argument("--mtp-model-dir", default=None, help="mtp: use this target (with its NextN layer)")
+    p.add_argument("--mtp-draft-dir", default=None, help="mtp: use this draft checkpoint")
+    p.add_argument(
+        "--mtp-draft",
+        choices=["nextn", "target"],
+        default="nextn",
+        help="mtp draft: the standalone NextN checkpoint, or the target checkpoint itself",
+    )
     p.add_argument("--weights", choices=["random", "dummy"], default="random")
     p.add_argument("--init-std", type=float, default=0.05)
     p.add_argument("--num-heads", type=int, default=16)
@@ -423,7 +856,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", default="flashmla", help="backend the others are compared with")
     p.add_argument("--prefill-backend", default=None, help="e.g. triton: hybrid prefill, avoids FlashInfer")
     p.add_argument(
-        "--modes", default="cuda_graph,eager", help="cuda_graph and/or eager (--disable-cuda-graph)"
+        "--modes",
+        default=DEFAULT_MODES,
+        help="comma-separated configurations: cuda_graph, eager (--disable-cuda-graph), mtp (NEXTN "
+        "speculative decoding), torch_compile (--enable-torch-compile)",
+    )
+    p.add_argument("--spec-steps", type=int, default=3, help="mtp: draft steps (draft tokens = steps + 1)")
+    p.add_argument(
+        "--torch-compile-max-bs", type=int, default=None, help="default: the larger of the two batch sizes"
     )
     p.add_argument("--tp", type=int, nargs="+", default=[1], help="tensor-parallel sizes, e.g. --tp 1 2")
     p.add_argument("--prompt-lens", default=DEFAULT_PROMPT_LENS, help="logprob batch: one request per length")
@@ -439,41 +879,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--atol", type=float, default=0.1, help="max |logprob difference| allowed")
     p.add_argument("--mean-atol", type=float, default=0.02, help="max mean |logprob difference| allowed")
     p.add_argument("--extra-server-args", nargs=argparse.REMAINDER, default=[], help="passed to every server")
-    p.add_argument("--dry-run", action="store_true", help="write the model, print the commands, stop")
+    p.add_argument("--dry-run", action="store_true", help="write the models, print the commands, stop")
     args = p.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     args.modes = [m for m in args.modes.split(",") if m]
     args.prompt_lens = [int(n) for n in args.prompt_lens.split(",") if n]
-    if not set(args.modes) <= {"cuda_graph", "eager"}:
-        p.error("--modes takes cuda_graph and/or eager")
+    if not args.modes or not set(args.modes) <= set(MODES):
+        p.error(f"--modes takes a comma-separated subset of {', '.join(MODES)}")
     if args.reference not in args.backends:
         p.error("--reference must be one of --backends")
+    if "torch_compile" in args.modes and BACKEND_UNDER_TEST not in args.backends:
+        p.error(f"--modes torch_compile needs {BACKEND_UNDER_TEST} in --backends")
+    if args.spec_steps < 1:
+        p.error("--spec-steps must be >= 1")
+    if args.torch_compile_max_bs is None:
+        args.torch_compile_max_bs = max(args.batch, len(args.prompt_lens))
+    if args.out_dir is None:
+        out = Path(args.out)
+        args.out_dir = str(out.with_name(out.stem + ".d"))
     return args
 
 
 def print_table(results: dict[str, Any]) -> None:
-    versus = "vs " + results["reference"]
-    header = f"{'config':<16} {'backend':<14} {'decode tok/s':>12} {'ms/step':>8}  {versus:<46}"
+    header = f"{'config':<18} {'server':<26} {'decode tok/s':>12} {'ms/step':>8}  {'vs reference':<60}"
     print("\n" + header + "\n" + "-" * len(header))
     for run in results["runs"]:
         config = f"tp{run['tp']} {run['mode']}"
         if not run["ok"]:
-            print(f"{config:<16} {run['backend']:<14} {'FAILED: ' + run['error'].splitlines()[0][:60]}")
+            print(f"{config:<18} {run['backend']:<26} {'FAILED: ' + run['error'].splitlines()[0][:60]}")
             continue
         tput = run["throughput"]
-        cmp_ = next((c for c in results["comparisons"] if c["key"] == run["key"]), None)
-        if run["backend"] == results["reference"]:
-            verdict = "(reference)"
-        elif cmp_ is None:
-            verdict = "not compared"
+        cmp_ = next(
+            (c for c in results["comparisons"] if c["key"] == run["key"] and c["backend"] == run["backend"]),
+            None,
+        )
+        if cmp_ is None:
+            verdict = "(reference)" if run.get("is_reference") else "not compared"
         else:
             verdict = (
-                f"max {cmp_['max_abs_diff']:.4f} mean {cmp_['mean_abs_diff']:.5f} "
+                f"vs {cmp_['reference']}: max {cmp_['max_abs_diff']:.4f} mean {cmp_['mean_abs_diff']:.5f} "
                 f"greedy {cmp_['identical_greedy_outputs']}/{cmp_['requests']} "
                 f"{'PASS' if cmp_['passed'] else 'FAIL'}"
             )
+        if run.get("acceptance", {}).get("measured"):
+            verdict += f"; accept length {run['acceptance']['accept_length']:.3f}"
+        if run.get("graph_breaks") is not None:
+            gb = run["graph_breaks"]
+            verdict += f"; graph breaks {gb['total']} (attention {gb['attention']})"
         print(
-            f"{config:<16} {run['backend']:<14} {tput['decode_tokens_per_s']:>12.0f} "
+            f"{config:<18} {run['backend']:<26} {tput['decode_tokens_per_s']:>12.0f} "
             f"{tput['ms_per_decode_step']:>8.3f}  {verdict}"
         )
     for floor in results["noise_floor"]:
@@ -481,28 +935,103 @@ def print_table(results: dict[str, Any]) -> None:
             f"noise floor ({floor['backend']} tp{floor['tp']} cuda_graph vs eager): max "
             f"{floor['max_abs_diff']:.4f} mean {floor['mean_abs_diff']:.5f}"
         )
-    print(f"\n{'PASSED' if results['passed'] else 'FAILED'}; details in {results['out']}")
+    for key, config in results["configurations"].items():
+        failed = [name for name, ok in config["checks"].items() if not ok]
+        print(f"{key}: {'PASS' if config['passed'] else 'FAIL (' + ', '.join(failed) + ')'}")
+    verdict = "PASSED" if results["passed"] else "FAILED"
+    print(f"\n{verdict}; details in {results['out']} and {results['out_dir']}")
+
+
+def prepare_models(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, Any]]:
+    """Write (or take) the models the configurations need: ``default`` (DeepSeek-V2) and, for ``mtp``, ``mtp``
+    (the DeepSeek-V3 target; ``draft_path`` is what ``--speculative-draft-model-path`` gets)."""
+    models: dict[str, dict[str, Any]] = {}
+    if any(m != "mtp" for m in args.modes):
+        if args.model_dir:
+            path = Path(args.model_dir).resolve()
+            config = json.loads((path / "config.json").read_text())
+            models["default"] = {"path": str(path), "weights": "given", "config": config}
+        else:
+            models["default"] = write_model(
+                workdir / "tiny_dsv2", args.weights, args.num_heads, args.init_std, args.seed
+            )
+    if "mtp" in args.modes:
+        if args.mtp_model_dir:
+            path = Path(args.mtp_model_dir).resolve()
+            config = json.loads((path / "config.json").read_text())
+            draft = Path(args.mtp_draft_dir).resolve() if args.mtp_draft_dir else path
+            models["mtp"] = {
+                "path": str(path),
+                "draft_path": str(draft),
+                "weights": "given",
+                "config": config,
+            }
+        else:
+            models["mtp"] = write_mtp_model(
+                workdir / "tiny_dsv3_mtp",
+                workdir / "tiny_dsv3_mtp_nextn",
+                args.weights,
+                args.num_heads,
+                args.init_std,
+                args.seed,
+            )
+        if args.mtp_draft == "target":
+            models["mtp"]["draft_path"] = models["mtp"]["path"]
+    return models
+
+
+def server_plan(args: argparse.Namespace, models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every server to start, in order: its configuration (tp, mode), variant, model, draft model (``mtp``)
+    and extra environment (``TORCH_LOGS`` for the compiled server); :func:`plan_command` makes its command."""
+    plan = []
+    for tp in args.tp:
+        for mode in args.modes:
+            model = models["mtp" if mode == "mtp" else "default"]
+            for variant in mode_variants(mode, args):
+                draft = Path(model["draft_path"]) if mode == "mtp" else None
+                plan.append(
+                    {
+                        "tp": tp,
+                        "mode": mode,
+                        "key": config_key(tp, mode),
+                        "variant": variant,
+                        "model": Path(model["path"]),
+                        "draft": draft,
+                        "env": torch_logs_env() if variant["torch_compile"] else {},
+                    }
+                )
+    return plan
+
+
+def plan_command(args: argparse.Namespace, server: dict[str, Any], port: int) -> list[str]:
+    variant = server["variant"]
+    return server_command(
+        args,
+        server["model"],
+        variant["backend"],
+        server["mode"],
+        server["tp"],
+        port,
+        draft_model=server["draft"],
+        torch_compile=variant["torch_compile"],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sglang_e2e_")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out_dir).resolve()
     env = environment()
     print(json.dumps(env, indent=1))
-    if args.model_dir:
-        model = Path(args.model_dir).resolve()
-        model_info: dict[str, Any] = {"path": str(model), "weights": "given"}
-        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    else:
-        model = workdir / "tiny_dsv2"
-        model_info = write_model(model, args.weights, args.num_heads, args.init_std, args.seed)
-        vocab = model_info["config"]["vocab_size"]
-    configs = [(tp, mode) for tp in args.tp for mode in args.modes]
+    models = prepare_models(args, workdir)
+    vocab = next(iter(models.values()))["config"]["vocab_size"]
+    plan = server_plan(args, models)
     if args.dry_run:
-        for tp, mode in configs:
-            for backend in args.backends:
-                print(" ".join(server_command(args, model, backend, mode, tp, 30000)))
+        for server in plan:
+            prefix = "".join(f"{k}={v} " for k, v in server["env"].items())
+            print(f"# {server['key']} {server['variant']['name']}")
+            print(prefix + " ".join(plan_command(args, server, 30000)))
         return 0
     problems = preflight_problems(env, args)
     if problems:
@@ -512,76 +1041,113 @@ def main(argv: list[str] | None = None) -> int:
     logprob_prompts = prompts(args.prompt_lens, vocab, args.seed)
     results: dict[str, Any] = {
         "environment": env,
-        "model": {k: v for k, v in model_info.items() if k != "config"}
-        | {"config": model_info.get("config")},
+        "model": models.get("default"),
+        "models": models,
         "settings": {k: v for k, v in vars(args).items() if k != "extra_server_args"}
         | {"extra_server_args": args.extra_server_args},
         "reference": args.reference,
         "out": str(Path(args.out).resolve()),
+        "out_dir": str(out_dir),
         "runs": [],
         "comparisons": [],
         "noise_floor": [],
+        "configurations": {},
     }
     outputs: dict[tuple, list[dict]] = {}
-    for tp, mode in configs:
-        for backend in args.backends:
-            key = f"tp{tp}-{mode}"
-            port = free_port()
-            cmd = server_command(args, model, backend, mode, tp, port)
-            log_path = workdir / f"server_{backend}_{key}.log"
-            run: dict[str, Any] = {"key": key, "tp": tp, "mode": mode, "backend": backend, "ok": False}
-            run |= {"command": cmd, "log": str(log_path)}
-            print(f"\n=== {key} {backend}: {' '.join(cmd)}", flush=True)
-            started = time.monotonic()
-            server = Server(cmd, log_path, workdir, port)
-            try:
-                server.wait_ready(args.startup_timeout)
-                run["startup_s"] = time.monotonic() - started
-                with contextlib.suppress(Exception):
-                    info = http(server.url + "/get_server_info", timeout=30)
-                    run["server_info"] = {
-                        k: info.get(k)
-                        for k in (
-                            "attention_backend",
-                            "decode_attention_backend",
-                            "prefill_attention_backend",
-                        )
-                    } | {"page_size": info.get("page_size"), "version": info.get("version")}
-                outputs[(tp, mode, backend)] = generate_with_logprobs(
-                    server.url, logprob_prompts, args.new_tokens, args.top_logprobs
-                )
-                run["throughput"] = measure_decode_throughput(server.url, args, vocab)
-                run["ok"] = True
-            except Exception as e:  # record and go on with the next server
-                run["error"] = f"{type(e).__name__}: {e}"
-                print(run["error"], file=sys.stderr)
-            finally:
-                server.stop()
-            text = log_path.read_text(errors="replace")
-            run["plugin_registered_in_log"] = "flashmla_ops SGLang plugin:" in text
-            run["flashmla_ops_backend_built_in_log"] = "built FlashMLAOpsBackend" in text
+    for server in plan:
+        tp, mode, key, variant = server["tp"], server["mode"], server["key"], server["variant"]
+        name = variant["name"]
+        run: dict[str, Any] = {"key": key, "tp": tp, "mode": mode, "backend": name, "ok": False}
+        run["is_reference"] = name == mode_reference(mode, args)
+        # torch_compile's reference is the cuda_graph server of flashmla_ops: reuse it when it ran.
+        reuse = (tp, "cuda_graph", name) if mode == "torch_compile" and not variant["torch_compile"] else None
+        if reuse in outputs:
+            previous = next(
+                r
+                for r in results["runs"]
+                if r["key"] == config_key(tp, "cuda_graph") and r["backend"] == name
+            )
+            outputs[(tp, mode, name)] = outputs[reuse]
+            results["runs"].append(previous | run | {"ok": True, "reused_from": previous["key"]})
+        else:
+            run_server(server, run, args, workdir, logprob_prompts, vocab, outputs)
             results["runs"].append(run)
-            # Compared and written after every server, so a run cut short (a time limit) still leaves the
-            # comparisons of the configurations it finished.
-            add_comparisons(results, outputs, args)
-            Path(args.out).write_text(json.dumps(results | {"partial": True}, indent=1, default=str))
-            if run["ok"]:
-                tput = run["throughput"]
-                print(
-                    f"decode {tput['decode_tokens_per_s']:.0f} tok/s, "
-                    f"{tput['ms_per_decode_step']:.3f} ms/step"
-                )
+        # Compared and written after every server, so a run cut short (a time limit) still leaves the
+        # comparisons of the configurations it finished.
+        add_comparisons(results, outputs, args)
+        results["configurations"][key] = configuration_result(results, tp, mode, args)
+        write_configuration_json(out_dir, results["configurations"][key], partial=True)
+        Path(args.out).write_text(json.dumps(results | {"partial": True}, indent=1, default=str))
 
-    all_ran = all(run["ok"] for run in results["runs"])
-    expected = len(configs) * (len(args.backends) - 1)
-    results["passed"] = (
-        all_ran
-        and len(results["comparisons"]) == expected
-        and all(c["passed"] for c in results["comparisons"])
+    results["config_files"] = []
+    for config in results["configurations"].values():
+        results["config_files"].append(str(write_configuration_json(out_dir, config)))
+    results["passed"] = len(results["configurations"]) == len(args.tp) * len(args.modes) and all(
+        c["passed"] for c in results["configurations"].values()
     )
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     print_table(results)
     return 0 if results["passed"] else 1
+
+
+def run_server(
+    server: dict[str, Any],
+    run: dict[str, Any],
+    args: argparse.Namespace,
+    workdir: Path,
+    logprob_prompts: list[list[int]],
+    vocab: int,
+    outputs: dict[tuple, list[dict]],
+) -> None:
+    """Start one server, collect its logprobs, acceptance length and throughput into ``run``, stop it."""
+    tp, mode, key, name = server["tp"], server["mode"], server["key"], server["variant"]["name"]
+    port = free_port()
+    cmd = plan_command(args, server, port)
+    log_path = workdir / f"server_{name.replace('+', '_')}_{key}.log"
+    run |= {"command": cmd, "env": server["env"], "log": str(log_path)}
+    print(f"\n=== {key} {name}: {' '.join(cmd)}", flush=True)
+    started = time.monotonic()
+    proc = Server(cmd, log_path, workdir, port, extra_env=server["env"])
+    try:
+        proc.wait_ready(args.startup_timeout)
+        run["startup_s"] = time.monotonic() - started
+        with contextlib.suppress(Exception):
+            info = http(proc.url + "/get_server_info", timeout=30)
+            run["server_info"] = {
+                k: info.get(k)
+                for k in (
+                    "attention_backend",
+                    "decode_attention_backend",
+                    "prefill_attention_backend",
+                    "speculative_algorithm",
+                    "speculative_draft_attention_backend",
+                    "enable_torch_compile",
+                )
+            } | {"page_size": info.get("page_size"), "version": info.get("version")}
+        got = generate_with_logprobs(proc.url, logprob_prompts, args.new_tokens, args.top_logprobs)
+        outputs[(tp, mode, name)] = got
+        if mode == "mtp":
+            run["acceptance"] = acceptance_length([r["meta"] for r in got])
+        run["throughput"] = measure_decode_throughput(proc.url, args, vocab)
+        if mode == "mtp":
+            with contextlib.suppress(Exception):  # SGLang's own running average, all requests so far
+                info = http(proc.url + "/get_server_info", timeout=30)
+                states = info.get("internal_states") or [{}]
+                run["avg_spec_accept_length"] = states[0].get("avg_spec_accept_length")
+        run["ok"] = True
+    except Exception as e:  # record and go on with the next server
+        run["error"] = f"{type(e).__name__}: {e}"
+        print(run["error"], file=sys.stderr)
+    finally:
+        proc.stop()
+    text = log_path.read_text(errors="replace")
+    run["plugin_registered_in_log"] = "flashmla_ops SGLang plugin:" in text
+    run["flashmla_ops_backend_built_in_log"] = "built FlashMLAOpsBackend" in text
+    if server["variant"]["torch_compile"]:
+        run["graph_breaks"] = count_graph_breaks(text)
+    if run["ok"]:
+        tput = run["throughput"]
+        print(f"decode {tput['decode_tokens_per_s']:.0f} tok/s, {tput['ms_per_decode_step']:.3f} ms/step")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,453 @@
+"""``tools/sglang_e2e.py`` (the GPU end-to-end check) on CPU, without SGLang and without a GPU.
+
+What runs here: ``--dry-run`` prints the server command of every configuration with the right flags; the
+model writer writes the DeepSeek-V3 target with its NextN (MTP) layer and the standalone draft checkpoint,
+with the config fields and safetensors names SGLang's loaders expect; the graph-break counter and the
+acceptance-length parser on fixed samples; the per-configuration JSON. What SGLang expects was read from the
+sglang 0.5.23 source (cited next to each expectation below), not imported: CI's main suite has no SGLang.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "sglang_e2e.py"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("sglang_e2e_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def flag(cmd: list[str], name: str) -> str | None:
+    """The value after ``name`` in a command (None when absent)."""
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+# ---- --dry-run ---------------------------------------------------------------------------------------------
+def dry_run(e2e, capsys, tmp_path, *extra: str) -> dict[tuple[str, str], tuple[dict, list[str]]]:
+    argv = ["--dry-run", "--weights", "dummy", "--workdir", str(tmp_path), "--out", str(tmp_path / "o.json")]
+    assert e2e.main([*argv, *extra]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    servers = {}
+    for header, command in zip(lines, lines[1:], strict=False):
+        if header.startswith("# tp"):
+            words = shlex.split(command)
+            env = dict(w.split("=", 1) for w in words[: words.index(sys.executable)])
+            servers[tuple(header[2:].split())] = (env, words[words.index(sys.executable) :])
+    return servers
+
+
+def test_default_modes_unchanged(e2e):
+    args = e2e.parse_args([])
+    assert args.modes == ["cuda_graph", "eager"]
+    assert args.out == "sglang_e2e.json" and args.out_dir == "sglang_e2e.d"
+    assert args.torch_compile_max_bs == max(args.batch, len(args.prompt_lens))
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--modes", "cuda_graph,speculative"])
+
+
+def test_dry_run_prints_every_configuration(e2e, capsys, tmp_path):
+    servers = dry_run(e2e, capsys, tmp_path, "--modes", "cuda_graph,eager,mtp,torch_compile")
+    assert list(servers) == [
+        ("tp1-cuda_graph", "flashmla_ops"),
+        ("tp1-cuda_graph", "flashmla"),
+        ("tp1-eager", "flashmla_ops"),
+        ("tp1-eager", "flashmla"),
+        ("tp1-mtp", "flashmla_ops"),
+        ("tp1-mtp", "flashmla"),
+        ("tp1-torch_compile", "flashmla_ops+torch_compile"),
+        ("tp1-torch_compile", "flashmla_ops"),
+    ]
+    for (key, name), (env, cmd) in servers.items():
+        assert cmd[1:3] == ["-m", "sglang.launch_server"]
+        assert flag(cmd, "--attention-backend") == name.split("+")[0]
+        assert flag(cmd, "--page-size") == "64" and flag(cmd, "--tp") == "1"
+        assert "--skip-tokenizer-init" in cmd and flag(cmd, "--load-format") == "dummy"
+        graphs = "--disable-cuda-graph" not in cmd
+        assert graphs == (key != "tp1-eager")
+        assert (flag(cmd, "--cuda-graph-max-bs-decode") == "32") == graphs
+        spec = key == "tp1-mtp"
+        assert ("--speculative-algorithm" in cmd) == spec
+        compiled = name.endswith("+torch_compile")
+        assert ("--enable-torch-compile" in cmd) == compiled
+        assert env == ({"TORCH_LOGS": "graph_breaks"} if compiled else {})
+        model = Path(flag(cmd, "--model-path"))
+        assert model == tmp_path / ("tiny_dsv3_mtp" if spec else "tiny_dsv2")
+        assert json.loads((model / "config.json").read_text())["architectures"] == [
+            "DeepseekV3ForCausalLM" if spec else "DeepseekV2ForCausalLM"
+        ]
+        if spec:
+            # NEXTN: SGLang's alias of EAGLE; topk 1: what FlashMLAMultiStepDraftBackend supports; the draft
+            # steps on the builtin flashmla (draft_utils.DraftBackendFactory's tables are closed).
+            assert flag(cmd, "--speculative-algorithm") == "NEXTN"
+            assert flag(cmd, "--speculative-draft-model-path") == str(tmp_path / "tiny_dsv3_mtp_nextn")
+            assert flag(cmd, "--speculative-eagle-topk") == "1"
+            assert flag(cmd, "--speculative-num-steps") == "3"
+            assert flag(cmd, "--speculative-num-draft-tokens") == "4"
+            assert flag(cmd, "--speculative-draft-attention-backend") == "flashmla"
+            assert "--speculative-attention-mode" not in cmd  # one backend: verify runs on it
+        if compiled:
+            assert flag(cmd, "--torch-compile-max-bs") == "32"
+    # the non-compiled torch_compile server is the cuda_graph server (so main() can reuse its results)
+    assert servers[("tp1-torch_compile", "flashmla_ops")][1] == servers[("tp1-cuda_graph", "flashmla_ops")][1]
+
+
+def test_dry_run_hybrid_prefill_and_tp(e2e, capsys, tmp_path):
+    servers = dry_run(
+        e2e, capsys, tmp_path, "--modes", "mtp", "--prefill-backend", "triton", "--tp", "1", "2",
+        "--mtp-draft", "target", "--spec-steps", "2",
+    )  # fmt: skip
+    assert [k for k, _ in servers] == ["tp1-mtp", "tp1-mtp", "tp2-mtp", "tp2-mtp"]
+    for (key, name), (_, cmd) in servers.items():
+        assert flag(cmd, "--tp") == key[2]
+        assert flag(cmd, "--prefill-attention-backend") == "triton"
+        assert flag(cmd, "--decode-attention-backend") == name and "--attention-backend" not in cmd
+        # a hybrid backend sends target_verify to its prefill backend unless the mode is "decode"
+        assert flag(cmd, "--speculative-attention-mode") == "decode"
+        assert flag(cmd, "--speculative-draft-model-path") == flag(cmd, "--model-path")
+        assert flag(cmd, "--speculative-num-draft-tokens") == "3"
+    assert not (tmp_path / "tiny_dsv2").exists()  # only the model the configurations need
+
+
+def test_torch_logs_env(e2e):
+    assert e2e.torch_logs_env({}) == {"TORCH_LOGS": "graph_breaks"}
+    assert e2e.torch_logs_env({"TORCH_LOGS": "recompiles"}) == {"TORCH_LOGS": "recompiles,graph_breaks"}
+    assert e2e.torch_logs_env({"TORCH_LOGS": "+graph_breaks"}) == {"TORCH_LOGS": "+graph_breaks"}
+
+
+# ---- the model writer --------------------------------------------------------------------------------------
+# The names SGLang's DeepSeek loaders look up, read from sglang 0.5.23:
+# * models/deepseek_v2.py: DeepseekV2AttentionMLA without q LoRA has q_proj, kv_a_proj_with_mqa,
+#   kv_a_layernorm, kv_b_proj, o_proj; DeepseekV2MLP gate_proj / up_proj (stacked into gate_up_proj by the
+#   loader) and down_proj; DeepseekV2MoE has gate (MoEGate: weight [experts, hidden], e_score_correction_bias
+#   [experts] fp32 when topk_method == "noaux_tc"), experts.<e>.{gate,up,down}_proj (FusedMoE's expert
+#   mapping) and shared_experts (intermediate moe_intermediate_size * n_shared_experts); the decoder layer's
+#   input_layernorm and post_attention_layernorm; model.embed_tokens, model.norm, lm_head.
+# * models/deepseek_nextn.py: DeepseekModelNextN has enorm, hnorm, eh_proj (Linear 2*hidden -> hidden),
+#   decoder (a DeepseekV2DecoderLayer with is_nextn=True: always MoE) and shared_head.norm.
+# * models/deepseek_common/deepseek_weight_loader.py: with is_nextn the loader keeps only names under
+#   model.layers.<N> (N = 0 if num_hidden_layers == 1 else num_hidden_layers), skips embed_tokens and
+#   shared_head.head, maps shared_head.norm / eh_proj / enorm / hnorm to "model" and the rest to
+#   "model.decoder"; without it, names model.layers.<i>, i >= num_hidden_layers, are skipped.
+# * configs/model_config.py _config_draft_model: a draft "DeepseekV3ForCausalLM" becomes
+#   "DeepseekV3ForCausalLMNextN" (the EntryClass of deepseek_nextn.py).
+def layer_names(prefix: str, moe: bool, experts: int = 16) -> set[str]:
+    names = {
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.kv_a_proj_with_mqa.weight",
+        "self_attn.kv_a_layernorm.weight",
+        "self_attn.kv_b_proj.weight",
+        "self_attn.o_proj.weight",
+    }
+    mlps = [f"mlp.experts.{e}" for e in range(experts)] + ["mlp.shared_experts"] if moe else ["mlp"]
+    names |= {f"{m}.{p}_proj.weight" for m in mlps for p in ("gate", "up", "down")}
+    if moe:
+        names |= {"mlp.gate.weight", "mlp.gate.e_score_correction_bias"}
+    return {prefix + n for n in names}
+
+
+NEXTN_ONLY = {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"}
+
+
+def sglang_nextn_name(name: str, num_hidden_layers: int) -> str | None:
+    """The parameter a draft checkpoint name loads into (the loader's renaming, restated)."""
+    layer = 0 if num_hidden_layers == 1 else num_hidden_layers
+    prefix = f"model.layers.{layer}."
+    if not name.startswith(prefix) or "embed_tokens" in name or "shared_head.head" in name:
+        return None
+    rest = name[len(prefix) :]
+    return ("model." if rest in NEXTN_ONLY else "model.decoder.") + rest
+
+
+def test_mtp_model_config(e2e):
+    c = e2e.mtp_model_config(16, 0.05)
+    assert c["architectures"] == ["DeepseekV3ForCausalLM"] and c["model_type"] == "deepseek_v3"
+    assert c["num_nextn_predict_layers"] == 1  # the loader asserts exactly 1
+    assert c["num_hidden_layers"] == 2 and c["first_k_dense_replace"] == 2  # dense target layers
+    assert c["q_lora_rank"] is None and (c["kv_lora_rank"], c["qk_rope_head_dim"]) == (512, 64)
+    assert c["topk_method"] == "noaux_tc" and c["scoring_func"] == "sigmoid"
+    # fused grouped top-k (layers/moe/topk.py): power-of-two experts, <= 32 per group, groups cover top-k
+    experts, groups = c["n_routed_experts"], c["n_group"]
+    assert experts & (experts - 1) == 0 and experts // groups <= 32
+    assert c["topk_group"] * groups >= c["num_experts_per_tok"]
+    draft = e2e.nextn_draft_config(c)
+    assert draft["architectures"] == ["DeepseekV3ForCausalLMNextN"] and draft["num_hidden_layers"] == 1
+    assert {k: v for k, v in draft.items() if k not in ("architectures", "num_hidden_layers")} == {
+        k: v for k, v in c.items() if k not in ("architectures", "num_hidden_layers")
+    }
+    # the default (DeepSeek-V2) model is unchanged
+    assert e2e.model_config(16, 0.05)["architectures"] == ["DeepseekV2ForCausalLM"]
+    assert "num_nextn_predict_layers" not in e2e.model_config(16, 0.05)
+
+
+def test_mtp_writer_checkpoints(e2e, tmp_path):
+    target, draft = tmp_path / "target", tmp_path / "draft"
+    info = e2e.write_mtp_model(target, draft, "random", 16, 0.05, seed=0)
+    config = json.loads((target / "config.json").read_text())
+    draft_config = json.loads((draft / "config.json").read_text())
+    assert config == info["config"] and draft_config == info["draft_config"]
+    hidden, vocab, heads = config["hidden_size"], config["vocab_size"], config["num_attention_heads"]
+
+    header = e2e.read_safetensors_header(target / "model.safetensors")
+    assert header.pop("__metadata__") == {"format": "pt"}
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    expected |= layer_names("model.layers.0.", moe=False) | layer_names("model.layers.1.", moe=False)
+    expected |= layer_names("model.layers.2.", moe=True)
+    expected |= {
+        f"model.layers.2.{n}" for n in NEXTN_ONLY | {"embed_tokens.weight", "shared_head.head.weight"}
+    }
+    assert set(header) == expected
+    shapes = {name: tuple(h["shape"]) for name, h in header.items()}
+    assert shapes["model.layers.2.eh_proj.weight"] == (hidden, 2 * hidden)
+    assert shapes["model.layers.1.self_attn.q_proj.weight"] == (heads * 192, hidden)
+    assert shapes["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"] == (576, hidden)
+    assert shapes["model.layers.1.self_attn.kv_b_proj.weight"] == (heads * 256, 512)
+    assert shapes["model.layers.2.mlp.gate.weight"] == (16, hidden)
+    assert shapes["model.layers.2.mlp.experts.15.down_proj.weight"] == (hidden, 256)
+    assert shapes["model.layers.2.mlp.shared_experts.gate_proj.weight"] == (256, hidden)
+    assert shapes["lm_head.weight"] == (vocab, hidden)
+    assert header["model.layers.2.mlp.gate.e_score_correction_bias"]["dtype"] == "F32"
+    assert {h["dtype"] for n, h in header.items() if "correction_bias" not in n} == {"BF16"}
+    # contiguous, in order, covering the data: what safetensors readers check
+    spans = sorted(h["data_offsets"] for h in header.values())
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    header_size = (target / "model.safetensors").stat().st_size - spans[-1][1] - 8
+    assert header_size % 8 == 0  # the data starts 8-byte aligned
+
+    # the target loader skips the NextN layer; the draft loader reads it from either checkpoint
+    n = config["num_hidden_layers"]
+    nextn_params = layer_names("model.decoder.", moe=True) | {f"model.{x}" for x in NEXTN_ONLY}
+    assert {sglang_nextn_name(x, n) for x in header} - {None} == nextn_params
+    draft_header = e2e.read_safetensors_header(draft / "model.safetensors")
+    draft_header.pop("__metadata__")
+    assert {sglang_nextn_name(x, draft_config["num_hidden_layers"]) for x in draft_header} == nextn_params
+    assert info["parameters"] == sum(math.prod(h["shape"]) for h in header.values())
+    assert info["draft_parameters"] == sum(math.prod(h["shape"]) for h in draft_header.values())
+
+    # the draft holds the target's NextN tensors, byte for byte; weights are random, norms one
+    def raw(path: Path, hdr: dict, name: str) -> bytes:
+        with open(path, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")
+            begin, end = hdr[name]["data_offsets"]
+            f.seek(start + begin)
+            return f.read(end - begin)
+
+    for old in ("model.layers.2.eh_proj.weight", "model.layers.2.mlp.experts.3.up_proj.weight"):
+        new = old.replace("model.layers.2.", "model.layers.0.")
+        assert raw(target / "model.safetensors", header, old) == raw(
+            draft / "model.safetensors", draft_header, new
+        )
+
+    import torch
+
+    norm = raw(target / "model.safetensors", header, "model.layers.2.enorm.weight")
+    assert torch.frombuffer(bytearray(norm), dtype=torch.bfloat16).eq(1).all()
+    w = torch.frombuffer(
+        bytearray(raw(target / "model.safetensors", header, "lm_head.weight")), dtype=torch.bfloat16
+    )
+    assert abs(w.float().std().item() - 0.05) < 0.005
+    try:  # the reference reader agrees, where it is installed
+        from safetensors import safe_open
+    except ImportError:
+        return
+    with safe_open(str(draft / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(draft_header)
+        assert torch.equal(
+            f.get_tensor("model.layers.0.enorm.weight"), torch.ones(hidden, dtype=torch.bfloat16)
+        )
+
+
+def test_mtp_writer_dummy_and_config_parse(e2e, tmp_path):
+    info = e2e.write_mtp_model(tmp_path / "t", tmp_path / "d", "dummy", 16, 0.05, seed=0)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.json", "generation_config.json"]
+    assert "parameters" not in info
+    transformers = pytest.importorskip("transformers", reason="transformers absent: config parse not checked")
+    for path, arch in (
+        (tmp_path / "t", "DeepseekV3ForCausalLM"),
+        (tmp_path / "d", "DeepseekV3ForCausalLMNextN"),
+    ):
+        config = transformers.AutoConfig.from_pretrained(path)
+        assert type(config).__name__ == "DeepseekV3Config" and config.architectures == [arch]
+        assert config.q_lora_rank is None and config.num_nextn_predict_layers == 1
+
+
+# ---- graph breaks and acceptance length --------------------------------------------------------------------
+GRAPH_BREAK_LOG = """\
+[2026-01-01 10:00:00] Capture cuda graph begin. This can take up to several minutes.
+V0101 10:00:01.000 4242 torch/_dynamo/symbolic_convert.py:5118] [0/0] [__graph_breaks] Graph break in user \
+code at /venv/sglang/srt/layers/logits_processor.py:310
+V0101 10:00:01.000 4242 torch/_dynamo/symbolic_convert.py:5118] [0/0] [__graph_breaks] Graph Break Reason: \
+Unsupported Tensor.item() call with capture_scalar_outputs=False
+V0101 10:00:01.000 4242 torch/_dynamo/symbolic_convert.py:5118] [0/0] [__graph_breaks] User code traceback:
+  File "/venv/sglang/srt/layers/logits_processor.py", line 310, in forward
+V0101 10:00:02.000 4242 torch/_dynamo/symbolic_convert.py:5132] [1/0] [__graph_breaks] Graph break (user \
+stack suppressed due to duplicate graph break) in user code at /venv/sglang/srt/layers/logits_processor.py:310
+Graph Break Reason: Unsupported Tensor.item() call with capture_scalar_outputs=False
+[2026-01-01 10:00:09] Capture cuda graph end. Time elapsed: 8.00 s.
+"""
+ATTENTION_BREAK = """\
+V0101 10:00:03.000 4242 torch/_dynamo/symbolic_convert.py:5118] [2/0] [__graph_breaks] Graph break in user \
+code at /venv/flashmla_ops/integration/sglang_backend.py:321
+Graph Break Reason: Data-dependent branching
+V0101 10:00:04.000 4242 torch/_dynamo/convert_frame.py:1] WON'T CONVERT forward_decode \
+/venv/sglang/srt/layers/attention/flashmla_backend.py line 420
+"""
+
+
+def test_graph_break_counter(e2e):
+    clean = e2e.count_graph_breaks("[2026-01-01] Capture cuda graph end.\nThe server is fired up and ready\n")
+    assert clean["total"] == 0 and clean["attention"] == 0 and clean["wont_convert"] == []
+    elsewhere = e2e.count_graph_breaks(GRAPH_BREAK_LOG)
+    assert elsewhere["total"] == 2 and elsewhere["unique_locations"] == 1 and elsewhere["attention"] == 0
+    assert elsewhere["locations"] == {"/venv/sglang/srt/layers/logits_processor.py:310": 2}
+    assert elsewhere["reasons"] == ["Unsupported Tensor.item() call with capture_scalar_outputs=False"]
+    attention = e2e.count_graph_breaks(GRAPH_BREAK_LOG + ATTENTION_BREAK)
+    assert attention["total"] == 3 and attention["attention"] == 2  # the break and the frame not converted
+    assert attention["wont_convert"] == [
+        {
+            "function": "forward_decode",
+            "location": "/venv/sglang/srt/layers/attention/flashmla_backend.py:420",
+        }
+    ]
+    assert attention["attention_details"][0]["reason"] == "Data-dependent branching"
+
+
+def test_acceptance_length(e2e):
+    # sglang 0.5.23 meta_info (TokenizerManager._calculate_spec_decoding_metrics); older releases report
+    # spec_verify_ct and completion_tokens only
+    metas = [
+        {"completion_tokens": 48, "spec_verify_ct": 24, "spec_accept_length": 2.0, "spec_accept_rate": 1 / 3},
+        {"completion_tokens": 48, "spec_verify_ct": 40},
+        {"completion_tokens": 1, "spec_verify_ct": 0},  # finished at prefill: no verify step
+    ]
+    got = e2e.acceptance_length(metas)
+    assert got["measured"] and got["requests"] == 3 and got["requests_with_verify"] == 2
+    assert got["completion_tokens"] == 96 and got["verify_steps"] == 64 and got["accept_length"] == 1.5
+    assert got["mean_request_accept_length"] == pytest.approx((2.0 + 1.2) / 2)
+    assert got["mean_accept_rate"] == pytest.approx(1 / 3)
+    assert e2e.acceptance_length([{"completion_tokens": 48}]) == {"measured": False, "requests": 1}
+    # generate_with_logprobs keeps exactly these fields of meta_info
+    assert set(e2e.SPEC_META_FIELDS) == {
+        "completion_tokens",
+        "spec_verify_ct",
+        "spec_accept_length",
+        "spec_accept_rate",
+    }
+
+
+# ---- per-configuration JSON --------------------------------------------------------------------------------
+def fake_results(e2e, args, graph_breaks: int = 0, accept: bool = True) -> dict:
+    def run(key, mode, backend, **extra):
+        return {"key": key, "tp": 1, "mode": mode, "backend": backend, "ok": True} | extra
+
+    def comparison(key, backend, reference, passed=True):
+        return {
+            "key": key,
+            "backend": backend,
+            "reference": reference,
+            "passed": passed,
+            "max_abs_diff": 0.05,
+        }
+
+    acceptance = {"measured": accept, "accept_length": 1.02} if accept else {"measured": False}
+    breaks = e2e.count_graph_breaks(ATTENTION_BREAK if graph_breaks else "")
+    return {
+        "environment": {"sglang": "0.5.17"},
+        "models": {"default": {"path": "/m/v2"}, "mtp": {"path": "/m/v3", "draft_path": "/m/nextn"}},
+        "settings": {"atol": 0.1},
+        "runs": [
+            run("tp1-cuda_graph", "cuda_graph", "flashmla_ops"),
+            run("tp1-cuda_graph", "cuda_graph", "flashmla"),
+            run("tp1-mtp", "mtp", "flashmla_ops", acceptance=acceptance),
+            run("tp1-mtp", "mtp", "flashmla", acceptance={"measured": True, "accept_length": 1.0}),
+            run("tp1-torch_compile", "torch_compile", "flashmla_ops+torch_compile", graph_breaks=breaks),
+            run("tp1-torch_compile", "torch_compile", "flashmla_ops", reused_from="tp1-cuda_graph"),
+        ],
+        "comparisons": [
+            comparison("tp1-cuda_graph", "flashmla_ops", "flashmla"),
+            comparison("tp1-mtp", "flashmla_ops", "flashmla"),
+            comparison("tp1-torch_compile", "flashmla_ops+torch_compile", "flashmla_ops"),
+        ],
+        "noise_floor": [{"backend": "flashmla", "tp": 1, "max_abs_diff": 0.04}],
+    }
+
+
+def test_configuration_json(e2e, tmp_path):
+    args = e2e.parse_args(["--modes", "cuda_graph,mtp,torch_compile"])
+    results = fake_results(e2e, args)
+    written = {}
+    for mode in args.modes:
+        data = e2e.configuration_result(results, 1, mode, args)
+        written[mode] = e2e.write_configuration_json(tmp_path / "out", data)
+    assert {m: p.name for m, p in written.items()} == {
+        "cuda_graph": "cuda_graph.json",
+        "mtp": "mtp.json",
+        "torch_compile": "torch_compile.json",
+    }
+    assert e2e.config_file_name("mtp", 2) == "mtp_tp2.json"
+    cuda_graph, mtp, compiled = (json.loads(written[m].read_text()) for m in args.modes)
+    for data in (cuda_graph, mtp, compiled):
+        assert data["passed"] is True and all(data["checks"].values()) and "partial" not in data
+        assert len(data["runs"]) == 2 and len(data["comparisons"]) == 1
+    assert cuda_graph["noise_floor"] == results["noise_floor"] and cuda_graph["model"] == {"path": "/m/v2"}
+    assert mtp["model"]["draft_path"] == "/m/nextn" and mtp["reference"] == "flashmla"
+    assert mtp["acceptance"]["flashmla_ops"]["accept_length"] == 1.02
+    assert mtp["accept_length_diff"] == pytest.approx(0.02)
+    assert compiled["reference"] == "flashmla_ops" and compiled["graph_breaks"]["total"] == 0
+    assert "noise_floor" not in mtp and "graph_breaks" not in mtp
+
+    partial = e2e.write_configuration_json(
+        tmp_path / "p", e2e.configuration_result(results, 1, "mtp", args), True
+    )
+    assert json.loads(partial.read_text())["partial"] is True
+
+    # what fails a configuration
+    failing = e2e.configuration_result(fake_results(e2e, args, graph_breaks=1), 1, "torch_compile", args)
+    assert not failing["passed"] and failing["checks"]["no_attention_graph_breaks"] is False
+    failing = e2e.configuration_result(fake_results(e2e, args, accept=False), 1, "mtp", args)
+    assert not failing["passed"] and failing["checks"]["speculative_decoding_ran"] is False
+    results["comparisons"][1]["passed"] = False
+    assert e2e.configuration_result(results, 1, "mtp", args)["checks"]["comparisons_passed"] is False
+    results["runs"].pop(0)
+    assert e2e.configuration_result(results, 1, "cuda_graph", args)["checks"]["all_servers_ran"] is False
+
+
+def test_comparisons_use_each_configurations_reference(e2e):
+    args = e2e.parse_args(["--modes", "mtp,torch_compile"])
+
+    def out(lp):
+        return [
+            {"output_ids": [5, 6], "token_logprobs": [lp, -1.0], "top_logprobs": [{"5": lp}, {"6": -1.0}]}
+        ]
+
+    outputs = {
+        (1, "mtp", "flashmla"): out(-0.50),
+        (1, "mtp", "flashmla_ops"): out(-0.52),
+        (1, "torch_compile", "flashmla_ops"): out(-0.50),
+        (1, "torch_compile", "flashmla_ops+torch_compile"): out(-0.90),
+    }
+    results = {"comparisons": [], "noise_floor": []}
+    e2e.add_comparisons(results, outputs, args)
+    by_key = {c["key"]: c for c in results["comparisons"]}
+    assert set(by_key) == {"tp1-mtp", "tp1-torch_compile"}
+    assert by_key["tp1-mtp"]["reference"] == "flashmla" and by_key["tp1-mtp"]["passed"]
+    assert by_key["tp1-torch_compile"]["backend"] == "flashmla_ops+torch_compile"
+    assert by_key["tp1-torch_compile"]["reference"] == "flashmla_ops"
+    assert not by_key["tp1-torch_compile"]["passed"]  # 0.4 > atol
+    e2e.add_comparisons(results, outputs, args)  # idempotent
+    assert len(results["comparisons"]) == 2
