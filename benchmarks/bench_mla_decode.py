@@ -373,21 +373,12 @@ def main():
     print("\n" + hdr)
     for r in results:
         o = r.get("flashmla_ops", {})
-
-        def us(name, r=r):
-            v = r.get(name, {})
-            return f"{v['us']:8.1f}" if "us" in v else f"{'-':>8}"
-
-        def rat(key, r=r):
-            v = r.get(key)
-            return f"{v:5.2f}" if v else f"{'-':>5}"
-
-        line = f"{r['b']:>4} {r['s_q']:>2} {r['h_q']:>4} {r['s_k']:>6} {'y' if r['varlen'] else 'n':>3} | "
         nan = float("nan")
-        line += f"{o.get('us', nan):8.1f} {o.get('gbps', nan):6.0f} {o.get('tflops', nan):5.0f} |"
-        line += f" {us('FlashMLA')} {us('FlashInfer')} {us('torch')} |"
-        line += f" {rat('ratio_vs_FlashMLA')} {rat('ratio_vs_FlashInfer')} {rat('ratio_vs_fastest_peer'):>6}"
-        print(line)
+        line = (
+            _row_key(r) + f"{o.get('us', nan):8.1f} {o.get('gbps', nan):6.0f} {o.get('tflops', nan):5.0f} |"
+        )
+        line += f" {_us(r, 'FlashMLA')} {_us(r, 'FlashInfer')} {_us(r, 'torch')} |"
+        print(line + _ratios(r, ""))
     ratios = [r["ratio_vs_fastest_peer"] for r in results if r.get("ratio_vs_fastest_peer")]
     if ratios:
         geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
@@ -397,20 +388,14 @@ def main():
         head = f"{'b':>4} {'sq':>2} {'hq':>4} {'sk':>6} {'var':>3} | {'ours':>8} {'FlashMLA':>8}"
         print(head + f" {'FlashInf':>8} | {'r/FM':>5} {'r/FI':>5} {'r/best':>6} | layers")
         for r in results:
-
-            def g(name, r=r):
-                v = r.get(name, {})
-                return f"{v['graph_us']:8.1f}" if "graph_us" in v else f"{'-':>8}"
-
-            def rat(key, r=r):
-                v = r.get(key)
-                return f"{v:5.2f}" if v else f"{'-':>5}"
-
+            line = _row_key(r) + " ".join(
+                _us(r, n, "graph_us") for n in ("flashmla_ops", "FlashMLA", "FlashInfer")
+            )
             print(
-                f"{r['b']:>4} {r['s_q']:>2} {r['h_q']:>4} {r['s_k']:>6} {'y' if r['varlen'] else 'n':>3} | "
-                f"{g('flashmla_ops')} {g('FlashMLA')} {g('FlashInfer')} | {rat('ratio_vs_FlashMLA_graph')} "
-                f"{rat('ratio_vs_FlashInfer_graph')} {rat('ratio_vs_fastest_peer_graph'):>6} | "
-                f"{r.get('flashmla_ops', {}).get('graph_layers', '-')}"
+                line
+                + " |"
+                + _ratios(r, "_graph")
+                + f" | {r.get('flashmla_ops', {}).get('graph_layers', '-')}"
             )
         g_ratios = [r["ratio_vs_fastest_peer_graph"] for r in results if r.get("ratio_vs_fastest_peer_graph")]
         if g_ratios:
@@ -421,6 +406,24 @@ def main():
             json.dump(dict(info=info, rows=results, workspace=ws), f, indent=1)
     if args.png:
         plot(results, args.png, info)
+
+
+def _row_key(r):
+    return f"{r['b']:>4} {r['s_q']:>2} {r['h_q']:>4} {r['s_k']:>6} {'y' if r['varlen'] else 'n':>3} | "
+
+
+def _us(r, name, key="us"):
+    v = r.get(name, {})
+    return f"{v[key]:8.1f}" if key in v else f"{'-':>8}"
+
+
+def _ratios(r, suffix):
+    """Ratios to FlashMLA, FlashInfer and the faster of them (columns r/FM r/FI r/best)."""
+    cells = []
+    for name in ("FlashMLA", "FlashInfer", "fastest_peer"):
+        v = r.get(f"ratio_vs_{name}{suffix}")
+        cells.append(f"{v:5.2f}" if v else f"{'-':>5}")
+    return f" {cells[0]} {cells[1]} {cells[2]:>6}"
 
 
 def plot(results, path, info):

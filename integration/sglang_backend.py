@@ -219,29 +219,9 @@ _decode_widened = torch.library.custom_op("flashmla_ops_sglang::decode_widened",
 
 
 @_decode_widened.register_fake
-def _(
-    q,
-    k_cache,
-    block_table,
-    cache_seqlens,
-    head_dim_v,
-    tile_scheduler_metadata,
-    num_splits,
-    softmax_scale,
-    causal,
-):
+def _(*args):
     # The output shapes do not depend on the block table's width: flashmla_ops' own fake (and checks) decide.
-    return flashmla_ops.flash_mla_with_kvcache(
-        q,
-        k_cache,
-        block_table,
-        cache_seqlens,
-        head_dim_v,
-        tile_scheduler_metadata,
-        num_splits,
-        softmax_scale,
-        causal,
-    )
+    return flashmla_ops.flash_mla_with_kvcache(*args)
 
 
 def widen_block_table(block_table: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from _helpers import D_V, PAGE, loop_oracle, make_inputs
+from _helpers import D_V, PAGE, DecodeInputs, loop_oracle, make_inputs
 
 import flashmla_ops
 
@@ -62,30 +62,13 @@ def dequantize_f64(k_cache: torch.Tensor, k_scale: torch.Tensor | float | None) 
 
 # ---- inputs -----------------------------------------------------------------------------------------------
 @dataclass
-class Fp8Inputs:
-    q: torch.Tensor
-    k_cache: torch.Tensor
-    k_scale: torch.Tensor | None
-    block_table: torch.Tensor
-    cache_seqlens: torch.Tensor
-    seqlens: list[int]
-    h_kv: int
-    dense: torch.Tensor  # the bf16/fp16 cache before quantisation
+class Fp8Inputs(DecodeInputs):
+    k_scale: torch.Tensor | None = None
+    dense: torch.Tensor | None = None  # the bf16/fp16 cache before quantisation
 
     def args(self, meta: torch.Tensor, num_splits: torch.Tensor, scale: float, causal: bool) -> tuple:
         """Positional arguments of torch.ops.flashmla.mla_decode_fp8."""
-        return (
-            self.q,
-            self.k_cache,
-            self.block_table,
-            self.cache_seqlens,
-            D_V,
-            meta,
-            num_splits,
-            scale,
-            causal,
-            self.k_scale,
-        )
+        return (*super().args(meta, num_splits, scale, causal), self.k_scale)
 
 
 def slot_valid(block_table: torch.Tensor, seqlens: list[int], num_pages: int) -> torch.Tensor:
