@@ -24,6 +24,7 @@ const char* dtype_name(ScalarType t) {
     case ScalarType::Byte: return "uint8";
     case ScalarType::Char: return "int8";
     case ScalarType::Bool: return "bool";
+    case ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
     default: return "another dtype";
   }
 }

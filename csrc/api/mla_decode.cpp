@@ -55,6 +55,49 @@ void make_k_tensor_map(const Tensor& k_cache, DType dtype, CUtensorMap* map) {
                  static_cast<int>(r), ")");
 }
 
+// One 4-D TMA map (inner dim, 64 tokens, h_kv, num_pages) over k_cache's bytes from `offset`, with
+// k_cache's strides (in bytes) and a (box_inner x 64) box.
+void make_fp8_map(const Tensor& k_cache, CUtensorMapDataType type, int elem_bytes, int64_t offset,
+                  int64_t inner, int box_inner, CUtensorMapSwizzle swizzle, CUtensorMap* map) {
+  const auto encode = tensor_map_encoder();
+  FLASHMLA_CHECK(encode != nullptr, "cuTensorMapEncodeTiled is not available from the CUDA driver");
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(kPageSize),
+                              static_cast<cuuint64_t>(k_cache.size(2)),
+                              static_cast<cuuint64_t>(k_cache.size(0))};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(k_cache.stride(1)),
+                                 static_cast<cuuint64_t>(k_cache.stride(2)),
+                                 static_cast<cuuint64_t>(k_cache.stride(0))};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_inner), static_cast<cuuint32_t>(kPageSize), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  (void)elem_bytes;
+  const CUresult r = encode(map, type, 4, static_cast<char*>(k_cache.data_ptr()) + offset, dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  FLASHMLA_CHECK(r == CUDA_SUCCESS, "could not build the TMA descriptor of k_cache (CUresult ",
+                 static_cast<int>(r), ")");
+}
+
+// FP8 caches (kernels/sm90/dequant_fp8.cuh): the e4m3 values as bytes in 128-column boxes (the per-tensor
+// format's last box runs past column 576: TMA fills that half with zeros), and for DeepSeek V3.2 its bf16
+// RoPE values (one 64 x 64 box, 128B swizzle) and its four float32 scales per token (a 4 x 64 box).
+void make_fp8_tensor_maps(const Tensor& k_cache, int kv_format, DecodeParams* p) {
+  std::memset(&p->tma_k, 0, sizeof(p->tma_k));
+  std::memset(&p->tma_rope, 0, sizeof(p->tma_rope));
+  std::memset(&p->tma_scale, 0, sizeof(p->tma_scale));
+  if (k_cache.numel() == 0) return;
+  if (kv_format == kKvFp8Tensor) {
+    make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, 0, kHeadDimK, 128, CU_TENSOR_MAP_SWIZZLE_NONE,
+                 &p->tma_k);
+    return;
+  }
+  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, 0, kHeadDimV, 128, CU_TENSOR_MAP_SWIZZLE_NONE,
+               &p->tma_k);
+  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, kV32RopeOffset, kHeadDimK - kHeadDimV, 64,
+               CU_TENSOR_MAP_SWIZZLE_128B, &p->tma_rope);
+  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, kV32ScaleOffset, 4, 4, CU_TENSOR_MAP_SWIZZLE_NONE,
+               &p->tma_scale);
+}
+
 // The checks and their order mirror flashmla_ops/_validation.py (check_mla_decode, check_mla_decode_out),
 // with the same message text, so a bad input reads the same on every device.
 void check_int32(const Tensor& t, const char* name) {
@@ -86,25 +129,74 @@ void check_aligned(const Tensor& t, const char* name) {
                  strides_str(t));
 }
 
-// Checks everything the kernels rely on. Returns the dtype.
+// The FP8 format of k_cache (check_kv_fp8_format in flashmla_ops/_validation.py).
+int check_kv_fp8_format(const Tensor& k_cache) {
+  const ScalarType kt = k_cache.scalar_type();
+  FLASHMLA_CHECK(kt == ScalarType::Float8_e4m3fn || kt == ScalarType::Byte,
+                 "an FP8 k_cache must be float8_e4m3fn (per-tensor scale, [num_pages, 64, h_kv, 576]) or uint8 "
+                 "(DeepSeek V3.2, [num_pages, 64, h_kv, 656]), got ",
+                 dtype_name(kt));
+  if (kt == ScalarType::Float8_e4m3fn) {
+    FLASHMLA_CHECK(k_cache.size(-1) == kHeadDimK,
+                   "a float8_e4m3fn k_cache (per-tensor FP8) must have head dim (size(-1)) 576, got ",
+                   k_cache.size(-1), "; a DeepSeek V3.2 cache (656 bytes per token) must be uint8");
+    return kKvFp8Tensor;
+  }
+  FLASHMLA_CHECK(k_cache.size(-1) == kV32BytesPerToken,
+                 "a uint8 k_cache (DeepSeek V3.2 FP8) must have 656 bytes per token (size(-1)), got ",
+                 k_cache.size(-1), "; a per-tensor FP8 cache (576 values per token) must be float8_e4m3fn");
+  return kKvFp8V32;
+}
+
+// k_scale (check_k_scale in flashmla_ops/_validation.py).
+void check_k_scale(int kv_format, const std::optional<Tensor>& k_scale, const Tensor& q) {
+  if (kv_format == kKvFp8V32) {
+    FLASHMLA_CHECK(!k_scale.has_value(),
+                   "k_scale must be None for a uint8 k_cache (DeepSeek V3.2 FP8 keeps its scales in the cache)");
+    return;
+  }
+  FLASHMLA_CHECK(k_scale.has_value(),
+                 "a float8_e4m3fn k_cache (per-tensor FP8) needs k_scale, a float32 tensor of shape [1]");
+  FLASHMLA_CHECK(k_scale->scalar_type() == ScalarType::Float, "k_scale must be float32, got ",
+                 dtype_name(k_scale->scalar_type()));
+  FLASHMLA_CHECK(k_scale->dim() == 1 && k_scale->size(0) == 1, "k_scale must have shape [1], got ",
+                 shape_str(*k_scale));
+  check_device(*k_scale, "k_scale", q);
+}
+
+// Checks everything the kernels rely on. Returns the dtype. `kv_format`: null for the dense ops; for the FP8
+// ops it receives the cache format (kKvFp8Tensor or kKvFp8V32).
 DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_table,
                    const Tensor& cache_seqlens, int64_t head_dim_v, const Tensor& meta,
-                   const Tensor& num_splits) {
+                   const Tensor& num_splits, int* kv_format = nullptr) {
   const ScalarType qt = q.scalar_type();
+  const bool fp8 = kv_format != nullptr;
   FLASHMLA_CHECK(qt == ScalarType::BFloat16 || qt == ScalarType::Half, "q must be bfloat16 or float16, got ",
                  dtype_name(qt));
-  FLASHMLA_CHECK(k_cache.scalar_type() == qt, "k_cache must have the same dtype as q (", dtype_name(qt),
-                 "), got ", dtype_name(k_cache.scalar_type()));
+  if (fp8) {
+    FLASHMLA_CHECK(k_cache.scalar_type() == ScalarType::Float8_e4m3fn || k_cache.scalar_type() == ScalarType::Byte,
+                   "an FP8 k_cache must be float8_e4m3fn (per-tensor scale, [num_pages, 64, h_kv, 576]) or uint8 "
+                   "(DeepSeek V3.2, [num_pages, 64, h_kv, 656]), got ",
+                   dtype_name(k_cache.scalar_type()));
+  } else {
+    FLASHMLA_CHECK(k_cache.scalar_type() == qt, "k_cache must have the same dtype as q (", dtype_name(qt),
+                   "), got ", dtype_name(k_cache.scalar_type()));
+  }
   check_int32(block_table, "block_table");
   check_int32(cache_seqlens, "cache_seqlens");
   check_int32(meta, "tile_scheduler_metadata");
   check_int32(num_splits, "num_splits");
 
   check_ndim(q, "q", 4, "[b, s_q, h_q, 576]");
-  check_ndim(k_cache, "k_cache", 4, "[num_pages, 64, h_kv, 576]");
+  const bool v32 = fp8 && k_cache.scalar_type() == ScalarType::Byte;
+  check_ndim(k_cache, "k_cache", 4, v32 ? "[num_pages, 64, h_kv, 656]" : "[num_pages, 64, h_kv, 576]");
   FLASHMLA_CHECK(q.size(3) == kHeadDimK, "q must have head dim (size(-1)) 576, got ", q.size(3));
-  FLASHMLA_CHECK(k_cache.size(3) == kHeadDimK, "k_cache must have head dim (size(-1)) 576, got ",
-                 k_cache.size(3));
+  if (fp8) {
+    *kv_format = check_kv_fp8_format(k_cache);
+  } else {
+    FLASHMLA_CHECK(k_cache.size(3) == kHeadDimK, "k_cache must have head dim (size(-1)) 576, got ",
+                   k_cache.size(3));
+  }
   FLASHMLA_CHECK(head_dim_v == kHeadDimV, "head_dim_v must be 512, got ", head_dim_v);
   FLASHMLA_CHECK(k_cache.size(1) == kPageSize, "k_cache page size (size(1)) must be 64, got ",
                  k_cache.size(1));
@@ -149,7 +241,19 @@ DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_t
   check_contiguous(num_splits, "num_splits");
 
   check_aligned(q, "q");
-  check_aligned(k_cache, "k_cache");
+  if (fp8) {
+    // CUDA-only: TMA reads the FP8 cache with 16-byte aligned rows.
+    bool ok = reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0;
+    for (int64_t i = 0; i + 1 < k_cache.dim(); ++i) ok = ok && (k_cache.size(i) == 1 || k_cache.stride(i) % 16 == 0);
+    FLASHMLA_CHECK(ok, "k_cache must be 16-byte aligned with strides that are multiples of 16 bytes, got strides ",
+                   strides_str(k_cache));
+    // CUDA-only: the V3.2 kernel dequantises into bf16 (its scales make fp16 inexact).
+    FLASHMLA_CHECK(!v32 || qt == ScalarType::BFloat16,
+                   "the DeepSeek V3.2 FP8 cache (uint8, 656 bytes per token) takes bfloat16 q on CUDA, got ",
+                   dtype_name(qt));
+  } else {
+    check_aligned(k_cache, "k_cache");
+  }
   return qt == ScalarType::BFloat16 ? DType::kBF16 : DType::kFP16;
 }
 
@@ -204,7 +308,8 @@ namespace {
 void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_table,
                 const Tensor& cache_seqlens, const Tensor& meta, const Tensor& num_splits,
                 double softmax_scale, bool causal, DType dtype, const Tensor& out, const Tensor& lse,
-                const std::optional<Tensor>& workspace) {
+                const std::optional<Tensor>& workspace, int kv_format = kKvNative,
+                const std::optional<Tensor>& k_scale = std::nullopt) {
   const int device = q.get_device_index();
   check_sm90(device);
 
@@ -242,7 +347,13 @@ void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_tabl
   p.q_seq_stride = q.stride(1);
   p.q_head_stride = q.stride(2);
   p.k = k_cache.data_ptr();
-  make_k_tensor_map(k_cache, dtype, &p.tma_k);
+  p.kv_format = kv_format;
+  p.k_scale = k_scale.has_value() ? static_cast<const float*>(k_scale->data_ptr()) : nullptr;
+  if (kv_format == kKvNative) {
+    make_k_tensor_map(k_cache, dtype, &p.tma_k);
+  } else {
+    make_fp8_tensor_maps(k_cache, kv_format, &p);
+  }
   p.k_page_stride = k_cache.stride(0);
   p.k_row_stride = k_cache.stride(1);
   p.k_head_stride = k_cache.stride(2);
@@ -274,8 +385,12 @@ void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_tabl
   p.lse_accum = p.o_accum + rows * kHeadDimV;
 
   const cudaStream_t stream = current_stream(device);
-  check_cuda(dtype == DType::kBF16 ? launch_decode_sm90_bf16(p, stream) : launch_decode_sm90_fp16(p, stream),
-             "decode kernel launch");
+  if (kv_format != kKvNative) {
+    check_cuda(launch_decode_sm90_fp8(p, dtype, stream), "decode kernel launch");
+  } else {
+    check_cuda(dtype == DType::kBF16 ? launch_decode_sm90_bf16(p, stream) : launch_decode_sm90_fp16(p, stream),
+               "decode kernel launch");
+  }
   check_cuda(launch_combine(p, dtype, stream), "combine kernel launch");
 }
 
@@ -307,9 +422,43 @@ std::tuple<Tensor, Tensor> mla_decode_cuda(Tensor q, Tensor k_cache, Tensor bloc
   return {out, lse};
 }
 
+void mla_decode_fp8_out_cuda(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens,
+                             int64_t head_dim_v, Tensor meta, Tensor num_splits, double softmax_scale,
+                             bool causal, std::optional<Tensor> k_scale, Tensor out, Tensor lse,
+                             std::optional<Tensor> workspace) {
+  int kv_format = kKvNative;
+  const DType dtype =
+      check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits, &kv_format);
+  check_k_scale(kv_format, k_scale, q);
+  check_outputs(q, out, lse);
+  if (workspace.has_value()) check_workspace(q, k_cache, meta, *workspace);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  run_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, softmax_scale, causal, dtype, out, lse,
+             workspace, kv_format, k_scale);
+}
+
+std::tuple<Tensor, Tensor> mla_decode_fp8_cuda(Tensor q, Tensor k_cache, Tensor block_table,
+                                               Tensor cache_seqlens, int64_t head_dim_v, Tensor meta,
+                                               Tensor num_splits, double softmax_scale, bool causal,
+                                               std::optional<Tensor> k_scale) {
+  int kv_format = kKvNative;
+  const DType dtype =
+      check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits, &kv_format);
+  check_k_scale(kv_format, k_scale, q);
+  const int64_t b = q.size(0), s_q = q.size(1), h_q = q.size(2);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  Tensor out = torch::stable::new_empty(q, {b, s_q, h_q, kHeadDimV});
+  Tensor lse = torch::stable::new_empty(q, {b, h_q, s_q}, ScalarType::Float);
+  run_decode(q, k_cache, block_table, cache_seqlens, meta, num_splits, softmax_scale, causal, dtype, out, lse,
+             std::nullopt, kv_format, k_scale);
+  return {out, lse};
+}
+
 }  // namespace flashmla::api
 
 STABLE_TORCH_LIBRARY_IMPL(flashmla, CUDA, m) {
   m.impl("mla_decode", TORCH_BOX(&flashmla::api::mla_decode_cuda));
   m.impl("mla_decode_out", TORCH_BOX(&flashmla::api::mla_decode_out_cuda));
+  m.impl("mla_decode_fp8", TORCH_BOX(&flashmla::api::mla_decode_fp8_cuda));
+  m.impl("mla_decode_fp8_out", TORCH_BOX(&flashmla::api::mla_decode_fp8_out_cuda));
 }

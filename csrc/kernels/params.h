@@ -63,11 +63,24 @@ struct SchedParams {
 };
 
 // ---- Decode ------------------------------------------------------------------------------------------
+// How k_cache stores a token (one kv head): q's dtype, 576 values (kKvNative); float8_e4m3fn, 576 values
+// times the per-tensor k_scale (kKvFp8Tensor); or DeepSeek V3.2's 656 bytes, 512 e4m3 values, 4 float32
+// scales (one per 128 values), 64 bf16 RoPE values (kKvFp8V32).
+enum KvFormat : int { kKvNative = 0, kKvFp8Tensor = 1, kKvFp8V32 = 2 };
+constexpr int kV32BytesPerToken = 656;
+constexpr int kV32ScaleOffset = 512;  // bytes from the token's start to its 4 float32 scales
+constexpr int kV32RopeOffset = 528;   // ... and to its 64 bf16 RoPE values
+
 struct DecodeParams {
   // TMA descriptor of k_cache viewed as a 4-D tensor (576 dims, 64 tokens, h_kv, num_pages) with a
   // 64 x 64 box and 128-byte swizzle: one box is one 8 KB column tile of a page, nine make the page.
   // First member: the struct is a __grid_constant__ kernel parameter and TMA needs the map 64-byte aligned.
   CUtensorMap tma_k;  // 64-byte aligned by its own declaration
+  // FP8 caches only (kv_format != kKvNative): the RoPE values (bf16, 64 x 64 box, 128-byte swizzle) and the
+  // four float32 scales of each token (4 x 64 box) of the DeepSeek V3.2 format; tma_k then covers the e4m3
+  // values as bytes (128 x 64 box, no swizzle; kernels/sm90/dequant_fp8.cuh).
+  CUtensorMap tma_rope;
+  CUtensorMap tma_scale;
 
   // sizes
   int b, s_q, h_q, h_kv;
@@ -79,6 +92,10 @@ struct DecodeParams {
   int max_blocks_per_seq;  // block_table.size(1)
   bool causal;
   float scale_log2;  // softmax_scale * log2(e): the kernels work in the log2 domain
+  int kv_format;     // KvFormat of k_cache
+  // Per-tensor FP8: the float32 [1] device tensor k_scale (dequantised value = stored * k_scale), read by the
+  // kernel so that a captured CUDA graph sees a new value. Null otherwise.
+  const float* k_scale;
 
   // q [b, s_q, h_q, 576], last dim contiguous
   const void* q;

@@ -271,7 +271,7 @@ template <typename T, class TensorO>
 __device__ __forceinline__ void write_rows(const DecodeParams& p, const TensorO& tOrO, const RequestWork& w,
                                            int req, int h_k, int m_block, int r0, int wg, int quad_col,
                                            int lane, const float (&l_row)[2], const float (&m_row)[2],
-                                           bool bad) {
+                                           bool bad, float out_scale = 1.f) {
   const int64_t slot = static_cast<int64_t>(p.num_splits[req]) + w.split_idx;
   // Metadata and num_splits from different calls could name a slot past the workspace (2 * num_sm_parts
   // pieces): never write there (the combine kernel flags such a request with NaN).
@@ -286,7 +286,7 @@ __device__ __forceinline__ void write_rows(const DecodeParams& p, const TensorO&
     // l == 0: no visible key. A NaN l (NaN in q or in visible cache rows) must stay NaN, not become
     // "empty": it propagates to out and lse like the reference's.
     const bool empty = l == 0.f;
-    const float inv = empty ? 0.f : 1.f / l;
+    const float inv = empty ? 0.f : out_scale / l;  // out_scale: the per-tensor FP8 k_scale, else 1
     const float nan = __int_as_float(0x7fc00000);
     const int col_base = wg * (kHeadDimV / 2) + quad_col;
     if (w.n_pieces == 0) {

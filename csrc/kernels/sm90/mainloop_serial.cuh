@@ -34,10 +34,21 @@
 #pragma once
 
 #include "kernels/sm90/common.cuh"
+#include "kernels/sm90/dequant_fp8.cuh"
 
 namespace flashmla::sm90 {
 
-template <typename T>
+// FP8 caches only: warpgroup 1 expands each landed FP8 page in place (dequant_fp8.cuh) and then arrives on
+// the buffer's cbar; warpgroup 0 waits for that instead of the copy. V3.2's per-token scales land in `scales`.
+template <int kFmt>
+struct SerialFp8Storage {
+  uint64_t cbar[2];
+  alignas(128) float scales[2][kPageSize * 4];
+};
+template <>
+struct SerialFp8Storage<kKvNative> {};
+
+template <typename T, int kFmt = kKvNative>
 struct alignas(1024) SerialStorage {
   alignas(1024) T q[kBlockM * kHeadDimK];
   alignas(1024) T k[2][kPageSize * kHeadDimK];
@@ -46,6 +57,7 @@ struct alignas(1024) SerialStorage {
   float row_max[kBlockM];  // final running max (log2 domain) per row
   float row_sum[kBlockM];  // final softmax denominator per row
   uint64_t kbar[2];        // one mbarrier per K buffer: completes when that buffer's page has landed
+  SerialFp8Storage<kFmt> fp8;
 };
 
 // Thread 0: copy `page` (kv head h_k) into a K buffer with nine 64x64 TMA boxes completing on `bar`, or, for
@@ -64,11 +76,15 @@ __device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uin
   }
 }
 
-template <typename T>
+// kFmt: the cache format (KvFormat). For an FP8 cache T is q's dtype, the dtype of the dequantised tile and
+// of every wgmma; the per-tensor k_scale multiplies the logits (folded into the softmax scale) and the output.
+template <typename T, int kFmt = kKvNative>
 __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = Traits<T>;
+  constexpr bool kFp8 = kFmt != kKvNative;
+  static_assert(kFmt != kKvFp8V32 || std::is_same_v<T, cutlass::bfloat16_t>, "V3.2 FP8 takes bf16 q only");
   extern __shared__ __align__(1024) char smem_raw[];
-  SerialStorage<T>& smem = *reinterpret_cast<SerialStorage<T>*>(smem_raw);
+  SerialStorage<T, kFmt>& smem = *reinterpret_cast<SerialStorage<T, kFmt>*>(smem_raw);
 
   const int m_block = blockIdx.x, h_k = blockIdx.y, part = blockIdx.z;
   FMLA_TRACE_ENTRY();
@@ -95,14 +111,56 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
   // (tma_load_box says why); num_splits[b] counts them, written by get_mla_metadata before this kernel.
   const bool evict_first = p.num_splits[p.b] > 0;
 
+  // The per-tensor FP8 scale: the logits and the output are linear in it.
+  float scale_log2 = p.scale_log2, out_scale = 1.f;
+  if constexpr (kFmt == kKvFp8Tensor) {
+    out_scale = *p.k_scale;
+    scale_log2 *= out_scale;
+  }
+
   if (threadIdx.x == 0) {
     mbar_init(&smem.kbar[0], 1);
     mbar_init(&smem.kbar[1], 1);
+    if constexpr (kFp8) {
+      mbar_init(&smem.fp8.cbar[0], 128);
+      mbar_init(&smem.fp8.cbar[1], 128);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_k) : "memory");
+    if constexpr (kFmt == kKvFp8V32) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_rope) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(&p.tma_scale) : "memory");
+    }
   }
   __syncthreads();
-  uint32_t kphase = 0;  // bit b: parity of the next phase of kbar[b] this thread waits for
+  // bit b: parity of the next phase of kbar[b] this thread waits for (of cbar[b] for warpgroup 0 with FP8)
+  uint32_t kphase = 0;
+  // Wait for buffer `buf` to be readable by wgmma: its copy landed (dense) or was expanded (FP8).
+  auto wait_ready = [&](int buf) {
+    uint64_t* bar = &smem.kbar[buf];
+    if constexpr (kFp8) bar = &smem.fp8.cbar[buf];
+    mbar_wait(bar, (kphase >> buf) & 1);
+    kphase ^= 1u << buf;
+  };
+  // FP8, warpgroup 1: wait for the copy into buffer `buf`, expand it in place, publish it on cbar[buf].
+  auto expand = [&](int buf) {
+    if constexpr (kFp8) {
+      mbar_wait(&smem.kbar[buf], (kphase >> buf) & 1);
+      kphase ^= 1u << buf;
+      convert_page_fp8<T, kFmt>(reinterpret_cast<char*>(smem.k[buf]), smem.fp8.scales[buf], wtid);
+      fence_async_proxy();  // ordinary stores, read by wgmma (async proxy)
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(&smem.fp8.cbar[buf]))
+                   : "memory");
+    }
+  };
+  auto issue = [&](int buf, int page) {
+    if constexpr (kFp8) {
+      issue_page_fp8<kFmt>(p, reinterpret_cast<char*>(smem.k[buf]), smem.fp8.scales[buf], &smem.kbar[buf], h_k,
+                           page, evict_first);
+    } else {
+      issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, page, evict_first);
+    }
+  };
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Tr::SmemLayoutQK{});
   Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Tr::SmemLayoutP{});
@@ -149,12 +207,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     // waits for and warpgroup 1 never does, and their parities would drift apart for the part's later
     // segments.
     if (threadIdx.x == 0 && ws.blk_begin < ws.blk_end) {
-      issue_page(p, smem.k[0], &smem.kbar[0], h_k,
-                 block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad), evict_first);
-      if (ws.blk_begin + 1 < ws.blk_end) {
-        const int page = block_page(p, req, ws.blk_begin + 1, ws.seqlen_safe, lookup_bad);
-        issue_page(p, smem.k[1], &smem.kbar[1], h_k, page, evict_first);
-      }
+      issue(0, block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad));
+      if (ws.blk_begin + 1 < ws.blk_end) issue(1, block_page(p, req, ws.blk_begin + 1, ws.seqlen_safe, lookup_bad));
     }
   };
 
@@ -174,9 +228,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
     clear(tOrO);
+    if (kFp8 && wg == 1 && w.blk_begin < w.blk_end) expand(0);
     if (wg == 0 && w.blk_begin < w.blk_end) {
-      mbar_wait(&smem.kbar[0], kphase & 1);
-      kphase ^= 1;
+      wait_ready(0);
       issue_qk(0);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
@@ -202,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
               const int idx = c + 2 * r + 4 * j;
-              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
+              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * scale_log2 : -INFINITY;
               tSrS(idx) = v;
               mx = fmaxf(mx, v);
             }
@@ -263,8 +317,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
           }
         }
       }
-      if (wg == 1) {
-        // The copy's completion is observed by warpgroup 1 too before its wgmma reads the buffer.
+      if (!kFp8 && wg == 1) {
+        // The copy's completion is observed by warpgroup 1 too before its wgmma reads the buffer (with FP8,
+        // warpgroup 1 expanded the buffer itself).
         mbar_wait(&smem.kbar[buf], (kphase >> buf) & 1);
         kphase ^= 1u << buf;
       }
@@ -277,18 +332,20 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
         cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
       }
       warpgroup_commit_batch();
+      // FP8: warpgroup 1 expands the next page while this P V runs on the tensor cores; warpgroup 0's
+      // Q K^T of it waits for that below.
+      if (kFp8 && wg == 1 && has_next) expand(buf ^ 1);
       // Each branch below is straight-line wgmma code ending with nothing in flight, so ptxas can see that
       // no accumulator is touched while a wgmma may still write it (otherwise it serialises them, C7515).
       if (wg == 0 && has_next) {
         // Q K^T of the next page goes to the tensor cores right behind this P V.
-        mbar_wait(&smem.kbar[buf ^ 1], (kphase >> (buf ^ 1)) & 1);
-        kphase ^= 1u << (buf ^ 1);
+        wait_ready(buf ^ 1);
         issue_qk(buf ^ 1);
         warpgroup_wait<1>();  // this page's P V is done; the next Q K^T may still run
         warpgroup_fence_operand(tOrO);
         named_barrier_sync(1, kThreads);  // both P V done: sP and this K buffer may be overwritten
         if (threadIdx.x == 0 && blk + 2 < w.blk_end)
-          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page, evict_first);
+          issue(buf, next_page);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tSrS);
       } else {
@@ -296,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
         warpgroup_fence_operand(tOrO);
         named_barrier_sync(1, kThreads);
         if (threadIdx.x == 0 && blk + 2 < w.blk_end)
-          issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, next_page, evict_first);
+          issue(buf, next_page);
       }
     }
     // Thread 0 may have flagged an invalid page id while looking pages up: share the flag.
@@ -330,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       l_row[r] = smem.row_sum[r0 + 8 * r];
       m_row[r] = smem.row_max[r0 + 8 * r];
     }
-    write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad);
+    write_rows<T>(p, tOrO, w, req, h_k, m_block, r0, wg, quad_col, lane, l_row, m_row, bad, out_scale);
     // No barrier here: the next segment's opening __syncthreads orders these reads of the statistics before
     // anything rewrites them (its Q and pages were issued before this epilogue, into buffers it does not
     // read).
