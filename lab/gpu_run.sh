@@ -3,7 +3,8 @@
 # in .carry/: .carry/nvidia_cutlass-4.2.0.0-*.whl (CUTLASS/CuTe headers), .carry/expecttest-*.whl and
 # .carry/peers.tar.xz (FlashMLA + FlashInfer, from ../shared/tools/peer-bundle.sh), and .carry/commit (the
 # commit the copy was taken at). Stages (any subset, in order): build sass test-quick test-k (TEST_K)
-# test sanitize sched-bench bench-quick variant-quick ab-quick breakdown ncu-small probe-small probes bench.
+# test sanitize sched-bench bench-quick variant-quick ab-quick breakdown ncu-small probe-small probes
+# bench-fp8 (FP8_BENCH: its arguments) bench.
 # Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flashmla_out}
@@ -143,6 +144,10 @@ for st in $stages; do
           lab/probes/smem_contention_probe.cu || exit 1
       timeout 120 /tmp/smem_contention_probe 2>&1 | tee "$OUT/smem_contention_probe.log"
       timeout 120 /tmp/tma_stream_probe l2 2>&1 | tee "$OUT/tma_stream_probe_l2.log"
+      ;;
+    bench-fp8)
+      (cd /tmp && PYTHONPATH=/tmp/site:/tmp/peers python3 "$REPO/benchmarks/bench_fp8.py" ${FP8_BENCH:-} \
+        --json "$OUT/bench_fp8.json") 2>&1 | tee "$OUT/bench_fp8.log" | tail -70
       ;;
     bench)
       PYTHONPATH=/tmp/site:/tmp/peers python3 benchmarks/bench_mla_decode.py --json "$OUT/bench.json" \
