@@ -30,7 +30,8 @@ class FlashMLAOpsSGLangError(ValueError):
     """SGLang asked the ``flashmla_ops`` attention backend for a configuration it cannot serve.
 
     Raised when the backend is created (in SGLang's scheduler process, so ``launch_server`` reports it
-    and exits) for: a model that is not MLA, a page size other than 64, an FP8 (or any non-16-bit) KV cache,
+    and exits) for: a model that is not MLA, a page size other than 64, a KV cache that is neither 16-bit nor
+    float8_e4m3fn (``--kv-cache-dtype fp8_e5m2``, float32),
     MLA dimensions other than kv_lora_rank 512 / qk_rope_head_dim 64, and decode context parallelism.
     """
 
@@ -39,7 +40,7 @@ def check_runner(runner: Any) -> None:
     """Raise :class:`FlashMLAOpsSGLangError` if ``runner`` (a SGLang ``ModelRunner``) cannot use flashmla_ops.
 
     Checked, in this order: ``runner.use_mla_backend`` (the model must be MLA), ``runner.page_size == 64``,
-    ``runner.kv_cache_dtype`` (bfloat16 or float16; FP8 is not supported yet) and, when
+    ``runner.kv_cache_dtype`` (bfloat16, float16 or float8_e4m3fn) and, when
     ``runner.model_config`` has them, ``kv_lora_rank == 512`` and ``qk_rope_head_dim == 64``.
     Reads attributes only; never touches a device.
     """
@@ -60,12 +61,11 @@ def check_runner(runner: Any) -> None:
     if kv_dtype is not None:
         import torch  # SGLang has imported it already; deferred only to keep this module light
 
-        if kv_dtype not in (torch.bfloat16, torch.float16):
-            kind = "an FP8" if getattr(kv_dtype, "itemsize", 0) == 1 else f"a {kv_dtype}"
+        if kv_dtype not in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
             raise FlashMLAOpsSGLangError(
-                f"--attention-backend {BACKEND_NAME} does not support {kind} KV cache (kv_cache_dtype="
-                f"{kv_dtype}) yet: flashmla_ops has no FP8 decode (descale_q / descale_k). Use "
-                "--kv-cache-dtype auto with a bfloat16 / float16 model, or --attention-backend flashmla."
+                f"--attention-backend {BACKEND_NAME} does not support a {kv_dtype} KV cache (kv_cache_dtype="
+                f"{kv_dtype}): it serves bfloat16 / float16 caches (--kv-cache-dtype auto) and FP8 e4m3 "
+                "(--kv-cache-dtype fp8_e4m3). Use one of those, or another attention backend."
             )
     model_config = getattr(runner, "model_config", None)
     for field, expected in (("kv_lora_rank", KV_LORA_RANK), ("qk_rope_head_dim", QK_ROPE_HEAD_DIM)):

@@ -60,8 +60,18 @@ CUDA-graph buffer compatibility (read from 0.5.17 and 0.5.23, the same in both)
   longer than 64 tokens decodes NaN under CUDA graphs (eager mode is right).
   ``k_cache`` is ``[slots // 64, 64, 1, 576]`` (a view, or ``as_strided`` in 0.5.23), also accepted.
 
-Not supported (clear errors): FP8 KV cache (``descale_q`` / ``descale_k``), the ``FlashMLASchedMeta`` API
-(``get_mla_metadata()`` without ``cache_seqlens``), sparse / top-k decode, decode context parallelism.
+FP8 KV cache (``--kv-cache-dtype fp8_e4m3``)
+-------------------------------------------
+SGLang's FlashMLA backend serves an e4m3 cache by quantising q to e4m3 as well
+(``scaled_fp8_quant(q, k_scale)``) and calling FlashMLA's dense-FP8 kernel with ``descale_q`` /
+``descale_k``. flashmla_ops keeps q in bf16 instead (more accurate; its FP8 kernel dequantises the cache
+inside the kernel): in the copied methods ``scaled_fp8_quant`` is bound to :func:`keep_q_unquantised`,
+which hands q back unchanged, so SGLang's own FP8 branch calls the adapter with a 16-bit q, the e4m3 pool
+and ``descale_k`` (the layer's ``k_scale`` tensor, or ones), which the adapter passes on as flashmla_ops'
+``k_scale``. No pool upcast, no copy; under CUDA graphs the scale is read on the device at every replay.
+
+Not supported (clear errors): an e5m2 KV cache, the ``FlashMLASchedMeta`` API (``get_mla_metadata()``
+without ``cache_seqlens``), sparse / top-k decode, decode context parallelism.
 """
 
 from __future__ import annotations
@@ -91,6 +101,7 @@ __all__ = [
     "get_backend_class",
     "get_mla_metadata",
     "import_flashmla_backend_module",
+    "keep_q_unquantised",
     "kernel_users",
     "widen_block_table",
 ]
@@ -116,10 +127,15 @@ _KERNEL_PACKAGE_STANDINS = {
     "sgl_kernel.flash_mla": "sgl_kernel.flash_mla",  # <= 0.5.22 with an sglang-kernel lacking it
 }
 
-_FP8_MESSAGE = (
-    f"flashmla_ops: SGLang asked the {BACKEND_NAME} backend for FP8 MLA decode (descale_q / descale_k or an "
-    "FP8 query / KV cache), which flashmla_ops does not support yet. Use --kv-cache-dtype auto with a "
-    "bfloat16 / float16 model, or --attention-backend flashmla."
+_FP8_Q_MESSAGE = (
+    f"flashmla_ops: the {BACKEND_NAME} backend was handed an FP8 query; flashmla_ops decodes an FP8 KV cache "
+    "with a bfloat16 / float16 query (SGLang's q quantisation is bypassed in the backend's methods). This "
+    "SGLang version quantises q somewhere the backend does not cover: use --attention-backend flashmla for "
+    "FP8 here."
+)
+_E5M2_MESSAGE = (
+    f"flashmla_ops: the {BACKEND_NAME} backend serves FP8 KV caches in e4m3 (--kv-cache-dtype fp8_e4m3), "
+    "not {dtype}"
 )
 
 
@@ -140,15 +156,14 @@ def get_mla_metadata(
 
     Returns ``(tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1])``.
     """
-    if is_fp8_kvcache:
-        raise NotImplementedError(_FP8_MESSAGE)
     if cache_seqlens is None or num_q_tokens_per_head_k is None or num_heads_k is None:
         raise NotImplementedError(
             "flashmla_ops: get_mla_metadata needs cache_seqlens, num_q_tokens_per_head_k and num_heads_k "
             "(the FlashMLASchedMeta form, get_mla_metadata() without arguments, is not supported)"
         )
+    # The FP8 kernels use the same schedule as the 16-bit ones.
     return flashmla_ops.get_mla_metadata(
-        cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q, False, topk
+        cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q, is_fp8_kvcache, topk
     )
 
 
@@ -167,22 +182,32 @@ def flash_mla_with_kvcache(
     is_fp8_kvcache: bool = False,
     indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``flash_mla_with_kvcache`` as ``FlashMLABackend`` calls it, run by flashmla_ops (dense BF16/FP16).
+    """``flash_mla_with_kvcache`` as ``FlashMLABackend`` calls it, run by flashmla_ops.
+
+    Dense bf16/fp16, or an FP8 e4m3 cache (``is_fp8_kvcache``, ``descale_k`` or a 1-byte ``k_cache``) with a
+    16-bit q: ``descale_k`` (float32 ``[1]``, default ones) is the cache's ``k_scale``. ``descale_q`` is
+    ignored: q reaches here unquantised (:func:`keep_q_unquantised`).
 
     Returns ``(out [b, s_q, h_q, 512], lse float32 [b, h_q, s_q])`` (natural-log LSE, like FlashMLA).
 
     Raises:
-        NotImplementedError: FP8 (``descale_q`` / ``descale_k``, ``is_fp8_kvcache`` or a 1-byte ``q``) or
-            sparse (``indices``) decode.
+        NotImplementedError: an FP8 q, an e5m2 cache, or sparse (``indices``) decode.
     """
-    if descale_q is not None or descale_k is not None or is_fp8_kvcache or q.element_size() == 1:
-        raise NotImplementedError(_FP8_MESSAGE)
+    if q.element_size() == 1:
+        raise NotImplementedError(_FP8_Q_MESSAGE)
     if indices is not None:
         raise NotImplementedError("flashmla_ops: sparse (top-k, indices=) decode is not supported")
+    k_scale = None
+    if is_fp8_kvcache or descale_k is not None or k_cache.element_size() == 1:
+        if k_cache.dtype == torch.uint8:  # a pool stored as bytes
+            k_cache = k_cache.view(torch.float8_e4m3fn)
+        if k_cache.dtype != torch.float8_e4m3fn:
+            raise NotImplementedError(_E5M2_MESSAGE.format(dtype=k_cache.dtype))
+        k_scale = descale_k if descale_k is not None else torch.ones(1, device=q.device)
     args = (q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits)
     if torch.compiler.is_compiling():  # traced: the widening must sit inside an opaque op (see below)
-        return _decode_widened(*args, softmax_scale, causal)
-    return _decode_widened_eager(*args, softmax_scale, causal)  # eager: no custom-op dispatch cost
+        return _decode_widened(*args, softmax_scale, causal, k_scale)
+    return _decode_widened_eager(*args, softmax_scale, causal, k_scale)  # eager: no custom-op dispatch
 
 
 # The widening reads the block table's storage size, which torch.compile cannot trace (a graph break under
@@ -199,6 +224,7 @@ def _decode_widened_eager(
     num_splits: torch.Tensor,
     softmax_scale: float | None,
     causal: bool,
+    k_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return flashmla_ops.flash_mla_with_kvcache(
         q,
@@ -210,6 +236,8 @@ def _decode_widened_eager(
         num_splits,
         softmax_scale,
         causal,
+        is_fp8_kvcache=k_scale is not None,
+        k_scale=k_scale,
     )
 
 
@@ -222,6 +250,19 @@ _decode_widened = torch.library.custom_op("flashmla_ops_sglang::decode_widened",
 def _(*args):
     # The output shapes do not depend on the block table's width: flashmla_ops' own fake (and checks) decide.
     return flashmla_ops.flash_mla_with_kvcache(*args)
+
+
+def keep_q_unquantised(
+    x: torch.Tensor, scale: Any = None, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, Any]:
+    """Stands in for SGLang's ``scaled_fp8_quant(q, scale)`` in the backend's copied methods, whose only use
+    of it is quantising q before an FP8 decode: returns ``(q, scale)`` unchanged, so flashmla_ops decodes
+    the FP8 cache with the 16-bit q (see the module docstring)."""
+    return x, scale
+
+
+#: Globals of the copied methods replaced besides the kernels, where the backend module has them.
+_METHOD_STANDINS: dict[str, Callable[..., Any]] = {"scaled_fp8_quant": keep_q_unquantised}
 
 
 def widen_block_table(block_table: torch.Tensor) -> torch.Tensor:
@@ -420,6 +461,7 @@ def build_backend_class(
 
     namespace = dict(vars(module))  # a snapshot of the backend module's globals ...
     namespace.update(_extra_globals or {})
+    namespace.update({k: v for k, v in _METHOD_STANDINS.items() if k in namespace})
     namespace.update(kernels)  # ... with the kernel entry points re-bound
     rebound: dict[str, Any] = {}
     for attr in users:
@@ -438,8 +480,9 @@ def build_backend_class(
         def __init__(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
             check_runner(model_runner)
             super().__init__(model_runner, *args, **kwargs)
-            if getattr(self, "is_fp8_kvcache", False):
-                raise FlashMLAOpsSGLangError(_FP8_MESSAGE)
+            kv_dtype = getattr(self, "data_type", None)
+            if getattr(self, "is_fp8_kvcache", False) and kv_dtype not in (None, torch.float8_e4m3fn):
+                raise FlashMLAOpsSGLangError(_E5M2_MESSAGE.format(dtype=kv_dtype))
             dcp = getattr(self, "dcp_world_size", 1) or 1
             if dcp > 1:
                 raise FlashMLAOpsSGLangError(

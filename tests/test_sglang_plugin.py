@@ -21,6 +21,7 @@ import types
 
 import pytest
 import torch
+from _fp8 import make_fp8_inputs
 from _helpers import make_inputs
 from flashmla_ops.integration import sglang_backend, sglang_plugin
 from flashmla_ops.integration.sglang_plugin import BACKEND_NAME, FlashMLAOpsSGLangError
@@ -61,8 +62,7 @@ def test_entry_point_is_declared_in_the_installed_metadata():
         ({"page_size": 1}, r"needs a KV-cache page size of 64, got page_size=1: launch with --page-size 64"),
         ({"page_size": 32}, r"got page_size=32: launch with --page-size 64"),
         ({"page_size": None}, r"got page_size=None"),
-        ({"kv_cache_dtype": torch.float8_e4m3fn}, r"does not support an FP8 KV cache"),
-        ({"kv_cache_dtype": torch.float8_e5m2}, r"does not support an FP8 KV cache"),
+        ({"kv_cache_dtype": torch.float8_e5m2}, r"does not support a torch.float8_e5m2 KV cache.*fp8_e4m3"),
         ({"kv_cache_dtype": torch.float32}, r"does not support a torch.float32 KV cache"),
         (
             {"model_config": types.SimpleNamespace(kv_lora_rank=256, qk_rope_head_dim=64)},
@@ -88,6 +88,7 @@ def test_factory_rejects_unsupported_configurations(overrides, match):
 def test_factory_accepts_a_valid_runner_description():
     sglang_plugin.check_runner(_runner())
     sglang_plugin.check_runner(_runner(kv_cache_dtype=torch.float16, model_config=None))
+    sglang_plugin.check_runner(_runner(kv_cache_dtype=torch.float8_e4m3fn))
 
 
 def _args(inputs, meta, num_splits, scale: float) -> dict:
@@ -147,19 +148,66 @@ def test_adapter_compiles_without_graph_breaks_and_still_widens_the_capture_view
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
-def test_kernel_adapters_reject_fp8_and_the_sched_meta_api():
-    inputs = make_inputs([10], h_q=16)
+def test_kernel_adapters_decode_an_fp8_cache_with_the_unquantised_query():
+    """SGLang's FP8 call (e4m3 pool, descale_q / descale_k = the layer's k_scale) with the q that
+    keep_q_unquantised handed back: flashmla_ops' FP8 op with k_scale = descale_k, q left in bf16."""
+    inputs = make_fp8_inputs([3, 64, 130], 2, 16, seed=5)
+    meta, num_splits = sglang_backend.get_mla_metadata(inputs.cache_seqlens, 32, 1, is_fp8_kvcache=True)
+    ref_meta, ref_splits = flashmla_ops.get_mla_metadata(inputs.cache_seqlens, 32, 1)
+    assert torch.equal(meta, ref_meta) and torch.equal(num_splits, ref_splits)
+    q, scale = sglang_backend.keep_q_unquantised(inputs.q, inputs.k_scale)
+    assert q is inputs.q and scale is inputs.k_scale
+    ref_out, ref_lse = flashmla_ops.flash_mla_with_kvcache(
+        inputs.q,
+        inputs.k_cache,
+        inputs.block_table,
+        inputs.cache_seqlens,
+        512,
+        meta,
+        num_splits,
+        0.125,
+        True,
+        is_fp8_kvcache=True,
+        k_scale=inputs.k_scale,
+    )
+    args = _args(inputs, meta, num_splits, 0.125)
+    for extra in (
+        {"descale_q": inputs.k_scale, "descale_k": inputs.k_scale},
+        {"descale_k": inputs.k_scale, "is_fp8_kvcache": True},
+    ):
+        out, lse = sglang_backend.flash_mla_with_kvcache(**args, **extra)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    # a pool stored as bytes is viewed as e4m3
+    as_bytes = dict(args, k_cache=inputs.k_cache.view(torch.uint8))
+    out, lse = sglang_backend.flash_mla_with_kvcache(**as_bytes, descale_k=inputs.k_scale)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    # no descale_k: scale 1
+    out, _ = sglang_backend.flash_mla_with_kvcache(**args, is_fp8_kvcache=True)
+    ref_one, _ = flashmla_ops.flash_mla_with_kvcache(
+        inputs.q,
+        inputs.k_cache,
+        inputs.block_table,
+        inputs.cache_seqlens,
+        512,
+        meta,
+        num_splits,
+        0.125,
+        True,
+        is_fp8_kvcache=True,
+        k_scale=1.0,
+    )
+    assert torch.equal(out, ref_one)
+
+
+def test_kernel_adapters_reject_fp8_queries_e5m2_and_the_sched_meta_api():
+    inputs = make_fp8_inputs([10], 1, 16)
     meta, num_splits = sglang_backend.get_mla_metadata(inputs.cache_seqlens, 16, 1)
-    ones = torch.ones(1)
-    for extra in ({"descale_q": ones, "descale_k": ones}, {"descale_k": ones}, {"is_fp8_kvcache": True}):
-        with pytest.raises(NotImplementedError, match="FP8 MLA decode"):
-            sglang_backend.flash_mla_with_kvcache(**_args(inputs, meta, num_splits, 0.1), **extra)
-    fp8 = _args(inputs, meta, num_splits, 0.1)
-    fp8["q"] = inputs.q.to(torch.float8_e4m3fn)
-    with pytest.raises(NotImplementedError, match="FP8 MLA decode"):
-        sglang_backend.flash_mla_with_kvcache(**fp8)
-    with pytest.raises(NotImplementedError, match="FP8 MLA decode"):
-        sglang_backend.get_mla_metadata(inputs.cache_seqlens, 16, 1, is_fp8_kvcache=True)
+    fp8_q = dict(_args(inputs, meta, num_splits, 0.1), q=inputs.q.to(torch.float8_e4m3fn))
+    with pytest.raises(NotImplementedError, match="handed an FP8 query"):
+        sglang_backend.flash_mla_with_kvcache(**fp8_q, descale_q=inputs.k_scale, descale_k=inputs.k_scale)
+    e5m2 = dict(_args(inputs, meta, num_splits, 0.1), k_cache=inputs.k_cache.to(torch.float8_e5m2))
+    with pytest.raises(NotImplementedError, match="e4m3"):
+        sglang_backend.flash_mla_with_kvcache(**e5m2, descale_k=inputs.k_scale)
     with pytest.raises(NotImplementedError, match="FlashMLASchedMeta"):
         sglang_backend.get_mla_metadata()
 
@@ -167,6 +215,9 @@ def test_kernel_adapters_reject_fp8_and_the_sched_meta_api():
 _FAKE_BACKEND_SOURCE = """
 def get_mla_metadata(*args, **kwargs):
     raise AssertionError("builtin get_mla_metadata called")
+
+def scaled_fp8_quant(x, scale):
+    raise AssertionError("builtin scaled_fp8_quant called")
 
 def flash_mla_with_kvcache(*args, **kwargs):
     raise AssertionError("builtin flash_mla_with_kvcache called")
@@ -176,18 +227,23 @@ class Parent:
         return "parent forward_extend"
 
 class FlashMLABackend(Parent):
-    def __init__(self, runner, fp8=False, dcp=1):
-        self.is_fp8_kvcache = fp8
+    def __init__(self, runner, fp8=None, dcp=1):
+        self.data_type = fp8  # an FP8 dtype, or None
+        self.is_fp8_kvcache = fp8 is not None
         self.dcp_world_size = dcp
 
     def init_forward_metadata(self, seqlens, q_tokens):
         self.meta = get_mla_metadata(seqlens, q_tokens, 1, is_fp8_kvcache=self.is_fp8_kvcache)
 
     def forward_decode(self, inputs, scale):
+        q, fp8 = inputs.q, {}
+        if self.is_fp8_kvcache:  # SGLang's FP8 branch: q quantised with the layer's k_scale
+            q, _ = scaled_fp8_quant(q, inputs.k_scale)
+            fp8 = dict(descale_q=inputs.k_scale, descale_k=inputs.k_scale)
         return flash_mla_with_kvcache(
-            q=inputs.q, k_cache=inputs.k_cache, block_table=inputs.block_table,
+            q=q, k_cache=inputs.k_cache, block_table=inputs.block_table,
             cache_seqlens=inputs.cache_seqlens, head_dim_v=512, tile_scheduler_metadata=self.meta[0],
-            num_splits=self.meta[1], softmax_scale=scale, causal=True,
+            num_splits=self.meta[1], softmax_scale=scale, causal=True, **fp8,
         )
 
     def forward_extend(self, mode, *args):
@@ -246,13 +302,44 @@ def test_rebinding_routes_the_kernels_and_leaves_the_base_class_alone(monkeypatc
         builtin.forward_decode(inputs, 0.1)
 
 
+def test_rebinding_serves_sglangs_fp8_branch_with_the_unquantised_query(monkeypatch):
+    """SGLang's FP8 decode branch quantises q with scaled_fp8_quant; in the copied methods that name is
+    keep_q_unquantised, so the kernel gets the bf16 q and the e4m3 cache with descale_k as k_scale. The base
+    class still calls the builtin quantiser."""
+    module = _fake_backend_module(monkeypatch, "fake_sglang_flashmla_backend", _FAKE_BACKEND_SOURCE)
+    cls = sglang_backend.build_backend_class(module.FlashMLABackend)
+    inputs = make_fp8_inputs([5, 100, 64], 1, 16, seed=4)
+    backend = cls(_runner(kv_cache_dtype=torch.float8_e4m3fn), fp8=torch.float8_e4m3fn)
+    backend.init_forward_metadata(inputs.cache_seqlens, 16)
+    out, lse = backend.forward_decode(inputs, 0.1)
+    meta, num_splits = flashmla_ops.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    ref_out, ref_lse = flashmla_ops.flash_mla_with_kvcache(
+        inputs.q,
+        inputs.k_cache,
+        inputs.block_table,
+        inputs.cache_seqlens,
+        512,
+        meta,
+        num_splits,
+        0.1,
+        True,
+        is_fp8_kvcache=True,
+        k_scale=inputs.k_scale,
+    )
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    builtin = module.FlashMLABackend(None, fp8=torch.float8_e4m3fn)
+    builtin.meta = (meta, num_splits)
+    with pytest.raises(AssertionError, match="builtin scaled_fp8_quant called"):
+        builtin.forward_decode(inputs, 0.1)
+
+
 def test_backend_init_rejects_unsupported_configurations(monkeypatch):
     module = _fake_backend_module(monkeypatch, "fake_sglang_flashmla_backend", _FAKE_BACKEND_SOURCE)
     cls = sglang_backend.build_backend_class(module.FlashMLABackend)
     with pytest.raises(FlashMLAOpsSGLangError, match="--page-size 64"):
         cls(_runner(page_size=16))
-    with pytest.raises(FlashMLAOpsSGLangError, match="FP8"):
-        cls(_runner(), fp8=True)
+    with pytest.raises(FlashMLAOpsSGLangError, match="e4m3"):
+        cls(_runner(), fp8=torch.float8_e5m2)
     with pytest.raises(FlashMLAOpsSGLangError, match="decode context parallelism"):
         cls(_runner(), dcp=2)
 
