@@ -1,6 +1,7 @@
-"""FP8 KV cache on CUDA tensors. This version has no sm_90a FP8 kernel: the ops must raise the
-NotImplementedError that says so. Once the compiled extension registers one, the same tests check it
-against an independent float64 computation on the dequantised cache, and CUDA-graph replay with a new k_scale.
+"""FP8 KV cache on CUDA tensors: the sm_90a FP8 kernels against an independent float64 computation on the
+dequantised cache (both formats, MTP, several kv heads, zero lengths, poisoned unused slots, a padded V3.2
+page stride), and CUDA-graph replay with a new k_scale. A build without the FP8 kernels (no CUDA extension)
+must raise the NotImplementedError that says so.
 
 Skipped (with the reason) without a CUDA device; the kernel checks also need a Hopper GPU and the extension.
 """

@@ -3,7 +3,8 @@
 Covers: split and unsplit requests, seqlen 0, MTP causal rows that see nothing, odd head counts with several
 kv heads, more than one m-block (h_q * s_q > 64), a partial last page with NaN past the end, fp16 and bf16,
 every combine grid (few requests split over many parts, in both register builds; many split requests with
-8- and 16-byte lanes).
+8- and 16-byte lanes); the FP8 kernels (per-tensor e4m3 with bf16 and fp16 q, DeepSeek V3.2 with a padded page
+stride), whose pages are expanded in place in shared memory, with poisoned unused slots.
 """
 
 import sys
@@ -11,7 +12,10 @@ import sys
 import torch
 
 sys.path.insert(0, "tests")
+from _fp8 import make_fp8_inputs  # noqa: E402
 from _gpu import make_inputs, run_decode  # noqa: E402
+
+import flashmla_ops  # noqa: E402
 
 CASES = [
     # b, s_q, h_q, h_kv, seqlens, dtype
@@ -33,4 +37,31 @@ for b, s_q, h_q, h_kv, lens, dtype in CASES:
     out, lse, meta, num_splits = run_decode(q, k_cache, block_table, seqlens, causal=True)
     torch.cuda.synchronize()
     print(f"case b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} ok, NaN in out: {bool(torch.isnan(out).any())}")
+FP8_CASES = [
+    # seqlens, s_q, h_q, h_kv, format, dtype, page_pad
+    ([0, 65, 700, 4097], 2, 64, 1, "per_tensor", torch.bfloat16, 0),
+    ([130, 1, 64], 1, 32, 2, "per_tensor", torch.float16, 0),
+    ([3000, 70], 4, 128, 1, "v32", torch.bfloat16, 64),
+]
+for lens, s_q, h_q, h_kv, fmt, dtype, pad in FP8_CASES:
+    inp = make_fp8_inputs(lens, s_q, h_q, h_kv, fmt, dtype, seed=1, page_pad=pad)
+    for name in ("q", "k_cache", "k_scale", "block_table", "cache_seqlens"):
+        if getattr(inp, name) is not None:
+            setattr(inp, name, getattr(inp, name).cuda())
+    meta, num_splits = flashmla_ops.get_mla_metadata(inp.cache_seqlens, s_q * h_q // h_kv, h_kv)
+    out, lse = flashmla_ops.flash_mla_with_kvcache(
+        inp.q,
+        inp.k_cache,
+        inp.block_table,
+        inp.cache_seqlens,
+        512,
+        meta,
+        num_splits,
+        None,
+        True,
+        is_fp8_kvcache=True,
+        k_scale=inp.k_scale,
+    )
+    torch.cuda.synchronize()
+    print(f"fp8 case {fmt} s_q={s_q} h_q={h_q} h_kv={h_kv} ok, NaN in out: {bool(torch.isnan(out).any())}")
 print("sanitizer cases done")
