@@ -126,41 +126,43 @@ __device__ __forceinline__ void convert16(const uint4& in, __nv_bfloat162 mult, 
 }
 
 // The 128 threads of one warpgroup (wtid 0..127) expand the FP8 page in `tile` in place (see the top of this
-// file). Each warp converts four token rows at a time, eight lanes per row, 16 values per lane. The caller
+// file). Each warp converts four token rows at a time, eight lanes per row, 16 values per lane from each of
+// the page's boxes: all of a row set's boxes are loaded first (five loads in flight, not one: the expansion
+// sits between P V and the next Q K^T, so its latency is what counts), then converted and stored. The caller
 // fences (fence.proxy.async) and publishes the tile afterwards.
 template <typename T, int kFmt>
 __device__ __forceinline__ void convert_page_fp8(char* tile, const float* scales, int wtid) {
   const int warp = wtid / 32, lane = wtid % 32;
-  const int c = lane % 8;  // 16-column chunk of the 128-column box
+  const int c = lane % 8;  // 16-column chunk of a 128-column box
   const __nv_bfloat162 two112 = __floats2bfloat162_rn(0x1p112f, 0x1p112f);
-  constexpr int kBoxes = kFmt == kKvFp8Tensor ? 5 : 4;
+  constexpr int kBoxes = kFmt == kKvFp8Tensor ? 5 : 4;  // box 4: per-tensor RoPE, 64 real columns, in tile 8
 #pragma unroll 1
-  for (int j = 0; j < kBoxes; ++j) {
-    const bool rope = j == 4;  // per-tensor only: 64 real columns, landed in tile 8
-    char* src_tile = tile + (rope ? kPBox : 2 * j + 1) * kTileBytes;
-    char* dst_tile = tile + (rope ? kPBox : 2 * j + (c / 4)) * kTileBytes;
+  for (int s = 0; s < kPageSize / 16; ++s) {
+    const int r = s * 16 + warp * 4 + lane / 8;
+    uint4 v[kBoxes];
 #pragma unroll
-    for (int s = 0; s < kPageSize / 16; ++s) {
-      const int r = s * 16 + warp * 4 + lane / 8;
-      const bool active = !rope || c < 4;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (active) v = *reinterpret_cast<const uint4*>(src_tile + r * 128 + c * 16);
-      __syncwarp();  // the row is read in full before any lane overwrites it
-      if (active) {
-        __nv_bfloat162 mult = two112;
-        if constexpr (kFmt == kKvFp8V32) {
-          const float m = scales[r * 4 + j] * 0x1p112f;
-          mult = __floats2bfloat162_rn(m, m);
-        }
-        uint4 o0, o1;
-        convert16<T>(v, mult, o0, o1);
-        // 16-byte chunks 2 (c % 4) and 2 (c % 4) + 1 of row r, swizzled (chunk ^ row % 8) like TMA's 128B mode.
-        const int ch = 2 * (c % 4);
-        *reinterpret_cast<uint4*>(dst_tile + r * 128 + ((ch ^ (r % 8)) * 16)) = o0;
-        *reinterpret_cast<uint4*>(dst_tile + r * 128 + (((ch + 1) ^ (r % 8)) * 16)) = o1;
-      }
-      __syncwarp();
+    for (int j = 0; j < kBoxes; ++j) {
+      const char* src = tile + (j == 4 ? kPBox : 2 * j + 1) * kTileBytes + r * 128 + c * 16;
+      v[j] = (j < 4 || c < 4) ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
     }
+    __syncwarp();  // the rows are read in full before any lane overwrites them
+#pragma unroll
+    for (int j = 0; j < kBoxes; ++j) {
+      if (j == 4 && c >= 4) continue;
+      __nv_bfloat162 mult = two112;
+      if constexpr (kFmt == kKvFp8V32) {
+        const float m = scales[r * 4 + j] * 0x1p112f;
+        mult = __floats2bfloat162_rn(m, m);
+      }
+      uint4 o0, o1;
+      convert16<T>(v[j], mult, o0, o1);
+      // 16-byte chunks 2 (c % 4) and 2 (c % 4) + 1 of row r, swizzled (chunk ^ row % 8) like TMA's 128B mode.
+      char* dst = tile + (j == 4 ? kPBox : 2 * j + c / 4) * kTileBytes + r * 128;
+      const int ch = 2 * (c % 4);
+      *reinterpret_cast<uint4*>(dst + ((ch ^ (r % 8)) * 16)) = o0;
+      *reinterpret_cast<uint4*>(dst + (((ch + 1) ^ (r % 8)) * 16)) = o1;
+    }
+    __syncwarp();
   }
 }
 

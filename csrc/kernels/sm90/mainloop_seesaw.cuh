@@ -323,50 +323,61 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       // 64-bit: col0 + 64 overflows int32 on the last page of a ~2^31-token (invalid, NaN-flagged) request.
       const bool need_mask =
           __any_sync(0xffffffffu, static_cast<int64_t>(col0) + kPageSize > min(limit[0], limit[1]));
+      if (need_mask) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-        if (need_mask) {
+        for (int r = 0; r < 2; ++r) {
           const int lim = limit[r] - col0;  // columns < lim are visible
 #pragma unroll
           for (int j = 0; j < kPageSize / 8; ++j) {
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
               const int idx = c + 2 * r + 4 * j;
-              const float v = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
-              tSrS(idx) = v;
-              mx = fmaxf(mx, v);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < kPageSize / 8; ++j) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int idx = c + 2 * r + 4 * j;
-              tSrS(idx) *= p.scale_log2;
-              mx = fmaxf(mx, tSrS(idx));
+              tSrS(idx) = (8 * j + quad_col + c < lim) ? tSrS(idx) * p.scale_log2 : -INFINITY;
             }
           }
         }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = next_running_max(m[r], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
-        sc[r] = exp2_ftz(m[r] - m_use);
+      } else {
+#pragma unroll
+        for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= p.scale_log2;
+      }
+      // Both rows' maxima as trees (depth 4 instead of a 16-long chain), their quad shuffles interleaved:
+      // this softmax is on the pair's critical path, and its latency is dependency chains, not issue slots.
+      float mx[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float t[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) t[j] = fmaxf(tSrS(2 * r + 4 * j), tSrS(1 + 2 * r + 4 * j));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) t[k] = fmaxf(t[k], t[k + 4]);
+        mx[r] = fmaxf(fmaxf(t[0], t[2]), fmaxf(t[1], t[3]));
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+#pragma unroll
+      for (int r = 0; r < 2; ++r) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      float m_use[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_new = next_running_max(m[r], mx[r]);
+        m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep exp2 finite
+        sc[r] = exp2_ftz(m[r] - m_use[r]);
         m[r] = m_new;
-        float s = 0.f;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float s4[4] = {0.f, 0.f, 0.f, 0.f};  // four partial sums: a 4-long chain instead of 16
 #pragma unroll
         for (int j = 0; j < kPageSize / 8; ++j) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int idx = c + 2 * r + 4 * j;
-            const float e = exp2_ftz(tSrS(idx) - m_use);
+            const float e = exp2_ftz(tSrS(idx) - m_use[r]);
             tSrS(idx) = e;
-            s += e;
+            s4[(2 * j + c) % 4] += e;
           }
         }
-        sum[r] = s;
+        sum[r] = (s4[0] + s4[1]) + (s4[2] + s4[3]);
       }
     };
 
