@@ -132,10 +132,11 @@ void check_aligned(const Tensor& t, const char* name) {
 // The FP8 format of k_cache (check_kv_fp8_format in flashmla_ops/_validation.py).
 int check_kv_fp8_format(const Tensor& k_cache) {
   const ScalarType kt = k_cache.scalar_type();
-  FLASHMLA_CHECK(kt == ScalarType::Float8_e4m3fn || kt == ScalarType::Byte,
-                 "an FP8 k_cache must be float8_e4m3fn (per-tensor scale, [num_pages, 64, h_kv, 576]) or uint8 "
-                 "(DeepSeek V3.2, [num_pages, 64, h_kv, 656]), got ",
-                 dtype_name(kt));
+  FLASHMLA_CHECK(
+      kt == ScalarType::Float8_e4m3fn || kt == ScalarType::Byte,
+      "an FP8 k_cache must be float8_e4m3fn (per-tensor scale, [num_pages, 64, h_kv, 576]) or uint8 "
+      "(DeepSeek V3.2, [num_pages, 64, h_kv, 656]), got ",
+      dtype_name(kt));
   if (kt == ScalarType::Float8_e4m3fn) {
     FLASHMLA_CHECK(k_cache.size(-1) == kHeadDimK,
                    "a float8_e4m3fn k_cache (per-tensor FP8) must have head dim (size(-1)) 576, got ",
@@ -151,8 +152,9 @@ int check_kv_fp8_format(const Tensor& k_cache) {
 // k_scale (check_k_scale in flashmla_ops/_validation.py).
 void check_k_scale(int kv_format, const std::optional<Tensor>& k_scale, const Tensor& q) {
   if (kv_format == kKvFp8V32) {
-    FLASHMLA_CHECK(!k_scale.has_value(),
-                   "k_scale must be None for a uint8 k_cache (DeepSeek V3.2 FP8 keeps its scales in the cache)");
+    FLASHMLA_CHECK(
+        !k_scale.has_value(),
+        "k_scale must be None for a uint8 k_cache (DeepSeek V3.2 FP8 keeps its scales in the cache)");
     return;
   }
   FLASHMLA_CHECK(k_scale.has_value(),
@@ -174,10 +176,11 @@ DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_t
   FLASHMLA_CHECK(qt == ScalarType::BFloat16 || qt == ScalarType::Half, "q must be bfloat16 or float16, got ",
                  dtype_name(qt));
   if (fp8) {
-    FLASHMLA_CHECK(k_cache.scalar_type() == ScalarType::Float8_e4m3fn || k_cache.scalar_type() == ScalarType::Byte,
-                   "an FP8 k_cache must be float8_e4m3fn (per-tensor scale, [num_pages, 64, h_kv, 576]) or uint8 "
-                   "(DeepSeek V3.2, [num_pages, 64, h_kv, 656]), got ",
-                   dtype_name(k_cache.scalar_type()));
+    FLASHMLA_CHECK(
+        k_cache.scalar_type() == ScalarType::Float8_e4m3fn || k_cache.scalar_type() == ScalarType::Byte,
+        "an FP8 k_cache must be float8_e4m3fn (per-tensor scale, [num_pages, 64, h_kv, 576]) or uint8 "
+        "(DeepSeek V3.2, [num_pages, 64, h_kv, 656]), got ",
+        dtype_name(k_cache.scalar_type()));
   } else {
     FLASHMLA_CHECK(k_cache.scalar_type() == qt, "k_cache must have the same dtype as q (", dtype_name(qt),
                    "), got ", dtype_name(k_cache.scalar_type()));
@@ -244,9 +247,11 @@ DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_t
   if (fp8) {
     // CUDA-only: TMA reads the FP8 cache with 16-byte aligned rows.
     bool ok = reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0;
-    for (int64_t i = 0; i + 1 < k_cache.dim(); ++i) ok = ok && (k_cache.size(i) == 1 || k_cache.stride(i) % 16 == 0);
-    FLASHMLA_CHECK(ok, "k_cache must be 16-byte aligned with strides that are multiples of 16 bytes, got strides ",
-                   strides_str(k_cache));
+    for (int64_t i = 0; i + 1 < k_cache.dim(); ++i)
+      ok = ok && (k_cache.size(i) == 1 || k_cache.stride(i) % 16 == 0);
+    FLASHMLA_CHECK(
+        ok, "k_cache must be 16-byte aligned with strides that are multiples of 16 bytes, got strides ",
+        strides_str(k_cache));
     // CUDA-only: the V3.2 kernel dequantises into bf16 (its scales make fp16 inexact).
     FLASHMLA_CHECK(!v32 || qt == ScalarType::BFloat16,
                    "the DeepSeek V3.2 FP8 cache (uint8, 656 bytes per token) takes bfloat16 q on CUDA, got ",
@@ -388,8 +393,9 @@ void run_decode(const Tensor& q, const Tensor& k_cache, const Tensor& block_tabl
   if (kv_format != kKvNative) {
     check_cuda(launch_decode_sm90_fp8(p, dtype, stream), "decode kernel launch");
   } else {
-    check_cuda(dtype == DType::kBF16 ? launch_decode_sm90_bf16(p, stream) : launch_decode_sm90_fp16(p, stream),
-               "decode kernel launch");
+    check_cuda(
+        dtype == DType::kBF16 ? launch_decode_sm90_bf16(p, stream) : launch_decode_sm90_fp16(p, stream),
+        "decode kernel launch");
   }
   check_cuda(launch_combine(p, dtype, stream), "combine kernel launch");
 }

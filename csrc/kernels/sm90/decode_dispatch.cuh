@@ -44,7 +44,8 @@ cudaError_t launch_decode_fp8(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
   constexpr int smem_bytes = static_cast<int>(sizeof(SerialStorage<T, kFmt>));
   static std::atomic<bool> configured[kMaxDevices];
-  const cudaError_t err = configure_smem_once(decode_serial_kernel<T, kFmt>, smem_bytes, configured, kMaxDevices);
+  const cudaError_t err =
+      configure_smem_once(decode_serial_kernel<T, kFmt>, smem_bytes, configured, kMaxDevices);
   if (err != cudaSuccess) return err;
   decode_serial_kernel<T, kFmt><<<grid, kThreads, smem_bytes, stream>>>(p);
   return cudaGetLastError();

@@ -6,7 +6,8 @@ namespace flashmla {
 
 cudaError_t launch_decode_sm90_fp8(const DecodeParams& params, DType dtype, cudaStream_t stream) {
   if (params.kv_format == kKvFp8V32) {
-    if (dtype != DType::kBF16) return cudaErrorInvalidValue;  // the launcher refuses this with a message first
+    if (dtype != DType::kBF16)
+      return cudaErrorInvalidValue;  // the launcher refuses this with a message first
     return sm90::launch_decode_fp8<cutlass::bfloat16_t, kKvFp8V32>(params, stream);
   }
   if (params.kv_format != kKvFp8Tensor) return cudaErrorInvalidValue;

@@ -3,8 +3,8 @@
 // wgmma after it is the dense kernel's.
 //
 // Why in place. Shared memory holds Q (72 KB), two 72 KB page tiles and P: 224 KB of the 227 KB a CTA can
-// have, so there is no room for a separate FP8 staging buffer. An FP8 page is half a tile (36 KB), so it lands
-// inside its own tile and is expanded there:
+// have, so there is no room for a separate FP8 staging buffer. An FP8 page is half a tile (36 KB), so it
+// lands inside its own tile and is expanded there:
 //   * the FP8 values arrive in boxes of 128 columns x 64 tokens (128 bytes per token row, no swizzle);
 //     box j (columns 128 j .. 128 j + 127) lands in column tile 2 j + 1, row r at byte 128 r of that tile;
 //   * its expansion, row r of column tiles 2 j and 2 j + 1 (2 x 128 bytes), overwrites only row r of tile
@@ -33,10 +33,10 @@
 
 namespace flashmla::sm90 {
 
-constexpr int kTileBytes = kBoxElems * 2;         // one 64 x 64 column tile of 16-bit values
-constexpr int kFp8BoxCols = 128;                  // columns (bytes) of one FP8 TMA box
+constexpr int kTileBytes = kBoxElems * 2;              // one 64 x 64 column tile of 16-bit values
+constexpr int kFp8BoxCols = 128;                       // columns (bytes) of one FP8 TMA box
 constexpr int kFp8BoxBytes = kFp8BoxCols * kPageSize;  // 8 KB: the size of the 16-bit tile it lands in
-constexpr int kV32ScaleBytes = 4 * 4 * kPageSize;  // the four float32 scales of 64 tokens
+constexpr int kV32ScaleBytes = 4 * 4 * kPageSize;      // the four float32 scales of 64 tokens
 
 // Bytes one FP8 page's TMA copies complete on its mbarrier.
 template <int kFmt>
@@ -69,8 +69,8 @@ __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, void* dst, u
 // `scales`), completing on `bar`; for page < 0 just complete the barrier's phase (nothing to read; the
 // consumer masks or zero-fills those rows).
 template <int kFmt>
-__device__ __forceinline__ void issue_page_fp8(const DecodeParams& p, char* tile, float* scales, uint64_t* bar,
-                                               int h_k, int page, bool evict_first) {
+__device__ __forceinline__ void issue_page_fp8(const DecodeParams& p, char* tile, float* scales,
+                                               uint64_t* bar, int h_k, int page, bool evict_first) {
   if (page < 0) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
     return;

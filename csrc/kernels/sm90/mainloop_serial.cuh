@@ -39,7 +39,8 @@
 namespace flashmla::sm90 {
 
 // FP8 caches only: warpgroup 1 expands each landed FP8 page in place (dequant_fp8.cuh) and then arrives on
-// the buffer's cbar; warpgroup 0 waits for that instead of the copy. V3.2's per-token scales land in `scales`.
+// the buffer's cbar; warpgroup 0 waits for that instead of the copy. V3.2's per-token scales land in
+// `scales`.
 template <int kFmt>
 struct SerialFp8Storage {
   uint64_t cbar[2];
@@ -77,7 +78,8 @@ __device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uin
 }
 
 // kFmt: the cache format (KvFormat). For an FP8 cache T is q's dtype, the dtype of the dequantised tile and
-// of every wgmma; the per-tensor k_scale multiplies the logits (folded into the softmax scale) and the output.
+// of every wgmma; the per-tensor k_scale multiplies the logits (folded into the softmax scale) and the
+// output.
 template <typename T, int kFmt = kKvNative>
 __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid_constant__ DecodeParams p) {
   using Tr = Traits<T>;
@@ -155,8 +157,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
   };
   auto issue = [&](int buf, int page) {
     if constexpr (kFp8) {
-      issue_page_fp8<kFmt>(p, reinterpret_cast<char*>(smem.k[buf]), smem.fp8.scales[buf], &smem.kbar[buf], h_k,
-                           page, evict_first);
+      issue_page_fp8<kFmt>(p, reinterpret_cast<char*>(smem.k[buf]), smem.fp8.scales[buf], &smem.kbar[buf],
+                           h_k, page, evict_first);
     } else {
       issue_page(p, smem.k[buf], &smem.kbar[buf], h_k, page, evict_first);
     }
@@ -208,7 +210,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
     // segments.
     if (threadIdx.x == 0 && ws.blk_begin < ws.blk_end) {
       issue(0, block_page(p, req, ws.blk_begin, ws.seqlen_safe, lookup_bad));
-      if (ws.blk_begin + 1 < ws.blk_end) issue(1, block_page(p, req, ws.blk_begin + 1, ws.seqlen_safe, lookup_bad));
+      if (ws.blk_begin + 1 < ws.blk_end)
+        issue(1, block_page(p, req, ws.blk_begin + 1, ws.seqlen_safe, lookup_bad));
     }
   };
 
@@ -344,16 +347,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
         warpgroup_wait<1>();  // this page's P V is done; the next Q K^T may still run
         warpgroup_fence_operand(tOrO);
         named_barrier_sync(1, kThreads);  // both P V done: sP and this K buffer may be overwritten
-        if (threadIdx.x == 0 && blk + 2 < w.blk_end)
-          issue(buf, next_page);
+        if (threadIdx.x == 0 && blk + 2 < w.blk_end) issue(buf, next_page);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tSrS);
       } else {
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         named_barrier_sync(1, kThreads);
-        if (threadIdx.x == 0 && blk + 2 < w.blk_end)
-          issue(buf, next_page);
+        if (threadIdx.x == 0 && blk + 2 < w.blk_end) issue(buf, next_page);
       }
     }
     // Thread 0 may have flagged an invalid page id while looking pages up: share the flag.
