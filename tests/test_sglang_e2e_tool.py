@@ -451,3 +451,48 @@ def test_comparisons_use_each_configurations_reference(e2e):
     assert not by_key["tp1-torch_compile"]["passed"]  # 0.4 > atol
     e2e.add_comparisons(results, outputs, args)  # idempotent
     assert len(results["comparisons"]) == 2
+
+
+def test_dry_run_fp8_configuration(e2e, capsys, tmp_path):
+    servers = dry_run(e2e, capsys, tmp_path, "--modes", "cuda_graph,fp8")
+    assert list(servers) == [
+        ("tp1-cuda_graph", "flashmla_ops"),
+        ("tp1-cuda_graph", "flashmla"),
+        ("tp1-fp8", "flashmla_ops+fp8"),
+        ("tp1-fp8", "flashmla+fp8"),
+        ("tp1-fp8", "flashmla_ops"),
+    ]
+    for (_key, name), (_, cmd) in servers.items():
+        assert flag(cmd, "--attention-backend") == name.split("+")[0]
+        assert (flag(cmd, "--kv-cache-dtype") == "fp8_e4m3") == name.endswith("+fp8")
+        assert "--disable-cuda-graph" not in cmd
+    # the fp8 configuration's bf16 server is the cuda_graph server (main() reuses its results)
+    assert servers[("tp1-fp8", "flashmla_ops")][1] == servers[("tp1-cuda_graph", "flashmla_ops")][1]
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--modes", "fp8", "--backends", "flashmla", "--reference", "flashmla"])
+
+
+def test_fp8_comparisons_use_the_fp8_reference_and_tolerances(e2e):
+    args = e2e.parse_args(["--modes", "fp8"])
+    assert e2e.mode_reference("fp8", args) == "flashmla_ops+fp8"
+    assert e2e.mode_tolerance("fp8", args) == (0.5, 0.08) and e2e.mode_tolerance("cuda_graph", args) == (
+        0.1,
+        0.02,
+    )
+
+    def out(lp):
+        return [
+            {"output_ids": [5, 6], "token_logprobs": [lp, -1.0], "top_logprobs": [{"5": lp}, {"6": -1.0}]}
+        ]
+
+    outputs = {
+        (1, "fp8", "flashmla_ops+fp8"): out(-0.50),
+        (1, "fp8", "flashmla+fp8"): out(-0.64),  # 0.14 off: within the FP8 tolerance, not the bf16 one
+        (1, "fp8", "flashmla_ops"): out(-1.50),  # 1.0 off: a failure
+    }
+    results = {"comparisons": [], "noise_floor": []}
+    e2e.add_comparisons(results, outputs, args)
+    by_backend = {c["backend"]: c for c in results["comparisons"]}
+    assert set(by_backend) == {"flashmla+fp8", "flashmla_ops"}
+    assert all(c["reference"] == "flashmla_ops+fp8" for c in results["comparisons"])
+    assert by_backend["flashmla+fp8"]["passed"] and not by_backend["flashmla_ops"]["passed"]

@@ -27,10 +27,17 @@ Configurations (``--modes``, default ``cuda_graph,eager``):
   length is close to 1 for both; it shows that speculative decoding ran and the two agree.
 * ``torch_compile``: ``flashmla_ops`` with ``--enable-torch-compile`` (CUDA graphs on; batch sizes up to
   ``--torch-compile-max-bs`` are compiled), compared with ``flashmla_ops`` without it (the ``cuda_graph`` run
-  of the same invocation is reused when there is one). The compiled server runs with
+  of the same invocation is reused when there is one, here and in ``fp8``). The compiled server runs with
   ``TORCH_LOGS=graph_breaks``; the script counts the graph breaks in its log, and those attributed to the
   attention backend (a location or reason naming flashmla_ops, SGLang's ``flashmla_backend.py`` or
   ``flash_mla``) must be zero: the adapter is designed to trace without one.
+
+* ``fp8``: ``--kv-cache-dtype fp8_e4m3`` (SGLang stores unscaled e4m3 unless the checkpoint has a k scale),
+  CUDA graphs on: ``flashmla_ops`` (bf16 q, the e4m3 pool read directly) against the builtin ``flashmla``
+  (which quantises q to e4m3 too and runs FlashMLA's dense-FP8 kernel) and against ``flashmla_ops`` on a bf16
+  cache, all three compared with ``flashmla_ops+fp8``; decode throughput of each. FP8 rounds every cached
+  value (relative error up to 2^-4), which moves logprobs by much more than bf16 noise: these comparisons use
+  ``--fp8-atol`` / ``--fp8-mean-atol``.
 
 It then compares each server's logprobs with its configuration's reference, prints a summary table, writes
 all results to ``--out`` (one JSON, as before) and one ``<configuration>.json`` per configuration to
@@ -76,7 +83,8 @@ Usage::
     python tools/sglang_e2e.py --out sglang_e2e.json            # TP 1, CUDA graphs on and off
     python tools/sglang_e2e.py --tp 1 2 --out sglang_e2e.json    # TP 1 and TP 2 (two GPUs)
     python tools/sglang_e2e.py --modes mtp,torch_compile --out-dir e2e  # e2e/mtp.json, e2e/torch_compile.json
-    python tools/sglang_e2e.py --modes cuda_graph,eager,mtp,torch_compile --dry-run   # the commands only
+    python tools/sglang_e2e.py --modes fp8 --out-dir e2e                 # e2e/fp8.json
+    python tools/sglang_e2e.py --modes cuda_graph,eager,mtp,torch_compile,fp8 --dry-run   # the commands only
 """
 
 from __future__ import annotations
@@ -106,12 +114,14 @@ from typing import Any
 BACKEND_UNDER_TEST = "flashmla_ops"
 PAGE_SIZE = 64
 DEFAULT_PROMPT_LENS = "1,7,63,64,65,100,127,128,129,191,200,256,257,300,511,700"
-MODES = ("cuda_graph", "eager", "mtp", "torch_compile")
+MODES = ("cuda_graph", "eager", "mtp", "torch_compile", "fp8")
 DEFAULT_MODES = "cuda_graph,eager"
 # What the draft steps of ``mtp`` run on: SGLang's draft-backend tables (speculative/draft_utils.py,
 # DraftBackendFactory) are closed dictionaries that do not know flashmla_ops.
 DRAFT_ATTENTION_BACKEND = "flashmla"
 COMPILED = f"{BACKEND_UNDER_TEST}+torch_compile"
+FP8_SUFFIX = "+fp8"  # a server with --kv-cache-dtype fp8_e4m3
+FP8_UNDER_TEST = BACKEND_UNDER_TEST + FP8_SUFFIX
 
 
 # ---- the tiny model ----------------------------------------------------------------------------------------
@@ -386,6 +396,7 @@ def server_command(
     *,
     draft_model: Path | None = None,
     torch_compile: bool = False,
+    kv_fp8: bool = False,
 ) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model)]
     cmd += ["--load-format", "dummy" if args.weights == "dummy" else "auto", "--dtype", "bfloat16"]
@@ -399,7 +410,7 @@ def server_command(
     cmd += ["--max-running-requests", str(max(args.batch, len(args.prompt_lens)) * 2), "--log-level", "info"]
     if mode == "eager":
         cmd += ["--disable-cuda-graph"]
-    else:  # cuda_graph, mtp, torch_compile: decode (and verify) CUDA graphs on
+    else:  # cuda_graph, mtp, torch_compile, fp8: decode (and verify) CUDA graphs on
         cmd += ["--cuda-graph-max-bs-decode", str(max(args.batch, len(args.prompt_lens)))]
     if mode == "mtp":
         if draft_model is None:
@@ -416,6 +427,8 @@ def server_command(
             cmd += ["--speculative-attention-mode", "decode"]
     if torch_compile:
         cmd += ["--enable-torch-compile", "--torch-compile-max-bs", str(args.torch_compile_max_bs)]
+    if kv_fp8:
+        cmd += ["--kv-cache-dtype", "fp8_e4m3"]
     return cmd + args.extra_server_args
 
 
@@ -644,18 +657,42 @@ def measure_decode_throughput(url: str, args: argparse.Namespace, vocab: int) ->
 
 # ---- comparison --------------------------------------------------------------------------------------------
 def mode_variants(mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The servers of one configuration: name (what results are keyed by), backend, torch_compile."""
+    """The servers of one configuration: name (what results are keyed by), backend, torch_compile, kv_fp8."""
     if mode == "torch_compile":
         return [
-            {"name": COMPILED, "backend": BACKEND_UNDER_TEST, "torch_compile": True},
-            {"name": BACKEND_UNDER_TEST, "backend": BACKEND_UNDER_TEST, "torch_compile": False},
+            {"name": COMPILED, "backend": BACKEND_UNDER_TEST, "torch_compile": True, "kv_fp8": False},
+            {
+                "name": BACKEND_UNDER_TEST,
+                "backend": BACKEND_UNDER_TEST,
+                "torch_compile": False,
+                "kv_fp8": False,
+            },
         ]
-    return [{"name": b, "backend": b, "torch_compile": False} for b in args.backends]
+    if mode == "fp8":
+        fp8 = [
+            {"name": b + FP8_SUFFIX, "backend": b, "torch_compile": False, "kv_fp8": True}
+            for b in args.backends
+        ]
+        bf16 = {
+            "name": BACKEND_UNDER_TEST,
+            "backend": BACKEND_UNDER_TEST,
+            "torch_compile": False,
+            "kv_fp8": False,
+        }
+        return fp8 + [bf16]
+    return [{"name": b, "backend": b, "torch_compile": False, "kv_fp8": False} for b in args.backends]
 
 
 def mode_reference(mode: str, args: argparse.Namespace) -> str:
     """The server every other server of the configuration is compared with."""
-    return BACKEND_UNDER_TEST if mode == "torch_compile" else args.reference
+    if mode == "torch_compile":
+        return BACKEND_UNDER_TEST
+    return FP8_UNDER_TEST if mode == "fp8" else args.reference
+
+
+def mode_tolerance(mode: str, args: argparse.Namespace) -> tuple[float, float]:
+    """(atol, mean_atol) of a configuration's comparisons."""
+    return (args.fp8_atol, args.fp8_mean_atol) if mode == "fp8" else (args.atol, args.mean_atol)
 
 
 def config_key(tp: int, mode: str) -> str:
@@ -676,7 +713,7 @@ def add_comparisons(results: dict[str, Any], outputs: dict[tuple, list[dict]], a
         ref = outputs.get((tp, mode, reference))
         if name == reference or ref is None or (key, name) in done:
             continue
-        comparison = compare(ref, got, args.atol, args.mean_atol)
+        comparison = compare(ref, got, *mode_tolerance(mode, args))
         results["comparisons"].append({"key": key, "backend": name, "reference": reference} | comparison)
     floors = {f["tp"] for f in results["noise_floor"]}
     for tp in args.tp:
@@ -878,6 +915,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=1200.0, help="s; the first run may JIT-compile")
     p.add_argument("--atol", type=float, default=0.1, help="max |logprob difference| allowed")
     p.add_argument("--mean-atol", type=float, default=0.02, help="max mean |logprob difference| allowed")
+    p.add_argument("--fp8-atol", type=float, default=0.5, help="fp8: max |logprob difference| allowed")
+    p.add_argument("--fp8-mean-atol", type=float, default=0.08, help="fp8: max mean |logprob difference|")
     p.add_argument("--extra-server-args", nargs=argparse.REMAINDER, default=[], help="passed to every server")
     p.add_argument("--dry-run", action="store_true", help="write the models, print the commands, stop")
     args = p.parse_args(argv)
@@ -888,8 +927,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--modes takes a comma-separated subset of {', '.join(MODES)}")
     if args.reference not in args.backends:
         p.error("--reference must be one of --backends")
-    if "torch_compile" in args.modes and BACKEND_UNDER_TEST not in args.backends:
-        p.error(f"--modes torch_compile needs {BACKEND_UNDER_TEST} in --backends")
+    for mode in ("torch_compile", "fp8"):
+        if mode in args.modes and BACKEND_UNDER_TEST not in args.backends:
+            p.error(f"--modes {mode} needs {BACKEND_UNDER_TEST} in --backends")
     if args.spec_steps < 1:
         p.error("--spec-steps must be >= 1")
     if args.torch_compile_max_bs is None:
@@ -1014,6 +1054,7 @@ def plan_command(args: argparse.Namespace, server: dict[str, Any], port: int) ->
         port,
         draft_model=server["draft"],
         torch_compile=variant["torch_compile"],
+        kv_fp8=variant.get("kv_fp8", False),
     )
 
 
@@ -1059,8 +1100,10 @@ def main(argv: list[str] | None = None) -> int:
         name = variant["name"]
         run: dict[str, Any] = {"key": key, "tp": tp, "mode": mode, "backend": name, "ok": False}
         run["is_reference"] = name == mode_reference(mode, args)
-        # torch_compile's reference is the cuda_graph server of flashmla_ops: reuse it when it ran.
-        reuse = (tp, "cuda_graph", name) if mode == "torch_compile" and not variant["torch_compile"] else None
+        # torch_compile's reference and fp8's bf16 server are the cuda_graph server of flashmla_ops: reuse it
+        # when it ran.
+        plain = not variant["torch_compile"] and not variant["kv_fp8"]
+        reuse = (tp, "cuda_graph", name) if mode in ("torch_compile", "fp8") and plain else None
         if reuse in outputs:
             previous = next(
                 r
