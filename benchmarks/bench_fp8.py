@@ -23,6 +23,7 @@ import os
 import sys
 
 import torch
+from bench_mla_decode import FlashInfer, FlashMLA  # the peers' wrappers of the main benchmark
 
 import flashmla_ops
 
@@ -112,25 +113,11 @@ def run_row(b, s_q, h_q, s_k, peers):
     impls["ours bf16"] = (ours_bf16, 1152, ref_pt)
     impls["ours fp8"] = (ours_pt, 576, ref_pt)
     impls["ours v32"] = (ours_v32, 656, ref_v32)
+    dense = (block_table, seqlens, causal, SCALE)
     if "FlashMLA" in peers:
         import flash_mla
 
-        fm_meta = flash_mla.get_mla_metadata()[0]
-
-        def fm_bf16():
-            return flash_mla.flash_mla_with_kvcache(
-                q,
-                k_deq_bf16,
-                block_table,
-                seqlens,
-                512,
-                fm_meta,
-                None,
-                softmax_scale=SCALE,
-                causal=causal,
-                use_legacy=True,
-            )[0]
-
+        impls["FlashMLA bf16"] = (FlashMLA(q, k_deq_bf16, *dense), 1152, ref_pt)
         fm8_meta = flash_mla.get_mla_metadata()[0]
         sched, splits = flash_mla.get_mla_decoding_metadata(
             seqlens, s_q * h_q, 1, is_fp8_kvcache=True, use_legacy=True
@@ -156,52 +143,11 @@ def run_row(b, s_q, h_q, s_k, peers):
                 descale_k=k_scale,
             )[0]
 
-        impls["FlashMLA bf16"] = (fm_bf16, 1152, ref_pt)
         impls["FlashMLA fp8 (fp8 q)"] = (fm_fp8, 576, ref_pt)
     if "FlashInfer" in peers:
-        import flashinfer
-
-        used = torch.ones_like(block_table, dtype=torch.bool)
-        kv_indices = block_table[used].contiguous()
-        kv_indptr = torch.arange(b + 1, dtype=torch.int32, device="cuda") * block_table.shape[1]
-        qo_indptr = torch.arange(b + 1, dtype=torch.int32, device="cuda") * s_q
-        q_nope = q[..., :512].reshape(b * s_q, h_q, 512)
-        q_pe = q[..., 512:].reshape(b * s_q, h_q, 64)
-        fi_ws = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-
-        def wrapper(kv_dtype):
-            w = flashinfer.mla.BatchMLAPagedAttentionWrapper(fi_ws, backend="fa3")
-            w.plan(
-                qo_indptr,
-                kv_indptr,
-                kv_indices,
-                seqlens,
-                h_q,
-                512,
-                64,
-                PAGE,
-                causal,
-                SCALE,
-                q.dtype,
-                kv_dtype,
-            )
-            return w
-
-        w16 = wrapper(torch.bfloat16)
-        ckv16, kpe16 = k_deq_bf16[:, :, 0, :512], k_deq_bf16[:, :, 0, 512:]
-        impls["FlashInfer bf16"] = (
-            lambda: w16.run(q_nope, q_pe, ckv16, kpe16).view(b, s_q, h_q, 512),
-            1152,
-            ref_pt,
-        )
-        w8 = wrapper(torch.float8_e4m3fn)
-        ckv8, kpe8 = k_pt[:, :, 0, :512], k_pt[:, :, 0, 512:]
-        sc = float(k_scale)  # host value, read once at setup
-        impls["FlashInfer fp8"] = (
-            lambda: w8.run(q_nope, q_pe, ckv8, kpe8, ckv_scale=sc, kpe_scale=sc).view(b, s_q, h_q, 512),
-            576,
-            ref_pt,
-        )
+        impls["FlashInfer bf16"] = (FlashInfer(q, k_deq_bf16, *dense), 1152, ref_pt)
+        # k_scale read to the host once, at setup (FlashInfer takes a float)
+        impls["FlashInfer fp8"] = (FlashInfer(q, k_pt, *dense, kv_scale=float(k_scale)), 576, ref_pt)
     res = {}
     for name, (fn, bpt, ref) in impls.items():
         try:

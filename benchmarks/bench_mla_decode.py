@@ -124,11 +124,13 @@ class FlashMLA:
 class FlashInfer:
     name = "FlashInfer"
 
-    def __init__(self, q, k_cache, block_table, seqlens, causal, scale, share=None):
+    def __init__(self, q, k_cache, block_table, seqlens, causal, scale, share=None, kv_scale=None):
         import flashinfer
 
         b, s_q, h_q, _ = q.shape
         assert k_cache.shape[2] == 1, "FlashInfer MLA takes one kv head"
+        # an e4m3 cache (bf16 q): its per-tensor scale, a host float, for both cache parts
+        self.scales = {} if kv_scale is None else dict(ckv_scale=kv_scale, kpe_scale=kv_scale)
         self.q_nope = q[..., :512].reshape(b * s_q, h_q, 512)
         self.q_pe = q[..., 512:].reshape(b * s_q, h_q, 64)
         self.ckv = k_cache[:, :, 0, :512]
@@ -161,7 +163,7 @@ class FlashInfer:
         )
 
     def __call__(self):
-        return self.w.run(self.q_nope, self.q_pe, self.ckv, self.kpe).view(self.shape)
+        return self.w.run(self.q_nope, self.q_pe, self.ckv, self.kpe, **self.scales).view(self.shape)
 
 
 class TorchPadded:

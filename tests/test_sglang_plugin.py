@@ -148,6 +148,12 @@ def test_adapter_compiles_without_graph_breaks_and_still_widens_the_capture_view
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+def _fp8_reference(inputs, meta, num_splits, scale: float, k_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """flashmla_ops' own FP8 decode of ``inputs`` (causal), what the SGLang adapter must reproduce."""
+    args = (inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits)
+    return flashmla_ops.flash_mla_with_kvcache(*args, scale, True, is_fp8_kvcache=True, k_scale=k_scale)
+
+
 def test_kernel_adapters_decode_an_fp8_cache_with_the_unquantised_query():
     """SGLang's FP8 call (e4m3 pool, descale_q / descale_k = the layer's k_scale) with the q that
     keep_q_unquantised handed back: flashmla_ops' FP8 op with k_scale = descale_k, q left in bf16."""
@@ -157,19 +163,7 @@ def test_kernel_adapters_decode_an_fp8_cache_with_the_unquantised_query():
     assert torch.equal(meta, ref_meta) and torch.equal(num_splits, ref_splits)
     q, scale = sglang_backend.keep_q_unquantised(inputs.q, inputs.k_scale)
     assert q is inputs.q and scale is inputs.k_scale
-    ref_out, ref_lse = flashmla_ops.flash_mla_with_kvcache(
-        inputs.q,
-        inputs.k_cache,
-        inputs.block_table,
-        inputs.cache_seqlens,
-        512,
-        meta,
-        num_splits,
-        0.125,
-        True,
-        is_fp8_kvcache=True,
-        k_scale=inputs.k_scale,
-    )
+    ref_out, ref_lse = _fp8_reference(inputs, meta, num_splits, 0.125, inputs.k_scale)
     args = _args(inputs, meta, num_splits, 0.125)
     for extra in (
         {"descale_q": inputs.k_scale, "descale_k": inputs.k_scale},
@@ -183,19 +177,7 @@ def test_kernel_adapters_decode_an_fp8_cache_with_the_unquantised_query():
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     # no descale_k: scale 1
     out, _ = sglang_backend.flash_mla_with_kvcache(**args, is_fp8_kvcache=True)
-    ref_one, _ = flashmla_ops.flash_mla_with_kvcache(
-        inputs.q,
-        inputs.k_cache,
-        inputs.block_table,
-        inputs.cache_seqlens,
-        512,
-        meta,
-        num_splits,
-        0.125,
-        True,
-        is_fp8_kvcache=True,
-        k_scale=1.0,
-    )
+    ref_one, _ = _fp8_reference(inputs, meta, num_splits, 0.125, 1.0)
     assert torch.equal(out, ref_one)
 
 
@@ -313,19 +295,7 @@ def test_rebinding_serves_sglangs_fp8_branch_with_the_unquantised_query(monkeypa
     backend.init_forward_metadata(inputs.cache_seqlens, 16)
     out, lse = backend.forward_decode(inputs, 0.1)
     meta, num_splits = flashmla_ops.get_mla_metadata(inputs.cache_seqlens, 16, 1)
-    ref_out, ref_lse = flashmla_ops.flash_mla_with_kvcache(
-        inputs.q,
-        inputs.k_cache,
-        inputs.block_table,
-        inputs.cache_seqlens,
-        512,
-        meta,
-        num_splits,
-        0.1,
-        True,
-        is_fp8_kvcache=True,
-        k_scale=inputs.k_scale,
-    )
+    ref_out, ref_lse = _fp8_reference(inputs, meta, num_splits, 0.1, inputs.k_scale)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     builtin = module.FlashMLABackend(None, fp8=torch.float8_e4m3fn)
     builtin.meta = (meta, num_splits)

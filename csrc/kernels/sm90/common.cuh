@@ -182,29 +182,34 @@ struct Pack2<cutlass::half_t> {
 };
 
 // One 64 x 64 box (columns [col, col + 64) of the 64 tokens of `page`, kv head h_k) of the KV cache into
-// smem with TMA, completing `bar`'s transaction count. evict_first marks the lines evict-first in L2 (a page
-// is read once per CTA pair and never again in the call), so that L2 keeps the split partials the main
-// kernel writes and the combine reads right after. Where nothing is split the hint only costs: with L2 full
-// of dirty lines, as after any kernel that wrote its output (and after the benchmark's L2 flush), hinted
-// copies made the unsplit memory-bound rows 3-4 % slower (benchmarks/NOTES.md, v9.5): the serial loop passes
-// evict_first only where the call leaves split partials; the seesaw loop, faster with the hint, always does.
-__device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, uint64_t* bar, int col,
-                                             int h_k, int page, bool evict_first) {
+// smem with TMA (tma_load_4d: the same copy through any 4-D map with these coordinates), completing `bar`'s
+// transaction count. evict_first marks the lines evict-first in L2 (a page is read once per CTA pair and
+// never again in the call), so that L2 keeps the split partials the main kernel writes and the combine reads
+// right after. Where nothing is split the hint only costs: with L2 full of dirty lines, as after any kernel
+// that wrote its output (and after the benchmark's L2 flush), hinted copies made the unsplit memory-bound
+// rows 3-4 % slower (benchmarks/NOTES.md, v9.5): the serial loop passes evict_first only where the call
+// leaves split partials; the seesaw loop, faster with the hint, always does.
+__device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, void* dst, uint64_t* bar, int c0, int h_k,
+                                            int page, bool evict_first) {
   if (evict_first) {
     uint64_t policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
     asm volatile(
         "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
         "[%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(smem_u32(dst)),
-        "l"(&p.tma_k), "r"(col), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar)), "l"(policy)
+        "l"(map), "r"(c0), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar)), "l"(policy)
         : "memory");
     return;
   }
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
       "%5}], [%6];\n" ::"r"(smem_u32(dst)),
-      "l"(&p.tma_k), "r"(col), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
+      "l"(map), "r"(c0), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
       : "memory");
+}
+__device__ __forceinline__ void tma_load_box(const DecodeParams& p, void* dst, uint64_t* bar, int col,
+                                             int h_k, int page, bool evict_first) {
+  tma_load_4d(&p.tma_k, dst, bar, col, h_k, page, evict_first);
 }
 
 // A part's work record (scheduler contract: kernels/params.h), as the main loops read it.

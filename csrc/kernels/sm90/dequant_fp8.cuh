@@ -46,25 +46,6 @@ constexpr uint32_t fp8_page_tx_bytes() {
   return kFmt == kKvFp8Tensor ? 5 * kFp8BoxBytes : 4 * kFp8BoxBytes + kTileBytes + kV32ScaleBytes;
 }
 
-__device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, void* dst, uint64_t* bar, int c0, int h_k,
-                                            int page, bool evict_first) {
-  if (evict_first) {
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
-        "[%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(smem_u32(dst)),
-        "l"(map), "r"(c0), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar)), "l"(policy)
-        : "memory");
-    return;
-  }
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
-      "%5}], [%6];\n" ::"r"(smem_u32(dst)),
-      "l"(map), "r"(c0), "r"(0), "r"(h_k), "r"(page), "r"(smem_u32(bar))
-      : "memory");
-}
-
 // Thread 0: the TMA copies of one FP8 page into the 16-bit tile at `tile` (and, for V3.2, its scales into
 // `scales`), completing on `bar`; for page < 0 just complete the barrier's phase (nothing to read; the
 // consumer masks or zero-fills those rows).
