@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,3 +456,28 @@ def test_message_constants():
 def test_error_class():
     assert issubclass(FlashMLAInputError, ValueError) and issubclass(FlashMLAInputError, RuntimeError)
     assert flashmla_ops.FlashMLAInputError is FlashMLAInputError
+
+
+def _cpp_string_text(path: Path) -> str:
+    """The source with adjacent C++ string literals joined ("a " "b" -> "a b")."""
+    return re.sub(r'"\s*\n\s*"', "", path.read_text())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MSG_KV_FP8_DTYPE",
+        "MSG_KV_PER_TENSOR_DIM",
+        "MSG_KV_V32_DIM",
+        "MSG_K_SCALE_MISSING",
+        "MSG_K_SCALE_V32",
+        "MSG_K_SCALE_DTYPE",
+    ],
+)
+def test_cuda_launcher_mirrors_the_fp8_messages(name):
+    """The FP8 checks of csrc/api/mla_decode.cpp say what _validation says: every literal piece of the Python
+    template (between its format fields) appears in the launcher's strings."""
+    source = _cpp_string_text(Path(__file__).resolve().parent.parent / "csrc" / "api" / "mla_decode.cpp")
+    template = getattr(_validation, name).removeprefix("flashmla: ")
+    for piece in re.split(r"\{[a-z_]+\}", template):
+        assert piece.strip() in source, (name, piece)
