@@ -126,3 +126,19 @@ def test_fp8_cuda_graph_sees_a_new_k_scale():
     graph.replay()
     torch.cuda.synchronize()
     assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)
+
+
+def test_fp8_cuda_only_checks():
+    """What only the CUDA kernels need, refused with a message before any launch: a V3.2 cache with a page
+    stride TMA cannot read (not a multiple of 16 bytes), and V3.2 with an fp16 q (its kernel dequantises into
+    bf16)."""
+    _needs_kernel()
+    odd = _to_cuda(make_fp8_inputs([70, 5], 1, 16, 1, "v32", seed=2, page_pad=8))
+    meta, num_splits = get_mla_metadata(odd.cache_seqlens, 16, 1, is_fp8_kvcache=True)
+    args = (odd.q, odd.k_cache, odd.block_table, odd.cache_seqlens, D_V, meta, num_splits)
+    with pytest.raises(RuntimeError, match="strides that are multiples of 16 bytes"):
+        flash_mla_with_kvcache(*args, None, True, True)
+    inp = _to_cuda(make_fp8_inputs([70, 5], 1, 16, 1, "v32", seed=2))
+    args = (inp.q.half(), inp.k_cache, inp.block_table, inp.cache_seqlens, D_V, meta, num_splits)
+    with pytest.raises(RuntimeError, match="takes bfloat16 q on CUDA, got float16"):
+        flash_mla_with_kvcache(*args, None, True, True)
