@@ -142,3 +142,21 @@ def test_fp8_cuda_only_checks():
     args = (inp.q.half(), inp.k_cache, inp.block_table, inp.cache_seqlens, D_V, meta, num_splits)
     with pytest.raises(RuntimeError, match="takes bfloat16 q on CUDA, got float16"):
         flash_mla_with_kvcache(*args, None, True, True)
+
+
+def test_fp8_v32_large_group_scales():
+    """V3.2 tile scales of 2^16 and beyond (a cache with values past 448 * 2^15): the kernel applies the scale
+    in its own multiply, so the product stays finite and exact (one multiply by 2^112 * scale would overflow
+    bf16 and turn every value of the tile into inf or NaN)."""
+    _needs_kernel()
+    inp = make_fp8_inputs([300, 65], 1, 16, 1, "v32", seed=9, poison=False)
+    scales = inp.k_cache[..., 512:528].contiguous().view(torch.float32)
+    inp.k_cache[..., 512:528] = (scales * 2.0**24).view(torch.uint8)  # 2^-7 -> 2^17
+    inp.q = inp.q * 2.0**-24  # the same logits (exact: powers of two), outputs 2^24 larger
+    _to_cuda(inp)
+    meta, num_splits = get_mla_metadata(inp.cache_seqlens, 16, 1, is_fp8_kvcache=True)
+    out, lse = flash_mla_with_kvcache(
+        inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, D_V, meta, num_splits, None, True, True
+    )
+    assert torch.isfinite(out).all()
+    assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)

@@ -42,9 +42,11 @@ void make_k_tensor_map(const Tensor& k_cache, DType dtype, CUtensorMap* map) {
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(kHeadDimK), static_cast<cuuint64_t>(kPageSize),
                               static_cast<cuuint64_t>(k_cache.size(2)),
                               static_cast<cuuint64_t>(k_cache.size(0))};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(k_cache.stride(1)) * 2,
-                                 static_cast<cuuint64_t>(k_cache.stride(2)) * 2,
-                                 static_cast<cuuint64_t>(k_cache.stride(0)) * 2};
+  // A dim of size 1 is only read at index 0: any stride TMA accepts (a multiple of 16 bytes) will do.
+  auto stride = [&](int d) {
+    return static_cast<cuuint64_t>(k_cache.size(d) == 1 ? 16 : k_cache.stride(d) * 2);
+  };
+  const cuuint64_t strides[3] = {stride(1), stride(2), stride(0)};
   const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kPageSize), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   const CUresult r = encode(
@@ -64,9 +66,10 @@ void make_fp8_map(const Tensor& k_cache, CUtensorMapDataType type, int elem_byte
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(kPageSize),
                               static_cast<cuuint64_t>(k_cache.size(2)),
                               static_cast<cuuint64_t>(k_cache.size(0))};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(k_cache.stride(1)),
-                                 static_cast<cuuint64_t>(k_cache.stride(2)),
-                                 static_cast<cuuint64_t>(k_cache.stride(0))};
+  // TMA wants every stride a multiple of 16 bytes; a dim of size 1 is only read at index 0, so its stride
+  // (which the checks let be anything) can be any such value.
+  auto stride = [&](int d) { return static_cast<cuuint64_t>(k_cache.size(d) == 1 ? 16 : k_cache.stride(d)); };
+  const cuuint64_t strides[3] = {stride(1), stride(2), stride(0)};
   const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_inner), static_cast<cuuint32_t>(kPageSize), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   (void)elem_bytes;

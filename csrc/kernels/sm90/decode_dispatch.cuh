@@ -43,6 +43,7 @@ cudaError_t launch_decode_fp8(const DecodeParams& p, cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
   constexpr int smem_bytes = static_cast<int>(sizeof(SerialStorage<T, kFmt>));
+  static_assert(smem_bytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
   static std::atomic<bool> configured[kMaxDevices];
   const cudaError_t err =
       configure_smem_once(decode_serial_kernel<T, kFmt>, smem_bytes, configured, kMaxDevices);

@@ -19,9 +19,11 @@
 // Conversion. e4m3 -> fp16 is one cvt per two values and exact (every e4m3 value is a normal fp16).
 // For bf16 tiles the fp16 bit pattern is moved into bf16 positions (sign kept; exponent and the three used
 // mantissa bits shifted right by 3), which is the value times 2^-112 as a normal bf16 (zero stays zero), then
-// one bf16x2 multiply by 2^112 (times the V3.2 group scale) makes it exact again. No value here is a bf16 or
-// fp16 subnormal, so neither the multiply nor the tensor cores see one. The per-tensor k_scale is not applied
-// here: the kernel folds it into the softmax scale and the output (kernels/sm90/mainloop_serial.cuh).
+// one bf16x2 multiply by 2^112 makes it exact again. V3.2 then multiplies by its group scale in a second
+// bf16x2 multiply: exact for power-of-two scales (the format's, and the only ones its quantiser writes), any
+// scale bf16 can hold; a scale that is not a power of two is rounded to bf16 first. (One multiply by
+// 2^112 * scale would overflow bf16 for scales from 2^16.) The per-tensor k_scale is not applied here: the
+// kernel folds it into the softmax scale and the output (kernels/sm90/mainloop_serial.cuh).
 // e4m3 NaN (0x7f/0xff) is not preserved on the bf16 path (it becomes a large finite value); the kernels never
 // let data of unused slots reach the output (masked logits by index, V tails zeroed).
 #pragma once
@@ -81,25 +83,27 @@ __device__ __forceinline__ void e4m3x4_to_f16x4(uint32_t x, uint32_t& lo, uint32
       : "r"(x));
 }
 
-// fp16x2 holding e4m3 values -> bf16x2 of the same values times `mult` (a bf16x2 of 2^112 times a scale).
-__device__ __forceinline__ uint32_t f16x2_to_bf16x2(uint32_t h, __nv_bfloat162 mult) {
+// fp16x2 holding e4m3 values -> bf16x2 of the same values (exactly), times `scale` when kScaled.
+template <bool kScaled>
+__device__ __forceinline__ uint32_t f16x2_to_bf16x2(uint32_t h, __nv_bfloat162 scale) {
   uint32_t t = ((h >> 3) & 0x0fff0fffu) | (h & 0x80008000u);  // value * 2^-112, a normal bf16 (or zero)
   __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&t);
-  v = __hmul2(v, mult);
+  v = __hmul2(v, __floats2bfloat162_rn(0x1p112f, 0x1p112f));
+  if constexpr (kScaled) v = __hmul2(v, scale);
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// 16 e4m3 values -> 16 values of T (two 16-byte chunks).
-template <typename T>
-__device__ __forceinline__ void convert16(const uint4& in, __nv_bfloat162 mult, uint4& out0, uint4& out1) {
+// 16 e4m3 values -> 16 values of T (two 16-byte chunks), times `scale` when kScaled (bf16 only).
+template <typename T, bool kScaled>
+__device__ __forceinline__ void convert16(const uint4& in, __nv_bfloat162 scale, uint4& out0, uint4& out1) {
   const uint32_t w[4] = {in.x, in.y, in.z, in.w};
   uint32_t o[8];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     e4m3x4_to_f16x4(w[i], o[2 * i], o[2 * i + 1]);
     if constexpr (std::is_same_v<T, cutlass::bfloat16_t>) {
-      o[2 * i] = f16x2_to_bf16x2(o[2 * i], mult);
-      o[2 * i + 1] = f16x2_to_bf16x2(o[2 * i + 1], mult);
+      o[2 * i] = f16x2_to_bf16x2<kScaled>(o[2 * i], scale);
+      o[2 * i + 1] = f16x2_to_bf16x2<kScaled>(o[2 * i + 1], scale);
     }
   }
   out0 = make_uint4(o[0], o[1], o[2], o[3]);
@@ -114,8 +118,7 @@ __device__ __forceinline__ void convert16(const uint4& in, __nv_bfloat162 mult, 
 template <typename T, int kFmt>
 __device__ __forceinline__ void convert_page_fp8(char* tile, const float* scales, int wtid) {
   const int warp = wtid / 32, lane = wtid % 32;
-  const int c = lane % 8;  // 16-column chunk of a 128-column box
-  const __nv_bfloat162 two112 = __floats2bfloat162_rn(0x1p112f, 0x1p112f);
+  const int c = lane % 8;                               // 16-column chunk of a 128-column box
   constexpr int kBoxes = kFmt == kKvFp8Tensor ? 5 : 4;  // box 4: per-tensor RoPE, 64 real columns, in tile 8
 #pragma unroll 1
   for (int s = 0; s < kPageSize / 16; ++s) {
@@ -130,13 +133,10 @@ __device__ __forceinline__ void convert_page_fp8(char* tile, const float* scales
 #pragma unroll
     for (int j = 0; j < kBoxes; ++j) {
       if (j == 4 && c >= 4) continue;
-      __nv_bfloat162 mult = two112;
-      if constexpr (kFmt == kKvFp8V32) {
-        const float m = scales[r * 4 + j] * 0x1p112f;
-        mult = __floats2bfloat162_rn(m, m);
-      }
+      __nv_bfloat162 scale = __floats2bfloat162_rn(1.f, 1.f);
+      if constexpr (kFmt == kKvFp8V32) scale = __floats2bfloat162_rn(scales[r * 4 + j], scales[r * 4 + j]);
       uint4 o0, o1;
-      convert16<T>(v[j], mult, o0, o1);
+      convert16<T, kFmt == kKvFp8V32>(v[j], scale, o0, o1);
       // 16-byte chunks 2 (c % 4) and 2 (c % 4) + 1 of row r, swizzled (chunk ^ row % 8) like TMA's 128B mode.
       char* dst = tile + (j == 4 ? kPBox : 2 * j + c / 4) * kTileBytes + r * 128;
       const int ch = 2 * (c % 4);
