@@ -46,8 +46,10 @@ FP8_CASES = [
 for lens, s_q, h_q, h_kv, fmt, dtype, pad in FP8_CASES:
     inp = make_fp8_inputs(lens, s_q, h_q, h_kv, fmt, dtype, seed=1, page_pad=pad)
     for name in ("q", "k_cache", "k_scale", "block_table", "cache_seqlens"):
-        if getattr(inp, name) is not None:
-            setattr(inp, name, getattr(inp, name).cuda())
+        value = getattr(inp, name)
+        if value is not None:  # with its strides: .cuda() would drop the V3.2 page padding
+            dev = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cuda")
+            setattr(inp, name, dev.copy_(value))
     meta, num_splits = flashmla_ops.get_mla_metadata(inp.cache_seqlens, s_q * h_q // h_kv, h_kv)
     out, lse = flashmla_ops.flash_mla_with_kvcache(
         inp.q,
