@@ -367,9 +367,12 @@ def test_real_flashmla_backend_rebound_methods(flashmla_backend_module):
         assert ours is not builtin and ours.__code__ is builtin.__code__
         assert ours.__globals__["flash_mla_with_kvcache"] is sglang_backend.flash_mla_with_kvcache
         assert ours.__globals__["get_mla_metadata"] is sglang_backend.get_mla_metadata
+        # the FP8 branches' q quantiser is the pass-through (q stays bf16 for flashmla_ops' FP8 kernels)
+        assert ours.__globals__["scaled_fp8_quant"] is sglang_backend.keep_q_unquantised
         # the builtin backend still uses SGLang's kernels (or the stand-in, where they are not installed)
         assert builtin.__globals__ is vars(flashmla_backend_module)
     assert flashmla_backend_module.flash_mla_with_kvcache is not sglang_backend.flash_mla_with_kvcache
+    assert flashmla_backend_module.scaled_fp8_quant is not sglang_backend.keep_q_unquantised
     for name in sglang_backend.KERNEL_GLOBALS:  # 0.5.17: sgl_kernel.flash_mla; 0.5.23: flash_mla_interface
         assert getattr(flashmla_backend_module, name).__module__ in sglang_backend.KNOWN_KERNEL_MODULES
 
