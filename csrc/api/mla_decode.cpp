@@ -59,8 +59,8 @@ void make_k_tensor_map(const Tensor& k_cache, DType dtype, CUtensorMap* map) {
 
 // One 4-D TMA map (inner dim, 64 tokens, h_kv, num_pages) over k_cache's bytes from `offset`, with
 // k_cache's strides (in bytes) and a (box_inner x 64) box.
-void make_fp8_map(const Tensor& k_cache, CUtensorMapDataType type, int elem_bytes, int64_t offset,
-                  int64_t inner, int box_inner, CUtensorMapSwizzle swizzle, CUtensorMap* map) {
+void make_fp8_map(const Tensor& k_cache, CUtensorMapDataType type, int64_t offset, int64_t inner,
+                  int box_inner, CUtensorMapSwizzle swizzle, CUtensorMap* map) {
   const auto encode = tensor_map_encoder();
   FLASHMLA_CHECK(encode != nullptr, "cuTensorMapEncodeTiled is not available from the CUDA driver");
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(kPageSize),
@@ -72,7 +72,6 @@ void make_fp8_map(const Tensor& k_cache, CUtensorMapDataType type, int elem_byte
   const cuuint64_t strides[3] = {stride(1), stride(2), stride(0)};
   const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_inner), static_cast<cuuint32_t>(kPageSize), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  (void)elem_bytes;
   const CUresult r = encode(map, type, 4, static_cast<char*>(k_cache.data_ptr()) + offset, dims, strides, box,
                             elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -89,15 +88,15 @@ void make_fp8_tensor_maps(const Tensor& k_cache, int kv_format, DecodeParams* p)
   std::memset(&p->tma_scale, 0, sizeof(p->tma_scale));
   if (k_cache.numel() == 0) return;
   if (kv_format == kKvFp8Tensor) {
-    make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, 0, kHeadDimK, 128, CU_TENSOR_MAP_SWIZZLE_NONE,
+    make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 0, kHeadDimK, 128, CU_TENSOR_MAP_SWIZZLE_NONE,
                  &p->tma_k);
     return;
   }
-  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, 0, kHeadDimV, 128, CU_TENSOR_MAP_SWIZZLE_NONE,
+  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 0, kHeadDimV, 128, CU_TENSOR_MAP_SWIZZLE_NONE,
                &p->tma_k);
-  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, kV32RopeOffset, kHeadDimK - kHeadDimV, 64,
+  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, kV32RopeOffset, kHeadDimK - kHeadDimV, 64,
                CU_TENSOR_MAP_SWIZZLE_128B, &p->tma_rope);
-  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, kV32ScaleOffset, 4, 4, CU_TENSOR_MAP_SWIZZLE_NONE,
+  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, kV32ScaleOffset, 4, 4, CU_TENSOR_MAP_SWIZZLE_NONE,
                &p->tma_scale);
 }
 
@@ -132,15 +131,19 @@ void check_aligned(const Tensor& t, const char* name) {
                  strides_str(t));
 }
 
-// The FP8 format of k_cache (check_kv_fp8_format in flashmla_ops/_validation.py).
-int check_kv_fp8_format(const Tensor& k_cache) {
+// An FP8 k_cache's dtype (MSG_KV_FP8_DTYPE in flashmla_ops/_validation.py).
+void check_kv_fp8_dtype(const Tensor& k_cache) {
   const ScalarType kt = k_cache.scalar_type();
   FLASHMLA_CHECK(
       kt == ScalarType::Float8_e4m3fn || kt == ScalarType::Byte,
       "an FP8 k_cache must be float8_e4m3fn (per-tensor scale, [num_pages, 64, h_kv, 576]) or uint8 "
       "(DeepSeek V3.2, [num_pages, 64, h_kv, 656]), got ",
       dtype_name(kt));
-  if (kt == ScalarType::Float8_e4m3fn) {
+}
+
+// The FP8 format of k_cache, its dtype already checked (check_kv_fp8_format in flashmla_ops/_validation.py).
+int check_kv_fp8_format(const Tensor& k_cache) {
+  if (k_cache.scalar_type() == ScalarType::Float8_e4m3fn) {
     FLASHMLA_CHECK(k_cache.size(-1) == kHeadDimK,
                    "a float8_e4m3fn k_cache (per-tensor FP8) must have head dim (size(-1)) 576, got ",
                    k_cache.size(-1), "; a DeepSeek V3.2 cache (656 bytes per token) must be uint8");
@@ -179,11 +182,7 @@ DType check_inputs(const Tensor& q, const Tensor& k_cache, const Tensor& block_t
   FLASHMLA_CHECK(qt == ScalarType::BFloat16 || qt == ScalarType::Half, "q must be bfloat16 or float16, got ",
                  dtype_name(qt));
   if (fp8) {
-    FLASHMLA_CHECK(
-        k_cache.scalar_type() == ScalarType::Float8_e4m3fn || k_cache.scalar_type() == ScalarType::Byte,
-        "an FP8 k_cache must be float8_e4m3fn (per-tensor scale, [num_pages, 64, h_kv, 576]) or uint8 "
-        "(DeepSeek V3.2, [num_pages, 64, h_kv, 656]), got ",
-        dtype_name(k_cache.scalar_type()));
+    check_kv_fp8_dtype(k_cache);
   } else {
     FLASHMLA_CHECK(k_cache.scalar_type() == qt, "k_cache must have the same dtype as q (", dtype_name(qt),
                    "), got ", dtype_name(k_cache.scalar_type()));
