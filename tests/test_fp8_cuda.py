@@ -30,22 +30,11 @@ def _has_fp8_kernel() -> bool:
     return not set(flashmla_ops._schema.FP8_OPS) & flashmla_ops._CUDA_STUB_OPS
 
 
-def _to_cuda(inp):
-    """The inputs on the GPU with the same strides (``Tensor.cuda()`` would make a padded V3.2 cache
-    contiguous, dropping the page padding the tests mean to exercise)."""
-    for name in ("q", "k_cache", "k_scale", "block_table", "cache_seqlens"):
-        value = getattr(inp, name)
-        if value is not None:
-            dev = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cuda")
-            setattr(inp, name, dev.copy_(value))
-    return inp
-
-
 @pytest.mark.parametrize("kv_format", FORMATS)
 def test_fp8_without_kernel_raises(kv_format):
     if _has_fp8_kernel():
         pytest.skip("the compiled extension has FP8 kernels")
-    inp = _to_cuda(make_fp8_inputs([70, 5], 1, 16, 1, kv_format, poison=False))
+    inp = make_fp8_inputs([70, 5], 1, 16, 1, kv_format, poison=False).to_cuda()
     # CPU scheduler (the CUDA one needs the extension); its values do not matter here
     meta, num_splits = (
         t.cuda() for t in torch.ops.flashmla.get_mla_metadata(inp.cache_seqlens.cpu(), 16, 1, 8)
@@ -73,7 +62,7 @@ def test_fp8_kernel_matches_oracle(kv_format, s_q, h_q, h_kv):
     inp = make_fp8_inputs(
         seqlens, s_q, h_q, h_kv, kv_format, seed=h_q + s_q, page_pad=64 * (kv_format == "v32")
     )
-    _to_cuda(inp)
+    inp.to_cuda()
     meta, num_splits = get_mla_metadata(inp.cache_seqlens, s_q * h_q // h_kv, h_kv, is_fp8_kvcache=True)
     out, lse = flash_mla_with_kvcache(
         inp.q,
@@ -93,7 +82,7 @@ def test_fp8_kernel_matches_oracle(kv_format, s_q, h_q, h_kv):
 
 def test_fp8_cuda_graph_sees_a_new_k_scale():
     _needs_kernel()
-    inp = _to_cuda(make_fp8_inputs([300, 0, 65], 2, 64, 1, "per_tensor", seed=3))
+    inp = make_fp8_inputs([300, 0, 65], 2, 64, 1, "per_tensor", seed=3).to_cuda()
     meta, num_splits = get_mla_metadata(inp.cache_seqlens, 128, 1, is_fp8_kvcache=True)
     out = torch.empty(3, 2, 64, D_V, dtype=inp.q.dtype, device="cuda")
     lse = torch.empty(3, 64, 2, device="cuda")
@@ -136,12 +125,12 @@ def test_fp8_cuda_only_checks():
     stride TMA cannot read (not a multiple of 16 bytes), and V3.2 with an fp16 q (its kernel dequantises into
     bf16)."""
     _needs_kernel()
-    odd = _to_cuda(make_fp8_inputs([70, 5], 1, 16, 1, "v32", seed=2, page_pad=8))
+    odd = make_fp8_inputs([70, 5], 1, 16, 1, "v32", seed=2, page_pad=8).to_cuda()
     meta, num_splits = get_mla_metadata(odd.cache_seqlens, 16, 1, is_fp8_kvcache=True)
     args = (odd.q, odd.k_cache, odd.block_table, odd.cache_seqlens, D_V, meta, num_splits)
     with pytest.raises(RuntimeError, match="strides that are multiples of 16 bytes"):
         flash_mla_with_kvcache(*args, None, True, True)
-    inp = _to_cuda(make_fp8_inputs([70, 5], 1, 16, 1, "v32", seed=2))
+    inp = make_fp8_inputs([70, 5], 1, 16, 1, "v32", seed=2).to_cuda()
     args = (inp.q.half(), inp.k_cache, inp.block_table, inp.cache_seqlens, D_V, meta, num_splits)
     with pytest.raises(RuntimeError, match="takes bfloat16 q on CUDA, got float16"):
         flash_mla_with_kvcache(*args, None, True, True)
@@ -156,7 +145,7 @@ def test_fp8_v32_large_group_scales():
     scales = inp.k_cache[..., 512:528].contiguous().view(torch.float32)
     inp.k_cache[..., 512:528] = (scales * 2.0**24).view(torch.uint8)  # 2^-7 -> 2^17
     inp.q = inp.q * 2.0**-24  # the same logits (exact: powers of two), outputs 2^24 larger
-    _to_cuda(inp)
+    inp.to_cuda()
     meta, num_splits = get_mla_metadata(inp.cache_seqlens, 16, 1, is_fp8_kvcache=True)
     out, lse = flash_mla_with_kvcache(
         inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, D_V, meta, num_splits, None, True, True

@@ -44,12 +44,7 @@ FP8_CASES = [
     ([3000, 70], 4, 128, 1, "v32", torch.bfloat16, 64),
 ]
 for lens, s_q, h_q, h_kv, fmt, dtype, pad in FP8_CASES:
-    inp = make_fp8_inputs(lens, s_q, h_q, h_kv, fmt, dtype, seed=1, page_pad=pad)
-    for name in ("q", "k_cache", "k_scale", "block_table", "cache_seqlens"):
-        value = getattr(inp, name)
-        if value is not None:  # with its strides: .cuda() would drop the V3.2 page padding
-            dev = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cuda")
-            setattr(inp, name, dev.copy_(value))
+    inp = make_fp8_inputs(lens, s_q, h_q, h_kv, fmt, dtype, seed=1, page_pad=pad).to_cuda()
     meta, num_splits = flashmla_ops.get_mla_metadata(inp.cache_seqlens, s_q * h_q // h_kv, h_kv)
     out, lse = flashmla_ops.flash_mla_with_kvcache(
         inp.q,
