@@ -3,7 +3,7 @@
 # Run here (PyPI reachable). Downloads cp312 x86_64 wheels with --no-deps, installs them into one directory tree
 # (pip --target, no bytecode), trims sglang-kernel to what an MLA model with the `flashmla` backend needs
 # (drops flash_ops.abi3.so (FA3), sm100/, infllm_ops), tars + xz-compresses it and splits it into parts under
-# 60 MiB:  $OUT/part-00, part-01, ... plus SHA256SUMS and MANIFEST.txt.   OUT defaults to .carry/sglang (ignored).
+# 40 MiB (PART_SIZE):  $OUT/part-00, part-01, ... plus SHA256SUMS and MANIFEST.txt.   OUT defaults to .carry/sglang (ignored).
 # On the GPU machine: bash lab/sglang_offline/sglang_gpu_unpack.sh <dir with the parts>  (see that script).
 #   bash lab/sglang_offline/sglang_gpu_bundle.sh            # SGLANG_BUNDLE_FA3=1 keeps flash_ops.abi3.so (about +7 parts)
 # The package list is the minimal set found by importing sglang.launch_server, its --help, the HTTP server,
@@ -12,10 +12,10 @@
 # machine's 5.17.0 / 0.23.2: sglang 0.5.17 pins transformers==5.12.1 and fails to import with 5.17
 # ("'qwen3_asr' is already used by a Transformers config"); 5.12.1 requires tokenizers<=0.23.0.
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-$repo/.carry/sglang}
 work=${WORK:-$repo/.carry/sglang-build}
-part_size=${PART_SIZE:-58m}
+part_size=${PART_SIZE:-40m}
 pip=(${PIP:-python3 -m pip})
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
       --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
