@@ -267,6 +267,11 @@ __device__ __forceinline__ RequestWork request_work(const DecodeParams& p, const
     w.blk_end = min(w.range_end, (w.split_idx + 1) * chunk);
   }
   w.n_pieces = p.num_splits[req + 1] - p.num_splits[req];
+  // Metadata planned for another head geometry cuts at other boundaries: never write into another
+  // request's partials; the request's rows become NaN instead.
+  if (pw.invariant && (w.n_pieces == 0 ? w.blk_begin != 0 || w.blk_end != nblk : w.split_idx >= w.n_pieces)) {
+    w.bad = true;
+  }
   w.seqlen_safe = w.bad ? 0 : seqlen;
   return w;
 }
