@@ -119,11 +119,10 @@ def get_mla_metadata(
         raise NotImplementedError(_SPARSE_NOT_SUPPORTED)
     check_positive_int(num_q_tokens_per_head_k, "num_q_tokens_per_head_k")
     check_positive_int(num_heads_k, "num_heads_k")
-    num_m_blocks = (num_q_tokens_per_head_k + _BLOCK_M - 1) // _BLOCK_M
-    num_sm_parts = max(_sm_count(cache_seqlens.device) // num_heads_k // num_m_blocks, 1)
     if not batch_invariant:
         if max_seqlen_k is not None:
             raise FlashMLAInputError(MSG_MAX_SEQLEN_NEEDS_INVARIANT)
+        _, num_sm_parts = metadata_parts(cache_seqlens.device, 0, num_q_tokens_per_head_k, num_heads_k)
         return torch.ops.flashmla.get_mla_metadata(
             cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts
         )
@@ -131,16 +130,41 @@ def get_mla_metadata(
         raise FlashMLAInputError(MSG_INVARIANT_MAX_SEQLEN)
     if max_seqlen_k < 0:
         raise FlashMLAInputError(MSG_NONNEGATIVE_INT.format(name="max_seqlen_k", value=max_seqlen_k))
-    b = cache_seqlens.size(0)
-    pieces = invariant_max_pieces(b, max_seqlen_k, num_q_tokens_per_head_k, num_heads_k)
-    parts = max(num_sm_parts, (pieces + 1) // 2)
-    if parts > _MAX_PARTS:
-        raise FlashMLAInputError(
-            MSG_INVARIANT_TOO_MANY_PARTS.format(b=b, max_seqlen_k=max_seqlen_k, parts=parts)
-        )
+    parts, num_sm_parts = metadata_parts(
+        cache_seqlens.device, cache_seqlens.size(0), num_q_tokens_per_head_k, num_heads_k, max_seqlen_k
+    )
     return torch.ops.flashmla.get_mla_metadata_batch_invariant(
         cache_seqlens, num_q_tokens_per_head_k, num_heads_k, parts, num_sm_parts
     )
+
+
+def metadata_parts(
+    device: torch.device,
+    batch_size: int,
+    num_q_tokens_per_head_k: int,
+    num_heads_k: int,
+    max_seqlen_k: int | None = None,
+) -> tuple[int, int]:
+    """``(rows, num_sm_parts)``: the rows of the ``tile_scheduler_metadata`` that :func:`get_mla_metadata`
+    returns on ``device`` for ``batch_size`` requests, and the default schedule's part count. With
+    ``max_seqlen_k`` (the batch-invariant mode) ``rows`` may exceed ``num_sm_parts`` and grows with the
+    batch; without it both are ``num_sm_parts``. Host arithmetic only, for callers that preallocate the
+    metadata (a CUDA-graph buffer sized for their largest batch).
+
+    Raises:
+        FlashMLAInputError: the batch-invariant schedule would need more than 65535 parts.
+    """
+    num_m_blocks = (num_q_tokens_per_head_k + _BLOCK_M - 1) // _BLOCK_M
+    num_sm_parts = max(_sm_count(device) // num_heads_k // num_m_blocks, 1)
+    if max_seqlen_k is None:
+        return num_sm_parts, num_sm_parts
+    pieces = invariant_max_pieces(batch_size, max_seqlen_k, num_q_tokens_per_head_k, num_heads_k)
+    parts = max(num_sm_parts, (pieces + 1) // 2)
+    if parts > _MAX_PARTS:
+        raise FlashMLAInputError(
+            MSG_INVARIANT_TOO_MANY_PARTS.format(b=batch_size, max_seqlen_k=max_seqlen_k, parts=parts)
+        )
+    return parts, num_sm_parts
 
 
 def flash_mla_with_kvcache(
