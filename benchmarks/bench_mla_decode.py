@@ -105,6 +105,24 @@ class Ours:
         return self.out
 
 
+class OursInvariant(Ours):
+    """flashmla_ops in its batch-invariant mode (get_mla_metadata(batch_invariant=True), the length bound
+    taken from the block table's width, as a server would)."""
+
+    name = "flashmla_ops_invariant"
+
+    def __init__(self, q, k_cache, block_table, seqlens, causal, scale, share=None):
+        super().__init__(q, k_cache, block_table, seqlens, causal, scale, share)
+        if share is None:
+            b, s_q, h_q, _ = q.shape
+            h_kv = k_cache.shape[2]
+            bound = block_table.size(1) * PAGE
+            meta, num_splits = flashmla_ops.get_mla_metadata(
+                seqlens, s_q * h_q // h_kv, h_kv, batch_invariant=True, max_seqlen_k=bound
+            )
+            self.args = (*self.args[:5], meta, num_splits, *self.args[7:])
+
+
 class FlashMLA:
     name = "FlashMLA"
 
@@ -288,11 +306,17 @@ def main():
     ap.add_argument(
         "--graph", action="store_true", help="also time each call in CUDA-graph replay of a multi-layer step"
     )
+    ap.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="also time flashmla_ops's batch-invariant mode (ratio_invariant: default time / its time)",
+    )
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     torch.manual_seed(0)
     peers = [p for p in (FlashMLA, FlashInfer) if p.name in args.peers.split(",")]
-    impls = [Ours, *peers] + ([] if args.no_torch else [TorchPadded])
+    impls = [Ours, *([OursInvariant] if args.batch_invariant else []), *peers]
+    impls += [] if args.no_torch else [TorchPadded]
     if args.only_ours:
         impls = [Ours]
     # Without .git (an exported tree), FLASHMLA_COMMIT names the commit.
@@ -361,6 +385,10 @@ def main():
                 row[f"ratio_vs_fastest_peer{suffix}"] = min(peers.values()) / ours if peers else None
                 for k, v in peers.items():
                     row[f"ratio_vs_{k}{suffix}"] = v / ours
+        for key, suffix in (("us", ""), ("graph_us", "_graph")):
+            inv = row.get(OursInvariant.name, {}).get(key)
+            if inv and row.get("flashmla_ops", {}).get(key):
+                row[f"ratio_invariant{suffix}"] = row["flashmla_ops"][key] / inv
         del q, k_cache, ref
         torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)

@@ -24,6 +24,13 @@ SCHEMAS: dict[str, str] = {
         "get_mla_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k, "
         "int num_sm_parts) -> (Tensor, Tensor)"
     ),
+    # Batch-invariant scheduler: every request cut at chunk boundaries that depend only on its own length
+    # and the head geometry (flashmla_ops/reference.py: get_mla_metadata_batch_invariant_reference). Work goes
+    # to the first num_work_parts parts; the rest are empty and size the split-partials workspace.
+    "get_mla_metadata_batch_invariant": (
+        "get_mla_metadata_batch_invariant(Tensor cache_seqlens, int num_q_tokens_per_head_k, "
+        "int num_heads_k, int num_sm_parts, int num_work_parts) -> (Tensor, Tensor)"
+    ),
     # Functional decode: returns (out [b, s_q, h_q, head_dim_v] in q's dtype, lse fp32 [b, h_q, s_q]).
     "mla_decode": (
         "mla_decode(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "

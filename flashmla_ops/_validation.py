@@ -31,9 +31,11 @@ __all__ = [
     "FlashMLAInputError",
     "HEAD_DIM_K",
     "HEAD_DIM_V",
+    "META_FLAG_BATCH_INVARIANT",
     "PAGE_SIZE",
     "TILE_SCHEDULER_METADATA_SIZE",
     "check_get_mla_metadata",
+    "check_get_mla_metadata_batch_invariant",
     "check_k_scale",
     "check_kv_fp8_format",
     "check_mla_decode",
@@ -57,6 +59,8 @@ HEAD_DIM_V = 512
 PAGE_SIZE = 64
 #: int32 fields per row of tile_scheduler_metadata (csrc/kernels/params.h: kMetaSize).
 TILE_SCHEDULER_METADATA_SIZE = 8
+#: Field 7 of every record of a batch-invariant schedule (csrc/kernels/params.h: kMetaFlagBatchInvariant).
+META_FLAG_BATCH_INVARIANT = 1
 
 _Q_DTYPES = (torch.bfloat16, torch.float16)
 _FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.uint8)
@@ -100,6 +104,17 @@ MSG_WORKSPACE_SIZE = (
     "513), got {numel}"
 )
 MSG_POSITIVE_INT = "flashmla: {name} must be >= 1, got {value}"
+MSG_WORK_PARTS = "flashmla: num_work_parts ({num_work_parts}) must be at most num_sm_parts ({num_sm_parts})"
+MSG_INVARIANT_MAX_SEQLEN = (
+    "flashmla: batch_invariant=True needs max_seqlen_k, an upper bound of cache_seqlens (e.g. the block "
+    "table's width times 64): it sizes the split partials without reading the lengths on the host"
+)
+MSG_MAX_SEQLEN_NEEDS_INVARIANT = "flashmla: max_seqlen_k is used only with batch_invariant=True"
+MSG_NONNEGATIVE_INT = "flashmla: {name} must be >= 0, got {value}"
+MSG_INVARIANT_TOO_MANY_PARTS = (
+    "flashmla: a batch-invariant schedule of {b} requests of up to {max_seqlen_k} tokens needs {parts} "
+    "parts (at most 65535); lower max_seqlen_k or split the batch"
+)
 
 # FP8 KV cache (mla_decode_fp8 / mla_decode_fp8_out; also quantize_kv_cache / dequantize_kv_cache). The
 # format follows from k_cache's dtype, then its last dim must match it.
@@ -218,6 +233,25 @@ def check_get_mla_metadata(
     check_positive_int(num_q_tokens_per_head_k, "num_q_tokens_per_head_k")
     check_positive_int(num_heads_k, "num_heads_k")
     check_positive_int(num_sm_parts, "num_sm_parts")
+    return b
+
+
+def check_get_mla_metadata_batch_invariant(
+    cache_seqlens: torch.Tensor,
+    num_q_tokens_per_head_k: int,
+    num_heads_k: int,
+    num_sm_parts: int,
+    num_work_parts: int,
+) -> int:
+    """Validate the arguments of ``flashmla::get_mla_metadata_batch_invariant``; return the batch size."""
+    b = check_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
+    check_positive_int(num_work_parts, "num_work_parts")
+    _require(
+        num_work_parts <= num_sm_parts,
+        MSG_WORK_PARTS,
+        num_work_parts=num_work_parts,
+        num_sm_parts=num_sm_parts,
+    )
     return b
 
 

@@ -12,10 +12,15 @@ import functools
 
 import torch
 
+from ._invariant import invariant_max_pieces
 from ._validation import (
     HEAD_DIM_K,
     MSG_FP8_CACHE_NEEDS_FLAG,
+    MSG_INVARIANT_MAX_SEQLEN,
+    MSG_INVARIANT_TOO_MANY_PARTS,
     MSG_K_SCALE_NEEDS_FP8,
+    MSG_MAX_SEQLEN_NEEDS_INVARIANT,
+    MSG_NONNEGATIVE_INT,
     MSG_OUT_LSE_TOGETHER,
     MSG_WORKSPACE_NEEDS_OUT,
     FlashMLAInputError,
@@ -33,6 +38,8 @@ _DEFAULT_SM_COUNT = 132
 _DEFAULT_SOFTMAX_SCALE = HEAD_DIM_K**-0.5
 _SPARSE_NOT_SUPPORTED = "flashmla: sparse (top-k) decode is not supported yet"
 _FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.uint8)
+#: The decode grid's z dimension holds one CTA per part.
+_MAX_PARTS = 65535
 
 
 @functools.cache
@@ -59,6 +66,9 @@ def get_mla_metadata(
     num_heads_q: int | None = None,
     is_fp8_kvcache: bool = False,
     topk: int | None = None,
+    *,
+    batch_invariant: bool = False,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan the split-KV work of one decode step; run once per step, reuse the result for every layer.
 
@@ -72,6 +82,17 @@ def get_mla_metadata(
         is_fp8_kvcache: accepted (either value): an FP8 KV cache uses the same scheduler, so the same
             metadata serves both kinds of cache.
         topk: must be None: sparse (top-k) decode is not supported.
+        batch_invariant: plan a batch-invariant decode: each request's out and lse are then bitwise the
+            same whatever else is in the batch (its size, the other requests, their order, padding rows)
+            and whatever the GPU's SM count. Every request is cut into chunks that depend only on its own
+            length and the head geometry (never cut up to 8,192 tokens; a long request into about as many
+            chunks as fill 128 CTAs), each chunk of a cut request is its own partial, and the partials are
+            merged in chunk order by one fixed arithmetic; the batch only decides which SM runs which chunk.
+            Costs: the partials of cut requests, and whole short requests (no split to balance them).
+        max_seqlen_k: with ``batch_invariant``, required: an upper bound of ``cache_seqlens`` (for example
+            ``block_table.size(1) * 64``). It sizes the split-partials workspace (``num_sm_parts`` grows to
+            ``batch_size * chunks(max_seqlen_k) / 2`` when that is larger); a request longer than the bound
+            may find no room for its partials and then returns NaN rows.
 
     Returns:
         ``(tile_scheduler_metadata, num_splits)``, both int32 and on ``cache_seqlens``'s device:
@@ -98,11 +119,52 @@ def get_mla_metadata(
         raise NotImplementedError(_SPARSE_NOT_SUPPORTED)
     check_positive_int(num_q_tokens_per_head_k, "num_q_tokens_per_head_k")
     check_positive_int(num_heads_k, "num_heads_k")
-    num_m_blocks = (num_q_tokens_per_head_k + _BLOCK_M - 1) // _BLOCK_M
-    num_sm_parts = max(_sm_count(cache_seqlens.device) // num_heads_k // num_m_blocks, 1)
-    return torch.ops.flashmla.get_mla_metadata(
-        cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts
+    if not batch_invariant:
+        if max_seqlen_k is not None:
+            raise FlashMLAInputError(MSG_MAX_SEQLEN_NEEDS_INVARIANT)
+        _, num_sm_parts = metadata_parts(cache_seqlens.device, 0, num_q_tokens_per_head_k, num_heads_k)
+        return torch.ops.flashmla.get_mla_metadata(
+            cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts
+        )
+    if max_seqlen_k is None:
+        raise FlashMLAInputError(MSG_INVARIANT_MAX_SEQLEN)
+    if max_seqlen_k < 0:
+        raise FlashMLAInputError(MSG_NONNEGATIVE_INT.format(name="max_seqlen_k", value=max_seqlen_k))
+    parts, num_sm_parts = metadata_parts(
+        cache_seqlens.device, cache_seqlens.size(0), num_q_tokens_per_head_k, num_heads_k, max_seqlen_k
     )
+    return torch.ops.flashmla.get_mla_metadata_batch_invariant(
+        cache_seqlens, num_q_tokens_per_head_k, num_heads_k, parts, num_sm_parts
+    )
+
+
+def metadata_parts(
+    device: torch.device,
+    batch_size: int,
+    num_q_tokens_per_head_k: int,
+    num_heads_k: int,
+    max_seqlen_k: int | None = None,
+) -> tuple[int, int]:
+    """``(rows, num_sm_parts)``: the rows of the ``tile_scheduler_metadata`` that :func:`get_mla_metadata`
+    returns on ``device`` for ``batch_size`` requests, and the default schedule's part count. With
+    ``max_seqlen_k`` (the batch-invariant mode) ``rows`` may exceed ``num_sm_parts`` and grows with the
+    batch; without it both are ``num_sm_parts``. Host arithmetic only, for callers that preallocate the
+    metadata (a CUDA-graph buffer sized for their largest batch).
+
+    Raises:
+        FlashMLAInputError: the batch-invariant schedule would need more than 65535 parts.
+    """
+    num_m_blocks = (num_q_tokens_per_head_k + _BLOCK_M - 1) // _BLOCK_M
+    num_sm_parts = max(_sm_count(device) // num_heads_k // num_m_blocks, 1)
+    if max_seqlen_k is None:
+        return num_sm_parts, num_sm_parts
+    pieces = invariant_max_pieces(batch_size, max_seqlen_k, num_q_tokens_per_head_k, num_heads_k)
+    parts = max(num_sm_parts, (pieces + 1) // 2)
+    if parts > _MAX_PARTS:
+        raise FlashMLAInputError(
+            MSG_INVARIANT_TOO_MANY_PARTS.format(b=batch_size, max_seqlen_k=max_seqlen_k, parts=parts)
+        )
+    return parts, num_sm_parts
 
 
 def flash_mla_with_kvcache(

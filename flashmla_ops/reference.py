@@ -4,8 +4,9 @@ They are registered below as the ``cpu`` kernels of the ops, so the ops (and ``o
 work on any machine. They are written with device-agnostic torch code, so the GPU tests also call them on
 CUDA tensors as the oracle for the CUDA kernels:
 
-* :func:`get_mla_metadata_reference` is the specification of the tile scheduler; the CUDA scheduler kernel
-  must produce bit-identical output.
+* :func:`get_mla_metadata_reference` is the specification of the tile scheduler, and
+  :func:`get_mla_metadata_batch_invariant_reference` of its batch-invariant variant; the CUDA scheduler
+  kernels must produce bit-identical output.
 * :func:`mla_decode_reference` / :func:`mla_decode_out_reference` compute MLA decode attention with fp32
   accumulation.
 * :func:`mla_decode_fp8_reference` / :func:`mla_decode_fp8_out_reference` do the same over an FP8 KV cache
@@ -28,8 +29,10 @@ from collections.abc import Callable
 
 import torch
 
+from ._invariant import invariant_chunks
 from ._validation import (
     HEAD_DIM_V,
+    META_FLAG_BATCH_INVARIANT,
     MSG_BAD_PAGE,
     MSG_NEGATIVE_SEQLEN,
     MSG_TOO_FEW_BLOCKS,
@@ -37,6 +40,7 @@ from ._validation import (
     TILE_SCHEDULER_METADATA_SIZE,
     FlashMLAInputError,
     check_get_mla_metadata,
+    check_get_mla_metadata_batch_invariant,
     check_kv_fp8_format,
     check_mla_decode,
     check_mla_decode_fp8,
@@ -47,6 +51,7 @@ from .fp8 import dequantize_rows
 
 __all__ = [
     "FIXED_OVERHEAD",
+    "get_mla_metadata_batch_invariant_reference",
     "get_mla_metadata_reference",
     "mla_decode_fp8_out_reference",
     "mla_decode_fp8_reference",
@@ -139,6 +144,84 @@ def get_mla_metadata_reference(
 
 
 # ---- Decode ---------------------------------------------------------------------------------------------
+# ---- Batch-invariant scheduler -----------------------------------------------------------------------
+def get_mla_metadata_batch_invariant_reference(
+    cache_seqlens: torch.Tensor,
+    num_q_tokens_per_head_k: int,
+    num_heads_k: int,
+    num_sm_parts: int,
+    num_work_parts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference batch-invariant scheduler (``flashmla::get_mla_metadata_batch_invariant``).
+
+    Every request is cut into the chunks of ``flashmla_ops._invariant.invariant_chunks``, which depend only on
+    its own length and the head geometry; a request with more than one chunk leaves one partial per chunk (the
+    combine merges them in chunk order), one with a single chunk is written whole. The chunks, in (request,
+    chunk) order, each cost ``FIXED_OVERHEAD`` plus its blocks; chunk i goes to part ``floor(start_i / W)`` of
+    the first ``num_work_parts`` parts, ``start_i`` its offset in that cost space and ``W = ceil(total /
+    num_work_parts)``. The batch therefore decides only which part runs a chunk, never where a request is cut
+    or how its pieces are merged. Parts ``num_work_parts .. num_sm_parts - 1`` are empty: they exist so that
+    the split-partials workspace (``2 * num_sm_parts`` pieces) holds every chunk.
+
+    Records as :func:`get_mla_metadata_reference`'s, with field 4 the chunk index of the part's first
+    chunk and field 7 = 1 (batch-invariant: the decode kernels end a segment at every chunk boundary and
+    store chunk k of a request as its partial k) in every record, empty ones included.
+    """
+    check_get_mla_metadata_batch_invariant(
+        cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts, num_work_parts
+    )
+    ctas = -(-num_q_tokens_per_head_k // 64) * num_heads_k
+    nblk = [max(1, -(-max(s, 0) // PAGE_SIZE)) for s in cache_seqlens.tolist()]
+    b = len(nblk)
+    cuts = [invariant_chunks(n, ctas) for n in nblk]
+    cost = [n + c[1] * FIXED_OVERHEAD for n, c in zip(nblk, cuts, strict=True)]
+    ends = list(itertools.accumulate(cost))
+    width = -(-ends[-1] // num_work_parts)
+
+    def first_item(target: int) -> tuple[int, int]:
+        """The first chunk (request, index) whose cost-space start is >= target; (b, 0) if none."""
+        r = bisect.bisect_right(ends, target)  # smallest r with ends[r] > target
+        if r >= b:
+            return b, 0
+        start = ends[r] - cost[r]
+        if target <= start:
+            return r, 0
+        k = -(-(target - start) // (cuts[r][0] + FIXED_OVERHEAD))
+        return (r, k) if k < cuts[r][1] else (r + 1, 0)
+
+    empty = [0, 0, -1, 0, 0, 0, 0, META_FLAG_BATCH_INVARIANT]
+    records = []
+    for part in range(num_sm_parts):
+        if part >= num_work_parts:
+            records.append(empty)
+            continue
+        first = first_item(part * width)
+        nxt = first_item((part + 1) * width) if part + 1 < num_work_parts else (b, 0)
+        if first >= nxt:
+            records.append(empty)
+            continue
+        if nxt[1] > 0:  # the next part starts inside request nxt[0]
+            end_req, end_blk = nxt[0], nxt[1] * cuts[nxt[0]][0]
+        else:
+            end_req, end_blk = nxt[0] - 1, nblk[nxt[0] - 1]
+        records.append(
+            [
+                first[0],
+                first[1] * cuts[first[0]][0],
+                end_req,
+                end_blk,
+                first[1],
+                int(cuts[first[0]][1] > 1),
+                int(cuts[end_req][1] > 1),
+                META_FLAG_BATCH_INVARIANT,
+            ]
+        )
+    num_splits = [0, *itertools.accumulate(c[1] if c[1] > 1 else 0 for c in cuts)]
+    device = cache_seqlens.device
+    meta = torch.tensor(records, dtype=torch.int32).reshape(num_sm_parts, TILE_SCHEDULER_METADATA_SIZE)
+    return meta.to(device), torch.tensor(num_splits, dtype=torch.int32).to(device)
+
+
 def _check_values(
     cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: int
 ) -> tuple[list[int], torch.Tensor]:
@@ -462,6 +545,9 @@ mla_decode_fp8_out_reference.__doc__ = (
 
 # ---- Registration as the CPU kernels --------------------------------------------------------------------
 torch.library.register_kernel("flashmla::get_mla_metadata", "cpu", get_mla_metadata_reference)
+torch.library.register_kernel(
+    "flashmla::get_mla_metadata_batch_invariant", "cpu", get_mla_metadata_batch_invariant_reference
+)
 torch.library.register_kernel("flashmla::mla_decode", "cpu", mla_decode_reference)
 torch.library.register_kernel("flashmla::mla_decode_out", "cpu", mla_decode_out_reference)
 torch.library.register_kernel("flashmla::mla_decode_fp8", "cpu", mla_decode_fp8_reference)

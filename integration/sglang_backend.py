@@ -46,7 +46,8 @@ CUDA-graph buffer compatibility (read from 0.5.17 and 0.5.23, the same in both)
   batch size or the sequence lengths, so a captured graph's view stays valid on every replay. Row width 8
   matches. This is the same formula as FlashMLA's legacy scheduler, so the shapes are exactly those the
   builtin backend produces. (Decode and target-verify graphs share the buffer with different ``n``; SGLang's
-  warning then fires for the builtin backend as well.)
+  warning then fires for the builtin backend as well.) The batch-invariant schedule of deterministic
+  inference is the exception: see below.
 * The block table passed to the kernel is ``cuda_graph_kv_indices[:bs, :max_seqlen_pad]``, a row-strided
   view of a ``[max_bs, (context_len + 64) // 64]`` buffer. ``max_seqlen_pad`` comes from the *capture*
   batch's CPU lengths (the fill value 1), so the graph bakes a view **one column wide**, and every replay
@@ -59,6 +60,23 @@ CUDA-graph buffer compatibility (read from 0.5.17 and 0.5.23, the same in both)
   ``--enable-torch-compile`` traces the adapter without a graph break. Without the widening every request
   longer than 64 tokens decodes NaN under CUDA graphs (eager mode is right).
   ``k_cache`` is ``[slots // 64, 64, 1, 576]`` (a view, or ``as_strided`` in 0.5.23), also accepted.
+
+Deterministic inference (``--enable-deterministic-inference``)
+------------------------------------------------------------
+The plugin lets SGLang accept the flag with this backend; :func:`batch_invariant_max_seqlen_k` then gives
+the factory a bound, and the class built for it (:func:`build_backend_class` with ``max_seqlen_k``) binds
+``get_mla_metadata`` in the copied methods to :func:`batch_invariant_get_mla_metadata`: flashmla_ops'
+``batch_invariant=True`` schedule, so each request's attention output and LSE are bitwise the same whatever
+else is in the batch (its size, the other requests, the CUDA-graph padding rows). The bound is the context
+length plus the draft tokens of a verify step: a static host int, so planning stays free of host syncs and
+capturable. It only sizes the split partials, never changes a result. Up to 8,192 tokens no request is
+cut, and the metadata has the default's ``num_sm_parts`` rows; with a longer bound the row count grows with
+the batch size (``b * chunks(bound) / 2``), so the class regrows SGLang's ``[SM count, 8]`` CUDA-graph
+buffer for ``max_bs`` and keeps SGLang from reporting each batch-size change as a capture / replay
+mismatch (:func:`_add_batch_invariant_methods`). Each captured graph keeps the rows of its own batch size:
+replays refresh the same count. Prefill is outside flashmla_ops: SGLang's FlashInfer MLA path inherited
+from ``FlashMLABackend`` (or the ``--prefill-attention-backend`` chosen) decides whether it is
+batch-invariant.
 
 FP8 KV cache (``--kv-cache-dtype fp8_e4m3``)
 -------------------------------------------
@@ -96,7 +114,10 @@ __all__ = [
     "EXPECTED_REBOUND_METHODS",
     "KERNEL_GLOBALS",
     "KNOWN_KERNEL_MODULES",
+    "batch_invariant_get_mla_metadata",
+    "batch_invariant_max_seqlen_k",
     "build_backend_class",
+    "deterministic_inference_enabled",
     "flash_mla_with_kvcache",
     "get_backend_class",
     "get_mla_metadata",
@@ -151,8 +172,14 @@ def get_mla_metadata(
     num_heads_q: int | None = None,
     is_fp8_kvcache: bool = False,
     topk: int | None = None,
+    *,
+    batch_invariant: bool = False,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``get_mla_metadata`` as ``FlashMLABackend`` calls it, computed by flashmla_ops.
+
+    ``batch_invariant`` / ``max_seqlen_k`` are flashmla_ops' (SGLang never passes them): the deterministic
+    backend binds them with :func:`batch_invariant_get_mla_metadata`.
 
     Returns ``(tile_scheduler_metadata int32 [num_sm_parts, 8], num_splits int32 [b + 1])``.
     """
@@ -163,8 +190,48 @@ def get_mla_metadata(
         )
     # The FP8 kernels use the same schedule as the 16-bit ones.
     return flashmla_ops.get_mla_metadata(
-        cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q, is_fp8_kvcache, topk
+        cache_seqlens,
+        num_q_tokens_per_head_k,
+        num_heads_k,
+        num_heads_q,
+        is_fp8_kvcache,
+        topk,
+        batch_invariant=batch_invariant,
+        max_seqlen_k=max_seqlen_k,
     )
+
+
+def batch_invariant_get_mla_metadata(max_seqlen_k: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The ``get_mla_metadata`` of the deterministic backend: :func:`get_mla_metadata` with
+    ``batch_invariant=True`` and the static bound ``max_seqlen_k`` (a host int fixed when the backend is
+    built, so planning a step reads no lengths on the host and a captured CUDA graph replays the same part
+    count for its batch size). The bound only sizes the split partials; each request's result depends on its
+    own length alone, never on the bound or the batch. The returned function carries ``max_seqlen_k``.
+    """
+    if isinstance(max_seqlen_k, bool) or not isinstance(max_seqlen_k, int) or max_seqlen_k < 1:
+        raise ValueError(f"flashmla_ops: max_seqlen_k must be a positive int, got {max_seqlen_k!r}")
+
+    def get_mla_metadata_batch_invariant(
+        cache_seqlens: torch.Tensor | None = None,
+        num_q_tokens_per_head_k: int | None = None,
+        num_heads_k: int | None = None,
+        num_heads_q: int | None = None,
+        is_fp8_kvcache: bool = False,
+        topk: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return get_mla_metadata(
+            cache_seqlens,
+            num_q_tokens_per_head_k,
+            num_heads_k,
+            num_heads_q,
+            is_fp8_kvcache,
+            topk,
+            batch_invariant=True,
+            max_seqlen_k=max_seqlen_k,
+        )
+
+    get_mla_metadata_batch_invariant.max_seqlen_k = max_seqlen_k  # type: ignore[attr-defined]
+    return get_mla_metadata_batch_invariant
 
 
 def flash_mla_with_kvcache(
@@ -301,6 +368,73 @@ _KERNELS: dict[str, Callable[..., Any]] = {
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Deterministic inference (--enable-deterministic-inference): the batch-invariant schedule
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _runtime_setting(bag: str, *path: str) -> Any:
+    """A setting of SGLang's published runtime context (``get_<bag>()``), or None.
+
+    Only where SGLang has imported its runtime context already (always so in a scheduler, whose model runner
+    uses it): importing SGLang from here would be a side effect of merely asking.
+    """
+    module = sys.modules.get("sglang.srt.runtime_context")
+    try:
+        value = getattr(module, f"get_{bag}")()
+        for name in path:
+            value = getattr(value, name)
+        return value
+    except Exception:  # no such bag or setting in this version, or the context is not published yet
+        return None
+
+
+def deterministic_inference_enabled(runner: Any) -> bool:
+    """Whether SGLang runs with deterministic inference (``--enable-deterministic-inference``, or a setting
+    that implies it such as ``--rl-on-policy-target``).
+
+    Read from ``runner.server_args`` (where SGLang 0.5.17's backends read it) and from the published runtime
+    context's ``exec.deterministic`` bag (where 0.5.23's backends read it); either being true is enough.
+    """
+    if getattr(getattr(runner, "server_args", None), "enable_deterministic_inference", False):
+        return True
+    return bool(_runtime_setting("exec", "deterministic", "enable_deterministic_inference"))
+
+
+def _num_draft_tokens(runner: Any) -> int:
+    """Draft tokens a speculative verify / draft-extend step appends to each request (0 without): from
+    ``runner.server_args`` and from the runtime context's ``spec`` bag, which FlashMLABackend reads."""
+    counts = (
+        getattr(getattr(runner, "server_args", None), "speculative_num_draft_tokens", None),
+        _runtime_setting("spec", "speculative_num_draft_tokens"),
+    )
+    return max((c for c in counts if isinstance(c, int) and not isinstance(c, bool)), default=0)
+
+
+def batch_invariant_max_seqlen_k(runner: Any) -> int | None:
+    """The ``max_seqlen_k`` of the deterministic backend for ``runner``; None when deterministic inference is
+    off (the backend then uses flashmla_ops' default schedule).
+
+    The longest KV length any step can plan: the model's context length (``runner.model_config.context_len``,
+    from which ``FlashMLABackend`` also sizes its block tables) plus the draft tokens that a speculative
+    verify or draft-extend step appends. It must hold for every request: a longer one would find no room for
+    its split partials (NaN rows). A static host int, fixed for the server's life.
+
+    Raises:
+        FlashMLAOpsSGLangError: deterministic inference is on and the runner has no context length.
+    """
+    if not deterministic_inference_enabled(runner):
+        return None
+    context_len = getattr(getattr(runner, "model_config", None), "context_len", None)
+    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
+        raise FlashMLAOpsSGLangError(
+            f"flashmla_ops: the {BACKEND_NAME} backend bounds the KV length of its batch-invariant decode "
+            f"(--enable-deterministic-inference) by the model's context length, but "
+            f"model_config.context_len is {context_len!r}"
+        )
+    return context_len + _num_draft_tokens(runner)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Importing SGLang's FlashMLABackend
 # ----------------------------------------------------------------------------------------------------------
 
@@ -425,6 +559,7 @@ def build_backend_class(
     base: type,
     *,
     kernels: Mapping[str, Callable[..., Any]] | None = None,
+    max_seqlen_k: int | None = None,
     _extra_globals: Mapping[str, Any] | None = None,
 ) -> type:
     """Build the ``flashmla_ops`` backend class: ``base`` (SGLang's ``FlashMLABackend``), kernels swapped.
@@ -432,14 +567,24 @@ def build_backend_class(
     Arguments:
         base: the class to derive from; its methods that load one of :data:`KERNEL_GLOBALS` are copied with
             those globals bound to ``kernels``.
-        kernels: ``{global name: replacement}``; default: this module's adapters (flashmla_ops).
+        kernels: ``{global name: replacement}``; default: this module's adapters (flashmla_ops), with
+            ``get_mla_metadata`` planning batch-invariant decodes when ``max_seqlen_k`` is given.
+        max_seqlen_k: build the deterministic backend (``--enable-deterministic-inference``): every decode,
+            verify and draft-extend step is planned by flashmla_ops' batch-invariant schedule bounded by this
+            KV length (:func:`batch_invariant_max_seqlen_k`), and the CUDA-graph metadata buffer is sized
+            for it (see :func:`_add_batch_invariant_methods`). The class's ``batch_invariant_max_seqlen_k``
+            holds it (None: the default schedule).
         _extra_globals: more globals to bind in the copied methods (tests use it to run SGLang's Triton
             block-table kernel on CPU); they do not add methods to the copied set.
 
     Raises:
         RuntimeError: ``base`` does not call the kernels where expected (an unsupported SGLang version).
     """
-    kernels = dict(_KERNELS if kernels is None else kernels)
+    if kernels is None:
+        kernels = dict(_KERNELS)
+        if max_seqlen_k is not None:
+            kernels["get_mla_metadata"] = batch_invariant_get_mla_metadata(max_seqlen_k)
+    kernels = dict(kernels)
     names = frozenset(kernels)
     module = sys.modules[base.__module__]
     users = kernel_users(base, tuple(names))
@@ -477,6 +622,9 @@ def build_backend_class(
     class FlashMLAOpsBackend(base):  # type: ignore[misc, valid-type]
         """SGLang's FlashMLA backend with its decode / verify kernels served by flashmla_ops."""
 
+        #: KV-length bound of the batch-invariant schedule (deterministic inference), or None.
+        batch_invariant_max_seqlen_k: int | None = max_seqlen_k
+
         def __init__(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
             check_runner(model_runner)
             super().__init__(model_runner, *args, **kwargs)
@@ -490,24 +638,106 @@ def build_backend_class(
                     f"(--dcp-size {dcp}): SGLang chooses the LSE base for merging DCP partial results by "
                     "backend name (forward_mla.is_mla_dcp_lse_base_on_e), and does not list flashmla_ops"
                 )
+            if self.batch_invariant_max_seqlen_k is not None:
+                self._check_batch_invariant_bound()
 
     FlashMLAOpsBackend.__module__ = __name__
     FlashMLAOpsBackend.__qualname__ = FlashMLAOpsBackend.__name__
     for attr, fn in rebound.items():
         setattr(FlashMLAOpsBackend, attr, fn)
     FlashMLAOpsBackend.rebound_methods = frozenset(rebound)
+    if max_seqlen_k is not None:
+        _add_batch_invariant_methods(FlashMLAOpsBackend, base)
     return FlashMLAOpsBackend
 
 
+def _add_batch_invariant_methods(cls: type, base: type) -> None:
+    """The deterministic backend's additions to ``cls`` (built from ``base``), all around SGLang's code:
+
+    * ``init_cuda_graph_state``: SGLang preallocates the CUDA-graph metadata as ``[SM count, 8]`` and copies
+      each step's metadata into its first rows (asserting that they fit). The batch-invariant schedule can
+      need more rows: ``batch_size * chunks(max_seqlen_k) / 2`` when the bound is long enough to cut a
+      request (more than 8,192 tokens). After SGLang's allocation, the buffer is regrown to the most rows any
+      captured batch size (at most ``max_bs``) needs, for every query-row count the backend plans with.
+    * ``_apply_decode_target_verify_metadata`` (the capture / replay metadata refresh): that row count then
+      follows the batch size, so a replay of another batch size than the previous step's changes it by
+      design; SGLang would log a capture / replay mismatch warning at every such step. The previous view is
+      forgotten first; each captured graph keeps the rows of its own batch size, which its replays refresh.
+    * ``_check_batch_invariant_bound`` (from ``__init__``): the bound covers SGLang's own context length plus
+      draft tokens, and the largest batch the request pool admits fits flashmla_ops' part limit.
+    """
+
+    def batch_invariant_metadata_rows(self: Any, batch_size: int) -> int:
+        """Rows of the batch-invariant metadata of ``batch_size`` requests (the largest over the backend's
+        query-row counts: decode, and verify / draft-extend with their draft tokens)."""
+        heads = self.num_q_heads
+        draft = getattr(self, "num_draft_tokens", None) or 0
+        device = self.req_to_token.device
+        q_rows = {heads} | ({draft * heads} if draft else set())
+        return max(
+            flashmla_ops.ops.metadata_parts(device, batch_size, q, 1, self.batch_invariant_max_seqlen_k)[0]
+            for q in q_rows
+        )
+
+    def _check_batch_invariant_bound(self: Any) -> None:
+        bound = self.batch_invariant_max_seqlen_k
+        longest = (getattr(self, "max_context_len", None) or 0) + (
+            getattr(self, "num_draft_tokens", None) or 0
+        )
+        if longest > bound:
+            raise FlashMLAOpsSGLangError(
+                f"flashmla_ops: the {BACKEND_NAME} backend was built for KV lengths up to {bound} (batch-"
+                f"invariant decode) but SGLang's backend serves up to {longest} (max_context_len plus draft "
+                "tokens); the two were read from different places of this SGLang version"
+            )
+        req_to_token = getattr(self, "req_to_token", None)
+        if req_to_token is None or getattr(self, "num_q_heads", None) is None:
+            return
+        try:
+            self.batch_invariant_metadata_rows(req_to_token.shape[0])
+        except flashmla_ops.FlashMLAInputError as e:
+            raise FlashMLAOpsSGLangError(
+                f"--attention-backend {BACKEND_NAME} with --enable-deterministic-inference: a batch of "
+                f"{req_to_token.shape[0]} requests (the request pool) of up to {bound} tokens is beyond the "
+                f"batch-invariant schedule ({e}); lower --max-running-requests or --context-length"
+            ) from e
+
+    def init_cuda_graph_state(self: Any, max_bs: int, *args: Any, **kwargs: Any) -> None:
+        base_init = super(cls, self).init_cuda_graph_state
+        base_init(max_bs, *args, **kwargs)
+        buffer = self.cuda_graph_mla_metadata
+        rows = self.batch_invariant_metadata_rows(max_bs)
+        if buffer is not None and rows > buffer.shape[0]:
+            self.cuda_graph_mla_metadata = buffer.new_empty((rows, buffer.shape[1]))
+
+    cls.batch_invariant_metadata_rows = batch_invariant_metadata_rows
+    cls._check_batch_invariant_bound = _check_batch_invariant_bound
+    if hasattr(base, "init_cuda_graph_state"):
+        init_cuda_graph_state.__qualname__ = f"{cls.__qualname__}.init_cuda_graph_state"
+        cls.init_cuda_graph_state = init_cuda_graph_state
+    refresh = vars(cls).get("_apply_decode_target_verify_metadata")
+    if refresh is not None:
+
+        @functools.wraps(refresh)
+        def _apply_decode_target_verify_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
+            self.cuda_graph_mla_metadata_view = None
+            return refresh(self, *args, **kwargs)
+
+        cls._apply_decode_target_verify_metadata = _apply_decode_target_verify_metadata
+
+
 @functools.cache
-def get_backend_class() -> type:
-    """The ``flashmla_ops`` backend class for the installed SGLang (built on first use, then cached)."""
+def get_backend_class(max_seqlen_k: int | None = None) -> type:
+    """The ``flashmla_ops`` backend class for the installed SGLang (built on first use, then cached): the
+    default schedule, or with ``max_seqlen_k`` the deterministic backend's batch-invariant one."""
     module = import_flashmla_backend_module()
-    cls = build_backend_class(module.FlashMLABackend)
+    cls = build_backend_class(module.FlashMLABackend, max_seqlen_k=max_seqlen_k)
+    schedule = "default" if max_seqlen_k is None else f"batch-invariant (max_seqlen_k={max_seqlen_k})"
     logger.info(
-        "flashmla_ops: built %s from %s.FlashMLABackend, kernels re-bound in %s",
+        "flashmla_ops: built %s from %s.FlashMLABackend, kernels re-bound in %s; decode schedule: %s",
         cls.__qualname__,
         module.__name__,
         ", ".join(sorted(cls.rebound_methods)),
+        schedule,
     )
     return cls

@@ -29,21 +29,40 @@ What :func:`register` does (each step on its own; a step that fails is logged an
    ``sglang.srt.arg_groups.overrides._mla_backend_page_constraints`` that sets ``page_size = 64`` when
    ``flashmla_ops`` is the attention, decode or prefill backend, the way SGLang does for ``flashmla``. So
    ``--page-size 64`` is implied. If the hook cannot be installed, the factory still rejects any other page
-   size with :class:`FlashMLAOpsSGLangError`.
+   size with :class:`FlashMLAOpsSGLangError`;
+6. ``deterministic_choices``: adds it to ``DETERMINISTIC_ATTENTION_BACKEND_CHOICES``
+   (``add_deterministic_attention_backend_choices``), so that ``--enable-deterministic-inference`` accepts
+   ``--attention-backend flashmla_ops``. The backend then plans every decode with flashmla_ops'
+   batch-invariant schedule (:func:`create_backend`);
+7. ``deterministic_mla_models``: adds it to ``RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND``
+   (``add_radix_supported_deterministic_attention_backend_choices``): for DeepSeek-family (absorbed-MLA)
+   models, the only ones flashmla_ops serves, SGLang admits only the backends of that list to deterministic
+   inference. SGLang also keeps the radix cache on for them, which the next step undoes;
+8. ``deterministic_radix_cache``: under deterministic inference with flashmla_ops serving prefill, turns the
+   radix cache off, as SGLang does for the backends it does not list as radix-safe: the prefill is SGLang's
+   FlashInfer MLA path, whose extend after a prefix-cache hit runs another kernel than a cold prefill, so a
+   cached prompt would not reproduce its cold results. SGLang 0.5.23: a wrapper of the resolution step
+   ``handle_deterministic_inference`` (``register_resolution_hook``); 0.5.17: an AFTER hook on
+   ``ServerArgs._handle_deterministic_inference``. Where neither exists, pass ``--disable-radix-cache``.
+
+Steps 6 to 8 use hooks that SGLang 0.5.17 and 0.5.23 both offer; a SGLang without one reports that step as
+failed (the others, and the backend without deterministic inference, still work).
 
 :func:`register` is cheap and idempotent: it imports only SGLang's argument / plugin modules and the attention
 registry (none of which touch CUDA) and never ``flashmla_ops`` itself or the backend class, which is built
 lazily by :func:`create_backend`. The same code serves SGLang 0.5.17 (the newest release pinned to torch
-2.11) and 0.5.23: every symbol used is imported from a location present in both.
+2.11) and 0.5.23: every symbol used is imported from a location present in both, except the hook point of
+step 8, which is chosen by what the installed version has.
 
 Limitations (documented, not hooked): speculative decoding (EAGLE/MTP) needs
 ``--speculative-draft-attention-backend flashmla`` (SGLang's draft-backend tables are closed dictionaries;
-the target model's verify step does run on flashmla_ops); decode context parallelism (DCP) and an FP8 KV
-cache are rejected when the backend is created.
+the target model's verify step does run on flashmla_ops); decode context parallelism (DCP) and an FP8 e5m2
+KV cache are rejected when the backend is created.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Any
@@ -57,6 +76,8 @@ from ._common import (
 
 __all__ = [
     "BACKEND_NAME",
+    "DETERMINISTIC_HOOK_TARGET",
+    "DETERMINISTIC_RESOLUTION_STEP",
     "PAGE_SIZE",
     "PAGE_SIZE_HOOK_TARGET",
     "FlashMLAOpsSGLangError",
@@ -88,8 +109,9 @@ def register() -> dict[str, str]:
 
     Returns:
         ``{step: status}`` for the steps ``argparse_choices``, ``chunked_prefix_cache``,
-        ``attention_backend_factory``, ``deepseek_handler`` and ``page_size_hook``; a status is
-        ``"registered"``, ``"already registered"``, ``"deferred: ..."`` or ``"failed: <error>"``.
+        ``attention_backend_factory``, ``deepseek_handler``, ``page_size_hook``, ``deterministic_choices``,
+        ``deterministic_mla_models`` and ``deterministic_radix_cache``; a status is ``"registered"``,
+        ``"already registered"``, ``"deferred: ..."`` or ``"failed: <error>"``.
     """
     steps = (
         ("argparse_choices", _register_argparse_choice),
@@ -97,6 +119,9 @@ def register() -> dict[str, str]:
         ("attention_backend_factory", _register_factory),
         ("deepseek_handler", lambda: _register_deepseek_handler(import_module=False)),
         ("page_size_hook", _register_page_size_hook),
+        ("deterministic_choices", _register_deterministic_choices),
+        ("deterministic_mla_models", _register_deterministic_mla_models),
+        ("deterministic_radix_cache", _register_deterministic_radix_cache),
     )
     status: dict[str, str] = {}
     for step, fn in steps:
@@ -190,26 +215,141 @@ def _page_size_hook(result: Any, view: Any, *args: Any, **kwargs: Any) -> dict |
 
 
 def _register_page_size_hook() -> str:
+    return _register_after_hook(
+        PAGE_SIZE_HOOK_TARGET, _page_size_hook, f"pass --page-size {PAGE_SIZE}; the factory checks it"
+    )
+
+
+def _register_after_hook(target: str, hook: Any, fallback: str) -> str:
+    """Register ``hook`` as an AFTER hook of ``target`` in SGLang's ``HookRegistry`` (once)."""
     from sglang.srt.plugins import hook_registry
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     hooks = getattr(HookRegistry, "_hooks", {})
-    if any(_is_ours(hook, _page_size_hook) for _type, hook, *_src in hooks.get(PAGE_SIZE_HOOK_TARGET, ())):
+    if any(_is_ours(h, hook) for _type, h, *_src in hooks.get(target, ())):
         return "already registered"
-    patched_before = PAGE_SIZE_HOOK_TARGET in getattr(HookRegistry, "_patched", ())
-    HookRegistry.register(PAGE_SIZE_HOOK_TARGET, _page_size_hook, HookType.AFTER)
+    patched_before = target in getattr(HookRegistry, "_patched", ())
+    HookRegistry.register(target, hook, HookType.AFTER)
     if patched_before:
         # apply_hooks() skips targets it has patched already: another plugin hooked this function earlier
-        # and its hooks are applied. Ours will not be; the factory's page-size check remains.
-        raise RuntimeError(
-            f"{PAGE_SIZE_HOOK_TARGET} was already patched by another plugin; pass --page-size {PAGE_SIZE}"
-        )
+        # and its hooks are applied. Ours will not be.
+        raise RuntimeError(f"{target} was already patched by another plugin; {fallback}")
     source = getattr(hook_registry, "_current_plugin_source", None)
     if source is None or source.get() is None:
         # Called directly rather than by load_plugins(), which applies all hooks right after the plugins
         # ran: apply now, so that the hook is live when this function returns.
         HookRegistry.apply_hooks()
     return "registered"
+
+
+# ---- deterministic inference (--enable-deterministic-inference) -------------------------------------------
+# SGLang validates the attention backend against two lists that plugins may extend (0.5.17 and 0.5.23):
+# DETERMINISTIC_ATTENTION_BACKEND_CHOICES for every model, and for DeepSeek-family (absorbed-MLA) models,
+# the only ones flashmla_ops serves, RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND as well. Being on the
+# second list also makes SGLang keep the radix cache, which flashmla_ops cannot honour (see
+# _prefix_cache_breaks_determinism): the third step turns it off again.
+_DETERMINISTIC_CHOICES = (
+    "add_deterministic_attention_backend_choices",
+    "DETERMINISTIC_ATTENTION_BACKEND_CHOICES",
+)
+_DETERMINISTIC_MLA_CHOICES = (
+    "add_radix_supported_deterministic_attention_backend_choices",
+    "RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND",
+)
+#: SGLang 0.5.23's resolution step of --enable-deterministic-inference (a plugin-overridable step).
+DETERMINISTIC_RESOLUTION_STEP = "handle_deterministic_inference"
+#: SGLang 0.5.17's equivalent, a ServerArgs method run from __post_init__.
+DETERMINISTIC_HOOK_TARGET = "sglang.srt.server_args.ServerArgs._handle_deterministic_inference"
+
+
+def _add_choice(adder: str, choices: str, consequence: str) -> str:
+    server_args = importlib.import_module("sglang.srt.server_args")
+    add, current = getattr(server_args, adder, None), getattr(server_args, choices, None)
+    if add is None or current is None:
+        raise RuntimeError(f"this SGLang has no sglang.srt.server_args.{adder}: {consequence}")
+    if BACKEND_NAME in current:
+        return "already registered"
+    add([BACKEND_NAME])
+    return "registered"
+
+
+def _register_deterministic_choices() -> str:
+    return _add_choice(
+        *_DETERMINISTIC_CHOICES,
+        f"--enable-deterministic-inference rejects --attention-backend {BACKEND_NAME}",
+    )
+
+
+def _register_deterministic_mla_models() -> str:
+    return _add_choice(
+        *_DETERMINISTIC_MLA_CHOICES,
+        f"--enable-deterministic-inference rejects --attention-backend {BACKEND_NAME} for DeepSeek models",
+    )
+
+
+def _prefix_cache_breaks_determinism(view: Any) -> bool:
+    """Deterministic inference, the radix cache on, and flashmla_ops serving prefill.
+
+    flashmla_ops' prefill is SGLang's FlashInfer MLA path (inherited from ``FlashMLABackend``), which takes
+    a different kernel for an extend after a prefix-cache hit than for a cold prefill, so a cached prompt
+    would not reproduce its cold results bit for bit. SGLang turns the radix cache off for such backends
+    (those not on its radix list). With flashmla_ops only decoding (``--prefill-attention-backend`` another
+    backend), the decode reads the same cache values either way, and the cache stays on.
+    """
+    if not getattr(view, "enable_deterministic_inference", False) or getattr(
+        view, "disable_radix_cache", True
+    ):
+        return False
+    prefill = getattr(view, "prefill_attention_backend", None) or getattr(view, "attention_backend", None)
+    return prefill == BACKEND_NAME
+
+
+_RADIX_CACHE_WARNING = (
+    f"Deterministic inference with the {BACKEND_NAME} attention backend: disabling the radix cache (its "
+    "prefill after a prefix-cache hit runs another kernel than a cold prefill)."
+)
+
+
+def _deterministic_radix_cache_step(server_args: Any, previous: Any) -> None:
+    """SGLang 0.5.23: wraps the ``handle_deterministic_inference`` resolution step."""
+    previous(server_args)
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view
+
+    if _prefix_cache_breaks_determinism(resolved_view(server_args)):
+        logger.warning(_RADIX_CACHE_WARNING)
+        declare_resolution(
+            server_args, f"{BACKEND_NAME}:{DETERMINISTIC_RESOLUTION_STEP}", disable_radix_cache=True
+        )
+
+
+def _deterministic_radix_cache_hook(result: Any, server_args: Any, *args: Any, **kwargs: Any) -> None:
+    """SGLang 0.5.17: AFTER hook of ``ServerArgs._handle_deterministic_inference``, which itself sets
+    ``disable_radix_cache`` on the instance for the backends it does not trust with the cache."""
+    from sglang.srt.arg_groups.overrides import resolved_view
+
+    if _prefix_cache_breaks_determinism(resolved_view(server_args)):
+        logger.warning(_RADIX_CACHE_WARNING)
+        server_args.disable_radix_cache = True
+    return None
+
+
+def _register_deterministic_radix_cache() -> str:
+    fallback = "pass --disable-radix-cache with --enable-deterministic-inference"
+    try:
+        resolution_hooks = importlib.import_module("sglang.srt.arg_groups.resolution_hooks")
+    except ImportError:
+        resolution_hooks = None
+    register_step = getattr(resolution_hooks, "register_resolution_hook", None)
+    if register_step is not None:  # 0.5.23
+        wrappers = getattr(resolution_hooks, "_HOOKS", {}).get(DETERMINISTIC_RESOLUTION_STEP, ())
+        if any(_is_ours(w, _deterministic_radix_cache_step) for w in wrappers):
+            return "already registered"
+        register_step(DETERMINISTIC_RESOLUTION_STEP)(_deterministic_radix_cache_step)
+        return "registered"
+    server_args = importlib.import_module("sglang.srt.server_args")
+    if hasattr(getattr(server_args, "ServerArgs", None), "_handle_deterministic_inference"):  # 0.5.17
+        return _register_after_hook(DETERMINISTIC_HOOK_TARGET, _deterministic_radix_cache_hook, fallback)
+    raise RuntimeError(f"this SGLang has neither {DETERMINISTIC_RESOLUTION_STEP} hook point; {fallback}")
 
 
 def _is_ours(obj: Any, fn: Any) -> bool:
@@ -229,13 +369,18 @@ def create_backend(runner: Any) -> Any:
     """SGLang attention-backend factory for ``flashmla_ops``: ``fn(model_runner) -> AttentionBackend``.
 
     Validates the configuration (:func:`check_runner`), registers the DeepSeek forward-method handler if
-    :func:`register` deferred it, then builds (once per process) and instantiates the backend class, a
-    subclass of SGLang's ``FlashMLABackend`` whose kernel calls go to flashmla_ops
-    (``flashmla_ops.integration.sglang_backend``).
+    :func:`register` deferred it, then builds (once per process and schedule) and instantiates the backend
+    class, a subclass of SGLang's ``FlashMLABackend`` whose kernel calls go to flashmla_ops
+    (``flashmla_ops.integration.sglang_backend``). Under deterministic inference
+    (``--enable-deterministic-inference``) that class plans every decode with flashmla_ops'
+    batch-invariant schedule, bounded by the runner's context length plus its draft tokens
+    (``sglang_backend.batch_invariant_max_seqlen_k``): a request's output then does not depend on the rest
+    of its batch.
 
     Raises:
         FlashMLAOpsSGLangError: the configuration is not supported (see :func:`check_runner`; also decode
-            context parallelism).
+            context parallelism, and under deterministic inference a request pool too large for the
+            batch-invariant schedule at this context length).
     """
     check_runner(runner)
     try:
@@ -247,6 +392,7 @@ def create_backend(runner: Any) -> Any:
             type(e).__name__,
             e,
         )
-    from .sglang_backend import get_backend_class
+    from .sglang_backend import batch_invariant_max_seqlen_k, get_backend_class
 
-    return get_backend_class()(runner)
+    # Deterministic inference: flashmla_ops' batch-invariant schedule, bounded by the runner's context length.
+    return get_backend_class(batch_invariant_max_seqlen_k(runner))(runner)

@@ -7,8 +7,8 @@ never reads values, never calls ``.item()`` and never queries a device, so it se
 
 Output shapes depend only on input shapes and int arguments:
 
-* ``get_mla_metadata``: ``tile_scheduler_metadata`` int32 ``[num_sm_parts, 8]`` and ``num_splits`` int32
-  ``[b + 1]``.
+* ``get_mla_metadata`` and ``get_mla_metadata_batch_invariant``: ``tile_scheduler_metadata`` int32
+  ``[num_sm_parts, 8]`` and ``num_splits`` int32 ``[b + 1]``.
 * ``mla_decode``: ``out`` ``[b, s_q, h_q, 512]`` in q's dtype and ``lse`` float32 ``[b, h_q, s_q]``, both
   contiguous.
 * ``mla_decode_out``: returns None (it writes its ``out`` / ``lse`` arguments; ``workspace`` is scratch).
@@ -23,6 +23,7 @@ import torch
 from flashmla_ops._validation import (
     TILE_SCHEDULER_METADATA_SIZE,
     check_get_mla_metadata,
+    check_get_mla_metadata_batch_invariant,
     check_mla_decode,
     check_mla_decode_fp8,
     check_mla_decode_fp8_out,
@@ -35,6 +36,22 @@ def _get_mla_metadata_fake(
     cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b = check_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
+    meta = cache_seqlens.new_empty((num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), dtype=torch.int32)
+    num_splits = cache_seqlens.new_empty((b + 1,), dtype=torch.int32)
+    return meta, num_splits
+
+
+@torch.library.register_fake("flashmla::get_mla_metadata_batch_invariant")
+def _get_mla_metadata_batch_invariant_fake(
+    cache_seqlens: torch.Tensor,
+    num_q_tokens_per_head_k: int,
+    num_heads_k: int,
+    num_sm_parts: int,
+    num_work_parts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b = check_get_mla_metadata_batch_invariant(
+        cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts, num_work_parts
+    )
     meta = cache_seqlens.new_empty((num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), dtype=torch.int32)
     num_splits = cache_seqlens.new_empty((b + 1,), dtype=torch.int32)
     return meta, num_splits

@@ -169,6 +169,7 @@ def test_cuda_kernels_without_extension():
     out, lse = torch.empty(1, 1, 16, D_V, dtype=torch.bfloat16), torch.empty(1, 16, 1)
     calls = {
         "get_mla_metadata": (inp.cache_seqlens, 16, 1, 4),
+        "get_mla_metadata_batch_invariant": (inp.cache_seqlens, 16, 1, 4, 4),
         "mla_decode": args,
         "mla_decode_out": (*args, out, lse),
     }

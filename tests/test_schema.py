@@ -19,6 +19,12 @@ class TestSchema(expecttest.TestCase):
             """flashmla::get_mla_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k, int num_sm_parts) -> (Tensor, Tensor)""",  # noqa: E501
         )
 
+    def test_get_mla_metadata_batch_invariant(self):
+        self.assertExpectedInline(
+            str(torch.ops.flashmla.get_mla_metadata_batch_invariant.default._schema),
+            """flashmla::get_mla_metadata_batch_invariant(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k, int num_sm_parts, int num_work_parts) -> (Tensor, Tensor)""",  # noqa: E501
+        )
+
     def test_mla_decode(self):
         self.assertExpectedInline(
             str(torch.ops.flashmla.mla_decode.default._schema),
@@ -47,7 +53,14 @@ class TestSchema(expecttest.TestCase):
         """Exactly these ops exist in the namespace, each with one (default) overload."""
         self.assertEqual(
             sorted(_schema.SCHEMAS),
-            ["get_mla_metadata", "mla_decode", "mla_decode_fp8", "mla_decode_fp8_out", "mla_decode_out"],
+            [
+                "get_mla_metadata",
+                "get_mla_metadata_batch_invariant",
+                "mla_decode",
+                "mla_decode_fp8",
+                "mla_decode_fp8_out",
+                "mla_decode_out",
+            ],
         )
         self.assertEqual(_schema.FP8_OPS, ("mla_decode_fp8", "mla_decode_fp8_out"))
         for name in _schema.SCHEMAS:

@@ -3,8 +3,10 @@
 What runs here: ``--dry-run`` prints the server command of every configuration with the right flags; the
 model writer writes the DeepSeek-V3 target with its NextN (MTP) layer and the standalone draft checkpoint,
 with the config fields and safetensors names SGLang's loaders expect; the graph-break counter and the
-acceptance-length parser on fixed samples; the per-configuration JSON. What SGLang expects was read from the
-sglang 0.5.23 source (cited next to each expectation below), not imported: CI's main suite has no SGLang.
+acceptance-length parser on fixed samples; the per-configuration JSON; the ``deterministic`` configuration's
+batches, its bitwise comparison and its verdict (against a stand-in for the server's ``/generate``). What
+SGLang expects was read from the sglang 0.5.23 source (cited next to each expectation below), not imported:
+CI's main suite has no SGLang.
 """
 
 from __future__ import annotations
@@ -496,3 +498,174 @@ def test_fp8_comparisons_use_the_fp8_reference_and_tolerances(e2e):
     assert set(by_backend) == {"flashmla+fp8", "flashmla_ops"}
     assert all(c["reference"] == "flashmla_ops+fp8" for c in results["comparisons"])
     assert by_backend["flashmla+fp8"]["passed"] and not by_backend["flashmla_ops"]["passed"]
+
+
+# ---- deterministic: one prompt alone and inside batches ---------------------------------------------------
+def test_dry_run_deterministic_configuration(e2e, capsys, tmp_path):
+    servers = dry_run(e2e, capsys, tmp_path, "--modes", "cuda_graph,deterministic", "--deterministic-control")
+    assert list(servers) == [
+        ("tp1-cuda_graph", "flashmla_ops"),
+        ("tp1-cuda_graph", "flashmla"),
+        ("tp1-deterministic", "flashmla_ops+deterministic"),
+        ("tp1-deterministic", "flashmla_ops"),
+    ]
+    _, cmd = servers[("tp1-deterministic", "flashmla_ops+deterministic")]
+    assert "--enable-deterministic-inference" in cmd and flag(cmd, "--attention-backend") == "flashmla_ops"
+    assert "--disable-cuda-graph" not in cmd and flag(cmd, "--cuda-graph-max-bs-decode") == "32"
+    assert flag(cmd, "--page-size") == "64" and "--disable-radix-cache" in cmd
+    # the control is the plain CUDA-graph server; no other server gets the flag
+    assert servers[("tp1-deterministic", "flashmla_ops")][1] == servers[("tp1-cuda_graph", "flashmla_ops")][1]
+    others = [c for k, (_, c) in servers.items() if k[1] != "flashmla_ops+deterministic"]
+    assert not any("--enable-deterministic-inference" in c for c in others)
+    # without --deterministic-control: the deterministic server alone
+    servers = dry_run(e2e, capsys, tmp_path, "--modes", "deterministic")
+    assert list(servers) == [("tp1-deterministic", "flashmla_ops+deterministic")]
+
+
+def test_deterministic_batches(e2e):
+    args = e2e.parse_args(["--modes", "deterministic"])
+    assert args.deterministic_prompt_len == 300 and len(args.deterministic_other_lens) == 15
+    target, others = e2e.deterministic_prompts(args, 1024)
+    assert len(target) == 300 and [len(o) for o in others] == args.deterministic_other_lens
+    assert target not in others
+    batches = e2e.deterministic_batches(target, others)
+    assert len(batches) == e2e.DETERMINISTIC_BATCHES == 2
+    assert [len(b["input_ids"]) for b in batches] == [16, 8]  # two batch sizes: two captured graphs
+    assert [b["target_index"] for b in batches] == [7, 7]
+    for batch in batches:
+        assert batch["input_ids"][batch["target_index"]] is target
+    assert batches[0]["input_ids"] == others[:7] + [target] + others[7:]
+    assert batches[1]["input_ids"] == others[1::2] + [target]
+    # every batch runs as one CUDA graph: the graphs are captured up to the largest batch of any configuration
+    assert e2e.max_batch(e2e.parse_args(["--deterministic-other-lens", ",".join(["5"] * 40)])) == 41
+    for bad in (["--deterministic-other-lens", "5"], ["--deterministic-prompt-len", "0"]):
+        with pytest.raises(SystemExit):
+            e2e.parse_args(bad)
+
+
+def result(lp: float, ids=(5, 6), top=None) -> dict:
+    """One request's generate_with_logprobs result: two positions."""
+    top = top if top is not None else [{"5": lp, "9": lp - 1.0}, {"6": -1.0, "3": -2.5}]
+    return {"output_ids": list(ids), "token_logprobs": [lp, -1.0], "top_logprobs": top, "meta": {}}
+
+
+def test_compare_identical_is_bitwise(e2e):
+    same = e2e.compare_identical([result(-0.5)], [result(-0.5)])
+    assert same["passed"] and same["identical"] and same["identical_positions"] == 2
+    assert same["first_difference"] is None and same["max_abs_diff"] == 0.0
+
+    ulp = math.nextafter(-0.5, 0.0)  # one float64 ulp: a tolerance-based comparison would pass it
+    off = e2e.compare_identical([result(-0.5)], [result(ulp)])
+    assert not off["passed"] and off["identical_positions"] == 0
+    assert off["first_difference"]["position"] == 0
+    assert off["first_difference"]["fields"] == ["token_logprob", "top_logprobs"]
+    assert 0 < off["max_abs_diff"] < 1e-15
+
+    later = [{"5": -0.5, "9": -1.5}, {"6": -1.0, "4": -2.5}]  # another token in the second top-k
+    swapped = e2e.compare_identical([result(-0.5)], [result(-0.5, top=later)])
+    assert not swapped["passed"] and swapped["identical_positions"] == 1
+    assert swapped["first_difference"] == {
+        "request": 0,
+        "position": 1,
+        "fields": ["top_logprobs"],
+        "reference": {"top_logprobs": {"6": -1.0, "3": -2.5}},
+        "other": {"top_logprobs": {"6": -1.0, "4": -2.5}},
+    }
+    diverged = e2e.compare_identical([result(-0.5)], [result(-0.5, ids=(5, 7))])
+    assert diverged["first_difference"]["fields"] == ["output_id"]
+    shorter = dict(
+        result(-0.5), output_ids=[5], token_logprobs=[-0.5], top_logprobs=[result(-0.5)["top_logprobs"][0]]
+    )
+    assert e2e.compare_identical([result(-0.5)], [shorter])["first_difference"]["position"] == 1
+    nan = e2e.compare_identical([result(math.nan)], [result(math.nan)])  # NaN is never "identical"
+    assert not nan["passed"] and nan["first_difference"]["position"] == 0
+    assert not e2e.compare_identical([], [])["passed"]  # nothing compared
+
+
+def fake_generate(depends_on_batch: bool):
+    """A stand-in for the server's /generate: greedy outputs derived from each prompt (and, to emulate a
+    batch-dependent decode, from the batch size)."""
+
+    def http(url, payload=None, timeout=600.0):
+        assert url.endswith("/generate") and payload["return_logprob"]
+        items = []
+        for ids in payload["input_ids"]:
+            lp = -1.0 / (1 + len(ids)) - (1e-9 * len(payload["input_ids"]) if depends_on_batch else 0.0)
+            n = payload["sampling_params"]["max_new_tokens"]
+            items.append(
+                {
+                    "meta_info": {
+                        "output_token_logprobs": [[lp, ids[0], None]] * n,
+                        "output_top_logprobs": [[[lp, ids[0], None], [lp - 1, 3, None]]] * n,
+                    }
+                }
+            )
+        return items
+
+    return http
+
+
+@pytest.mark.parametrize("depends_on_batch", [False, True])
+def test_deterministic_run_compare_and_configuration_json(
+    e2e, monkeypatch, capsys, tmp_path, depends_on_batch
+):
+    args = e2e.parse_args(["--modes", "deterministic", "--deterministic-control", "--new-tokens", "3"])
+    monkeypatch.setattr(e2e, "http", fake_generate(depends_on_batch))
+    name, control = e2e.DETERMINISTIC, e2e.BACKEND_UNDER_TEST
+    outputs, runs = {}, []
+    for server in (name, control):
+        record, by_label = e2e.run_deterministic("http://x", args, 1024, server)
+        assert list(by_label) == [server, f"{server}@batch1", f"{server}@batch2"]
+        assert [b["batch_size"] for b in record["batches"]] == [16, 8] and record["target_len"] == 300
+        assert all(len(got) == 1 and len(got[0]["output_ids"]) == 3 for got in by_label.values())
+        outputs |= {(1, "deterministic", label): got for label, got in by_label.items()}
+        runs.append(
+            {"key": "tp1-deterministic", "tp": 1, "mode": "deterministic", "backend": server, "ok": True}
+            | {"determinism": record, "batch_invariant_schedule_in_log": server == name}
+        )
+    results = {
+        "environment": {},
+        "models": {"default": {"path": "/m/v2"}},
+        "settings": {},
+        "runs": runs,
+        "comparisons": [],
+        "noise_floor": [],
+    }
+    e2e.add_comparisons(results, outputs, args)
+    e2e.add_comparisons(results, outputs, args)  # idempotent
+    comparisons = {c["backend"]: c for c in results["comparisons"]}
+    assert set(comparisons) == {f"{s}@batch{i}" for s in (name, control) for i in (1, 2)}
+    for label, c in comparisons.items():
+        assert c["reference"] == label.split("@")[0] and c["control"] == (c["reference"] == control)
+        assert c["passed"] is (not depends_on_batch)
+
+    data = e2e.configuration_result(results, 1, "deterministic", args)
+    path = e2e.write_configuration_json(tmp_path, data)
+    assert path.name == "deterministic.json" and json.loads(path.read_text())["passed"] is data["passed"]
+    assert data["reference"] == name and data["determinism"]["batches"][0]["target_index"] == 7
+    assert len(data["comparisons"]) == 4 and len(data["control"]) == 2
+    assert data["checks"]["batch_invariant_schedule_in_log"] and data["checks"]["all_servers_ran"]
+    assert data["checks"]["all_compared"]
+    assert data["passed"] is (not depends_on_batch)
+    verdict = e2e.deterministic_verdict(results, runs[0])
+    assert verdict == ("alone vs batches: identical 0/2 FAIL" if depends_on_batch else
+                       "alone vs batches: identical 2/2 PASS")  # fmt: skip
+    assert e2e.deterministic_verdict(results, runs[1]).startswith("control (no flag)")
+    for run in runs:
+        run["throughput"] = {"decode_tokens_per_s": 1000.0, "ms_per_decode_step": 1.0}
+    results |= {
+        "configurations": {"tp1-deterministic": data},
+        "passed": data["passed"],
+        "out": "o",
+        "out_dir": "d",
+    }
+    e2e.print_table(results)
+    assert verdict in capsys.readouterr().out
+
+    # the control decides nothing; the schedule must show in the server log
+    for c in results["comparisons"]:
+        c["passed"] = c["identical"] = not c["control"]
+    assert e2e.configuration_result(results, 1, "deterministic", args)["passed"]
+    runs[0]["batch_invariant_schedule_in_log"] = False
+    failing = e2e.configuration_result(results, 1, "deterministic", args)
+    assert not failing["passed"] and not failing["checks"]["batch_invariant_schedule_in_log"]

@@ -3,8 +3,10 @@
 The entry point in the installed package's metadata, the factory's documented configuration errors (small
 fake ``ModelRunner`` objects), the kernel adapters on CPU, the re-binding machinery on a small
 ``FlashMLABackend``-shaped class, ``register()`` with SGLang missing, the block-table widening and the
-metadata's fit in SGLang's CUDA-graph buffer. They run everywhere. The tests against the real ``sglang``
-package are in ``test_sglang_real.py``.
+metadata's fit in SGLang's CUDA-graph buffer; deterministic inference: the bound, the batch-invariant
+metadata the backend asks for (and the default it keeps otherwise), the CUDA-graph buffer it sizes, the
+registration steps and the radix-cache hooks on stand-ins for SGLang. They run everywhere. The tests against
+the real ``sglang`` package are in ``test_sglang_real.py``.
 """
 
 from __future__ import annotations
@@ -357,14 +359,17 @@ def test_register_without_sglang_logs_every_failure_and_does_not_raise(monkeypat
         monkeypatch.setitem(sys.modules, name, None)
     with caplog.at_level(logging.WARNING, logger=sglang_plugin.__name__):
         status = sglang_plugin.register()
-    assert set(status) == {
+    failing = (
         "argparse_choices",
         "chunked_prefix_cache",
         "attention_backend_factory",
-        "deepseek_handler",
         "page_size_hook",
-    }
-    for step in ("argparse_choices", "chunked_prefix_cache", "attention_backend_factory", "page_size_hook"):
+        "deterministic_choices",
+        "deterministic_mla_models",
+        "deterministic_radix_cache",
+    )
+    assert set(status) == {*failing, "deepseek_handler"}
+    for step in failing:
         assert status[step].startswith("failed: ") and "sglang" in status[step], status
         assert any(repr(step) in r.getMessage() for r in caplog.records), step
     assert status["deepseek_handler"].startswith("deferred")
@@ -396,3 +401,308 @@ def test_metadata_fits_sglangs_cuda_graph_buffer_for_deepseek_head_counts():
             meta, num_splits = sglang_backend.get_mla_metadata(seqlens, s_q * heads, 1)
             assert 1 <= meta.shape[0] <= 132 and meta.shape[1] == 8 and num_splits.shape == (3,)
             assert meta.shape[0] == max(132 // math.ceil(s_q * heads / 64), 1)
+
+
+# ==== 2. Deterministic inference (--enable-deterministic-inference): the batch-invariant schedule =========
+def _deterministic_runner(enabled: bool = True, context_len: int = 4096, draft: int | None = None, **kw):
+    """A fake ModelRunner as the factory sees it under ``--enable-deterministic-inference`` (or not)."""
+    return _runner(
+        server_args=types.SimpleNamespace(
+            enable_deterministic_inference=enabled, speculative_num_draft_tokens=draft
+        ),
+        model_config=types.SimpleNamespace(kv_lora_rank=512, qk_rope_head_dim=64, context_len=context_len),
+        **kw,
+    )
+
+
+def test_batch_invariant_bound_follows_deterministic_inference():
+    assert not sglang_backend.deterministic_inference_enabled(_runner())
+    assert sglang_backend.batch_invariant_max_seqlen_k(_runner()) is None  # no server_args: SGLang's default
+    assert sglang_backend.batch_invariant_max_seqlen_k(_deterministic_runner(enabled=False)) is None
+    assert sglang_backend.deterministic_inference_enabled(_deterministic_runner())
+    assert sglang_backend.batch_invariant_max_seqlen_k(_deterministic_runner()) == 4096
+    # a verify / draft-extend step appends its draft tokens to the longest cache
+    assert sglang_backend.batch_invariant_max_seqlen_k(_deterministic_runner(draft=4)) == 4100
+    no_context = _deterministic_runner()
+    no_context.model_config.context_len = None
+    with pytest.raises(FlashMLAOpsSGLangError, match="context_len is None"):
+        sglang_backend.batch_invariant_max_seqlen_k(no_context)
+
+
+def test_deterministic_inference_is_also_read_from_sglangs_runtime_context(monkeypatch):
+    """SGLang 0.5.23's backends read the flag (and the draft-token count) from the published runtime
+    context, which also carries a flag implied by another setting; it is consulted only where SGLang has
+    imported it, and an unpublished context counts as off."""
+    context = types.ModuleType("sglang.srt.runtime_context")
+    context.get_exec = lambda: types.SimpleNamespace(
+        deterministic=types.SimpleNamespace(enable_deterministic_inference=True)
+    )
+    context.get_spec = lambda: types.SimpleNamespace(speculative_num_draft_tokens=3)
+    monkeypatch.setitem(sys.modules, "sglang.srt.runtime_context", context)
+    runner = _deterministic_runner(enabled=False)
+    assert sglang_backend.deterministic_inference_enabled(runner)
+    assert sglang_backend.batch_invariant_max_seqlen_k(runner) == 4096 + 3
+
+    def unpublished():
+        raise ValueError("config namespace 'exec' not published")
+
+    context.get_exec = context.get_spec = unpublished
+    assert not sglang_backend.deterministic_inference_enabled(runner)
+    assert sglang_backend.batch_invariant_max_seqlen_k(_deterministic_runner(draft=2)) == 4096 + 2
+
+
+@pytest.mark.parametrize("enabled,expected", [(False, None), (True, 163_840)])
+def test_factory_builds_the_backend_for_the_schedule(monkeypatch, enabled, expected):
+    built = []
+
+    def get_backend_class(max_seqlen_k=None):
+        built.append(max_seqlen_k)
+        return lambda runner: ("backend", runner)
+
+    monkeypatch.setattr(sglang_backend, "get_backend_class", get_backend_class)
+    monkeypatch.setattr(sglang_plugin, "_register_deepseek_handler", lambda import_module: "registered")
+    runner = _deterministic_runner(enabled=enabled, context_len=163_840)
+    assert sglang_plugin.create_backend(runner) == ("backend", runner)
+    assert built == [expected]
+
+
+def _spy_get_mla_metadata(monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every flashmla_ops.get_mla_metadata call (then run it)."""
+    calls: list[dict] = []
+    real = flashmla_ops.get_mla_metadata
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flashmla_ops, "get_mla_metadata", spy)
+    return calls
+
+
+def _batch(inputs, rows: list[int]) -> types.SimpleNamespace:
+    """The requests ``rows`` of ``inputs`` as a batch of their own (same cache)."""
+    return types.SimpleNamespace(
+        q=inputs.q[rows],
+        k_cache=inputs.k_cache,
+        block_table=inputs.block_table[rows],
+        cache_seqlens=inputs.cache_seqlens[rows],
+    )
+
+
+def test_deterministic_backend_plans_batch_invariant_decodes(monkeypatch):
+    """Under deterministic inference the copied methods' get_mla_metadata asks flashmla_ops for the
+    batch-invariant schedule with the static bound; the default backend keeps the default schedule. A
+    request then decodes bitwise the same alone and inside a batch, through the backend's own code."""
+    module = _fake_backend_module(monkeypatch, "fake_sglang_flashmla_backend", _FAKE_BACKEND_SOURCE)
+    calls = _spy_get_mla_metadata(monkeypatch)
+    inputs = make_inputs([3000, 5, 700, 64, 129], h_q=16, seed=11)
+
+    default = sglang_backend.build_backend_class(module.FlashMLABackend)(_runner())
+    assert default.batch_invariant_max_seqlen_k is None
+    default.init_forward_metadata(inputs.cache_seqlens, 16)
+    assert calls[-1] == {"batch_invariant": False, "max_seqlen_k": None}
+    ref_default = flashmla_ops.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    assert all(torch.equal(a, b) for a, b in zip(default.meta, ref_default, strict=True))
+
+    cls = sglang_backend.build_backend_class(module.FlashMLABackend, max_seqlen_k=4096)
+    assert cls.batch_invariant_max_seqlen_k == 4096 and cls.rebound_methods == default.rebound_methods
+    backend = cls(_deterministic_runner())
+    backend.init_forward_metadata(inputs.cache_seqlens, 16)
+    assert calls[-1] == {"batch_invariant": True, "max_seqlen_k": 4096}
+    ref = flashmla_ops.get_mla_metadata(inputs.cache_seqlens, 16, 1, batch_invariant=True, max_seqlen_k=4096)
+    assert all(torch.equal(a, b) for a, b in zip(backend.meta, ref, strict=True))
+
+    outs = {}
+    for name, rows in (("alone", [0]), ("batch", [1, 2, 0, 3, 4]), ("other batch", [4, 0])):
+        batch = _batch(inputs, rows)
+        backend.init_forward_metadata(batch.cache_seqlens, 16)
+        out, lse = backend.forward_decode(batch, 0.1)
+        outs[name] = (out[rows.index(0)], lse[rows.index(0)])
+    for name in ("batch", "other batch"):
+        assert torch.equal(outs[name][0], outs["alone"][0]) and torch.equal(outs[name][1], outs["alone"][1])
+
+
+def test_batch_invariant_adapter_validates_its_bound():
+    adapter = sglang_backend.batch_invariant_get_mla_metadata(8192)
+    assert adapter.max_seqlen_k == 8192
+    for bad in (0, -1, 4096.0, None, True):
+        with pytest.raises(ValueError, match="positive int"):
+            sglang_backend.batch_invariant_get_mla_metadata(bad)
+
+
+# A FlashMLABackend-shaped class with SGLang's CUDA-graph metadata contract (as read from 0.5.17 and 0.5.23;
+# written here): init_cuda_graph_state preallocates [SM count, 8]; the capture / replay refresh asserts that
+# the step's metadata fits, warns when its row count differs from the previous step's, and copies it into
+# the prefix.
+_FAKE_GRAPH_BACKEND_SOURCE = """
+import logging
+import torch
+
+logger = logging.getLogger("fake_sglang_flashmla_backend_graph")
+
+def get_mla_metadata(*args, **kwargs):
+    raise AssertionError("builtin get_mla_metadata called")
+
+def flash_mla_with_kvcache(*args, **kwargs):
+    raise AssertionError("builtin flash_mla_with_kvcache called")
+
+class FlashMLABackend:
+    def __init__(self, runner, heads=16, draft=None, pool=64, context_len=4096):
+        self.num_q_heads = heads
+        self.num_draft_tokens = draft
+        self.max_context_len = context_len
+        self.req_to_token = torch.zeros(pool, 1, dtype=torch.int32)
+        self.cuda_graph_mla_metadata = None
+        self.cuda_graph_mla_metadata_view = None
+
+    def init_cuda_graph_state(self, max_bs, max_num_tokens, block_kv_indices=None):
+        self.cuda_graph_mla_metadata = torch.empty(132, 8, dtype=torch.int32)  # an H100's SM count
+        self.cuda_graph_num_splits = torch.empty(max_bs + 1, dtype=torch.int32)
+        self.cuda_graph_mla_metadata_view = None
+
+    def _apply_decode_target_verify_metadata(self, bs, seq_lens):
+        meta, splits = get_mla_metadata(seq_lens[:bs].to(torch.int32), self.num_q_heads, 1)
+        rows = meta.shape[0]
+        assert rows <= self.cuda_graph_mla_metadata.shape[0], "exceeds preallocated max"
+        view = self.cuda_graph_mla_metadata_view
+        if view is None or view.shape[0] != rows:
+            if view is not None:
+                logger.warning("num_sm_parts mismatch in CUDA Graph replay")
+            self.cuda_graph_mla_metadata_view = self.cuda_graph_mla_metadata[:rows]
+        self.cuda_graph_mla_metadata[:rows].copy_(meta)
+        self.cuda_graph_num_splits[: bs + 1].copy_(splits)
+        self.meta = (self.cuda_graph_mla_metadata_view, self.cuda_graph_num_splits[: bs + 1])
+
+    def forward_decode(self, *args):
+        return flash_mla_with_kvcache(*args)
+"""
+
+
+def test_deterministic_backend_sizes_sglangs_cuda_graph_metadata_buffer(monkeypatch, caplog):
+    """With a context longer than 8,192 tokens the batch-invariant metadata has more rows than SMs, more
+    for larger batches: the buffer is regrown for max_bs, and a batch-size change between replays is not
+    reported as a capture / replay mismatch. Each step's metadata is flashmla_ops' own."""
+    module = _fake_backend_module(
+        monkeypatch, "fake_sglang_flashmla_backend_graph", _FAKE_GRAPH_BACKEND_SOURCE
+    )
+    bound, max_bs = 163_840, 16
+    cls = sglang_backend.build_backend_class(module.FlashMLABackend, max_seqlen_k=bound)
+    backend = cls(_deterministic_runner(context_len=bound))
+    backend.init_cuda_graph_state(max_bs, max_bs)
+    rows = {
+        bs: flashmla_ops.ops.metadata_parts(torch.device("cpu"), bs, 16, 1, bound)[0] for bs in (1, 5, max_bs)
+    }
+    assert rows[max_bs] > 132 and rows[5] != rows[max_bs]  # beyond SGLang's [SM count, 8] buffer
+    assert backend.cuda_graph_mla_metadata.shape == (rows[max_bs], 8)
+    seq_lens = torch.tensor([1, 20_000, 163_840, 7] + [300] * (max_bs - 4))
+    with caplog.at_level(logging.WARNING, logger="fake_sglang_flashmla_backend_graph"):
+        for bs in (max_bs, 5, 1, max_bs, 5):
+            backend._apply_decode_target_verify_metadata(bs, seq_lens)
+            meta, splits = backend.meta
+            ref = flashmla_ops.get_mla_metadata(
+                seq_lens[:bs].int(), 16, 1, batch_invariant=True, max_seqlen_k=bound
+            )
+            assert meta.shape[0] == rows[bs] and meta.data_ptr() == backend.cuda_graph_mla_metadata.data_ptr()
+            assert torch.equal(meta, ref[0]) and torch.equal(splits, ref[1])
+    assert not [r for r in caplog.records if "mismatch" in r.getMessage()]
+
+    # the default schedule keeps SGLang's buffer (and a constant row count)
+    default = sglang_backend.build_backend_class(module.FlashMLABackend)(_runner())
+    default.init_cuda_graph_state(max_bs, max_bs)
+    assert default.cuda_graph_mla_metadata.shape == (132, 8)
+    assert "init_cuda_graph_state" not in vars(type(default))
+
+
+def test_deterministic_backend_rejects_a_request_pool_beyond_the_schedule(monkeypatch):
+    """flashmla_ops plans at most 65,535 parts: at a 163,840-token bound with 16 heads (128 chunks a
+    request) a batch of 1,024 requests is one too many. The backend says so when it is created."""
+    module = _fake_backend_module(
+        monkeypatch, "fake_sglang_flashmla_backend_graph", _FAKE_GRAPH_BACKEND_SOURCE
+    )
+    cls = sglang_backend.build_backend_class(module.FlashMLABackend, max_seqlen_k=163_840)
+    cls(_deterministic_runner(context_len=163_840), pool=1023)
+    with pytest.raises(FlashMLAOpsSGLangError, match="lower --max-running-requests or --context-length"):
+        cls(_deterministic_runner(context_len=163_840), pool=1024)
+    # SGLang's own context length (plus draft tokens) beyond the bound the class was built for
+    with pytest.raises(FlashMLAOpsSGLangError, match="serves up to 163844"):
+        cls(_deterministic_runner(context_len=163_840), draft=4, context_len=163_840)
+
+
+def _fake_sglang(monkeypatch, modules: dict[str, types.ModuleType | None]) -> None:
+    """SGLang as ``modules`` (name -> module, None: not importable), every other sglang module missing."""
+    for name in [m for m in sys.modules if m == "sglang" or m.startswith("sglang.")] + ["sglang"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_deterministic_registration_degrades_step_by_step(monkeypatch):
+    """A SGLang whose server_args offers only the deterministic-backend list (no DeepSeek list, no hook
+    point for the radix cache): the first step registers, the others fail with what is missing."""
+    server_args = types.ModuleType("sglang.srt.server_args")
+    server_args.DETERMINISTIC_ATTENTION_BACKEND_CHOICES = ["fa3"]
+    server_args.add_deterministic_attention_backend_choices = (
+        server_args.DETERMINISTIC_ATTENTION_BACKEND_CHOICES.extend
+    )
+    _fake_sglang(monkeypatch, {"sglang.srt.server_args": server_args})
+    status = sglang_plugin.register()
+    assert status["deterministic_choices"] == "registered"
+    assert server_args.DETERMINISTIC_ATTENTION_BACKEND_CHOICES == ["fa3", BACKEND_NAME]
+    assert sglang_plugin.register()["deterministic_choices"] == "already registered"
+    assert status["deterministic_mla_models"].startswith("failed: RuntimeError: this SGLang has no ")
+    assert "add_radix_supported_deterministic_attention_backend_choices" in status["deterministic_mla_models"]
+    assert "for DeepSeek models" in status["deterministic_mla_models"]
+    assert status["deterministic_radix_cache"].startswith("failed: RuntimeError")
+    assert "--disable-radix-cache" in status["deterministic_radix_cache"]
+
+
+@pytest.mark.parametrize(
+    "fields,disable",
+    [
+        ({"enable_deterministic_inference": True, "attention_backend": BACKEND_NAME}, True),
+        ({"enable_deterministic_inference": True, "prefill_attention_backend": BACKEND_NAME}, True),
+        # flashmla_ops only decoding: the prefill that fills the cache is another backend's
+        (
+            {
+                "enable_deterministic_inference": True,
+                "attention_backend": BACKEND_NAME,
+                "prefill_attention_backend": "triton",
+            },
+            False,
+        ),
+        (
+            {
+                "enable_deterministic_inference": True,
+                "attention_backend": BACKEND_NAME,
+                "disable_radix_cache": True,
+            },
+            False,
+        ),
+        ({"enable_deterministic_inference": False, "attention_backend": BACKEND_NAME}, False),
+        ({"enable_deterministic_inference": True, "attention_backend": "fa3"}, False),
+    ],
+)
+def test_radix_cache_hooks_turn_the_cache_off_where_a_hit_would_change_results(monkeypatch, fields, disable):
+    view = {
+        "enable_deterministic_inference": False,
+        "disable_radix_cache": False,
+        "attention_backend": None,
+        "prefill_attention_backend": None,
+    } | fields
+    declared = []
+    overrides = types.ModuleType("sglang.srt.arg_groups.overrides")
+    overrides.resolved_view = lambda server_args: types.SimpleNamespace(**vars(server_args))
+    overrides.declare_resolution = lambda server_args, source, **kw: declared.append((source, kw))
+    _fake_sglang(monkeypatch, {"sglang.srt.arg_groups.overrides": overrides})
+
+    # SGLang 0.5.23: a wrapper of the handle_deterministic_inference resolution step
+    server_args, steps = types.SimpleNamespace(**view), []
+    sglang_plugin._deterministic_radix_cache_step(server_args, steps.append)
+    assert steps == [server_args]  # SGLang's own step ran first
+    assert declared == (
+        [(f"{BACKEND_NAME}:handle_deterministic_inference", {"disable_radix_cache": True})] if disable else []
+    )
+    # SGLang 0.5.17: an AFTER hook of ServerArgs._handle_deterministic_inference, which sets the field itself
+    server_args = types.SimpleNamespace(**view)
+    assert sglang_plugin._deterministic_radix_cache_hook(None, server_args) is None
+    assert server_args.disable_radix_cache is (disable or view["disable_radix_cache"])

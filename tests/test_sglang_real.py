@@ -10,7 +10,9 @@ this whole module is skipped once (with that command); with sglang installed but
 2. **SGLang's real ``FlashMLABackend`` on CPU**: the subclass built by the plugin runs SGLang's own eager
    metadata, CUDA-graph-buffer metadata, decode and MTP target-verify code, with the kernels re-bound to
    flashmla_ops (whose CPU kernel is the reference implementation), compared with an independent float64
-   oracle (``_helpers.loop_oracle``).
+   oracle (``_helpers.loop_oracle``); the deterministic backend (``--enable-deterministic-inference``): the
+   launcher accepts it for the DeepSeek model, SGLang's metadata code plans batch-invariant decodes, a
+   request decodes the same in any batch, and SGLang's CUDA-graph refresh fits the regrown buffer.
 
 Fakes, and why:
 
@@ -37,6 +39,7 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -123,12 +126,17 @@ _LAUNCHER_SCRIPT = textwrap.dedent(
         namespace = parser.parse_args(argv)
         parsed = {k: getattr(namespace, k) for k in
                   ("attention_backend", "decode_attention_backend", "prefill_attention_backend")}
-        args = prepare_server_args(argv)  # 0.5.17 resolves here (__post_init__), 0.5.23 in resolve_once()
-        if hasattr(args, "resolve_once"):  # 0.5.23: resolution is deferred; 0.5.17 resolves in __post_init__
-            args.resolve_once()
-            return parsed, resolved_view(args).page_size
-        return parsed, args.page_size
+        try:
+            args = prepare_server_args(argv)  # 0.5.17 resolves here (__post_init__), 0.5.23 in resolve_once()
+            if hasattr(args, "resolve_once"):  # 0.5.23: resolution is deferred
+                args.resolve_once()
+                args = resolved_view(args)
+        except ValueError as e:  # SGLang's own validation, e.g. of --enable-deterministic-inference
+            return {"parsed": parsed, "error": str(e)}
+        fields = ("page_size", "attention_backend", "enable_deterministic_inference", "disable_radix_cache")
+        return {"parsed": parsed} | {k: getattr(args, k) for k in fields}
     resolved = {}
+    deterministic = ["--enable-deterministic-inference"]
     for label, backend_args in [
         ("flashmla_ops", ["--attention-backend", "flashmla_ops"]),
         ("flashmla_ops_decode", ["--prefill-attention-backend", "triton",
@@ -136,9 +144,13 @@ _LAUNCHER_SCRIPT = textwrap.dedent(
         ("flashmla_ops_page_32", ["--attention-backend", "flashmla_ops", "--page-size", "32"]),
         ("flashmla", ["--attention-backend", "flashmla"]),
         ("triton", ["--attention-backend", "triton"]),
+        ("deterministic_flashmla_ops", ["--attention-backend", "flashmla_ops"] + deterministic),
+        ("deterministic_flashmla_ops_no_radix",
+         ["--attention-backend", "flashmla_ops", "--disable-radix-cache"] + deterministic),
+        ("deterministic_flashmla", ["--attention-backend", "flashmla"] + deterministic),
+        ("deterministic_triton", ["--attention-backend", "triton"] + deterministic),
     ]:
-        parsed, page_size = resolve(backend_args)
-        resolved[label] = {"parsed": parsed, "page_size": page_size}
+        resolved[label] = resolve(backend_args)
     result["resolved"] = resolved
     print("RESULT " + json.dumps(result))
     """
@@ -217,6 +229,9 @@ def test_load_plugins_discovers_the_entry_point_and_calls_register_once(launcher
     assert status["chunked_prefix_cache"] == "registered"
     assert status["attention_backend_factory"] == "registered"
     assert status["page_size_hook"] == "registered"
+    assert status["deterministic_choices"] == "registered"
+    assert status["deterministic_mla_models"] == "registered"
+    assert status["deterministic_radix_cache"] == "registered"
     assert launcher_result["choices"] == 1 and launcher_result["chunked"] == 1
     assert launcher_result["factory"] == "flashmla_ops.integration.sglang_plugin.create_backend"
     assert launcher_result["hook_applied"]
@@ -247,12 +262,31 @@ def test_launcher_implies_page_size_64_like_the_builtin_flashmla(launcher_result
     assert "flashmla_ops attention backend only supports a page_size of 64" in launcher_result["log"]
 
 
+def test_launcher_accepts_deterministic_inference_with_flashmla_ops(launcher_result):
+    """The tiny model is a DeepSeek-V2 (absorbed MLA): SGLang admits only its listed backends to deterministic
+    inference for it. flashmla_ops is accepted, with the implied page size and the radix cache off (its
+    FlashInfer prefill after a prefix hit is not the cold prefill); the builtin flashmla still is not."""
+    resolved = launcher_result["resolved"]
+    ours = resolved["deterministic_flashmla_ops"]
+    assert "error" not in ours, ours
+    assert ours["attention_backend"] == BACKEND_NAME and ours["enable_deterministic_inference"]
+    assert ours["page_size"] == 64 and ours["disable_radix_cache"] is True
+    assert "disabling the radix cache" in launcher_result["log"]
+    assert resolved["deterministic_flashmla_ops_no_radix"]["disable_radix_cache"] is True
+    assert resolved["flashmla_ops"]["disable_radix_cache"] is False  # only under deterministic inference
+    assert "supported for deterministic inference" in resolved["deterministic_flashmla"]["error"]
+    triton = resolved["deterministic_triton"]  # SGLang's radix-safe backend keeps its cache
+    assert "error" not in triton and triton["disable_radix_cache"] is False
+
+
 def test_register_is_idempotent(sglang_cpu):
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.srt.server_args import (
         ATTENTION_BACKEND_CHOICES,
         CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS,
+        DETERMINISTIC_ATTENTION_BACKEND_CHOICES,
+        RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND,
     )
 
     first = sglang_plugin.register()
@@ -264,8 +298,23 @@ def test_register_is_idempotent(sglang_cpu):
         assert again["attention_backend_factory"] == "already registered"
         assert again["page_size_hook"] == "already registered"
         assert again["deepseek_handler"] in (first["deepseek_handler"], "already registered")
+        for step in ("deterministic_choices", "deterministic_mla_models", "deterministic_radix_cache"):
+            assert again[step] == "already registered"
     assert ATTENTION_BACKEND_CHOICES.count(BACKEND_NAME) == 1
     assert CHUNKED_PREFIX_CACHE_SUPPORTED_ATTENTION_BACKENDS.count(BACKEND_NAME) == 1
+    assert DETERMINISTIC_ATTENTION_BACKEND_CHOICES.count(BACKEND_NAME) == 1
+    assert RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND.count(BACKEND_NAME) == 1
+    try:  # 0.5.23: a wrapper of the resolution step; 0.5.17: an AFTER hook of the ServerArgs method
+        from sglang.srt.arg_groups.resolution_hooks import _HOOKS
+
+        wrappers = _HOOKS[sglang_plugin.DETERMINISTIC_RESOLUTION_STEP]
+    except ImportError:
+        wrappers = [hook for _t, hook, *_s in HookRegistry._hooks[sglang_plugin.DETERMINISTIC_HOOK_TARGET]]
+    assert (
+        sum(sglang_plugin._is_ours(w, sglang_plugin._deterministic_radix_cache_step) for w in wrappers)
+        + sum(sglang_plugin._is_ours(w, sglang_plugin._deterministic_radix_cache_hook) for w in wrappers)
+        == 1
+    )
     assert ATTENTION_BACKENDS[BACKEND_NAME] is sglang_plugin.create_backend
     hooks = HookRegistry._hooks[sglang_plugin.PAGE_SIZE_HOOK_TARGET]
     assert sum(hook is sglang_plugin._page_size_hook for _t, hook, *_s in hooks) == 1
@@ -589,3 +638,108 @@ def test_real_backend_mtp_target_verify_on_cpu(flashmla_backend_module):
         q.to(torch.bfloat16).view(len(lens), draft, heads, 576), kv, meta.block_kv_indices, kv_lens, scale
     )
     torch.testing.assert_close(out.double(), ref.reshape(len(lens) * draft, -1), atol=1e-2, rtol=1e-2)
+
+
+def _decode_batch(backend, batch_lens: list[int], pools: list[int], q: torch.Tensor, layer, graph: bool):
+    """Metadata (eager, or through the CUDA-graph buffers) and SGLang's forward_decode for one batch."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    seq_lens = torch.tensor(batch_lens)
+    batch = types.SimpleNamespace(
+        batch_size=len(batch_lens),
+        seq_lens=seq_lens,
+        seq_lens_cpu=seq_lens.clone(),
+        req_pool_indices=torch.tensor(pools),
+        forward_mode=ForwardMode.DECODE,
+        kv_loc_plan=None,
+        out_cache_loc=None,
+    )
+    if graph:
+        backend.init_forward_metadata_out_graph(batch)
+    else:
+        backend.init_forward_metadata(batch)
+    with _dcp_disabled():
+        return backend.forward_decode(q, None, None, layer, batch, save_kv_cache=False)
+
+
+@pytest.mark.parametrize("graph_buffers", [False, True], ids=["eager", "cuda_graph_buffers"])
+def test_real_deterministic_backend_decodes_a_request_the_same_in_any_batch(
+    flashmla_backend_module, graph_buffers
+):
+    """SGLang's FlashMLABackend code with the deterministic backend's kernels: the metadata is flashmla_ops'
+    batch-invariant schedule, and the request in pool slot 2 decodes bitwise the same alone and in batches
+    of other requests (other lengths, other positions)."""
+    heads, scale, bound = 16, 0.0721, 256
+    cls = sglang_backend.build_backend_class(
+        flashmla_backend_module.FlashMLABackend,
+        max_seqlen_k=bound,
+        _extra_globals={"create_flashmla_kv_indices_triton": _CpuKvIndicesKernel()},
+    )
+    assert cls.batch_invariant_max_seqlen_k == bound
+    assert cls.rebound_methods == sglang_backend.EXPECTED_REBOUND_METHODS
+    backend, kv = _cpu_backend(cls, heads=heads, draft_tokens=None, max_context=bound, seed=3)
+    layer = types.SimpleNamespace(
+        tp_q_head_num=heads, head_dim=576, v_head_dim=512, scaling=scale, layer_id=0, k_scale=None
+    )
+    q_all = torch.randn(8, heads * 576, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    target_len, target_pool = 200, 2
+    results = []
+    for lens, pools in (
+        ([200], [2]),
+        ([5, 200, 130, 64], [0, 2, 5, 7]),
+        ([256, 1, 70, 129, 3, 200], [1, 3, 4, 6, 0, 2]),
+    ):
+        assert lens[pools.index(target_pool)] == target_len  # the same request: its pool slot and length
+        q = q_all[pools]
+        out = _decode_batch(backend, lens, pools, q, layer, graph_buffers)
+        meta = backend.forward_metadata
+        ref = flashmla_ops.get_mla_metadata(
+            torch.tensor(lens, dtype=torch.int32), heads, 1, batch_invariant=True, max_seqlen_k=bound
+        )
+        assert torch.equal(meta.flashmla_metadata, ref[0]) and torch.equal(meta.num_splits, ref[1])
+        results.append(out[pools.index(target_pool)])
+        expected = _oracle(q.view(len(lens), 1, heads, 576), kv, meta.block_kv_indices, lens, scale)
+        torch.testing.assert_close(out.double(), expected.reshape(len(lens), -1), atol=1e-2, rtol=1e-2)
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
+def test_real_deterministic_backend_cuda_graph_buffer_for_a_long_context(flashmla_backend_module, caplog):
+    """A context above 8,192 tokens: the batch-invariant metadata outgrows SGLang's [SM count, 8] buffer and
+    its row count follows the batch size. In the buffer the class sizes (emulated here: SGLang's
+    init_cuda_graph_state allocates on CUDA), SGLang's own capture / replay refresh fits every batch size
+    and logs no capture / replay mismatch when consecutive replays have different sizes."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    heads, bound, max_bs = 16, 163_840, 8
+    cls = sglang_backend.build_backend_class(
+        flashmla_backend_module.FlashMLABackend,
+        max_seqlen_k=bound,
+        _extra_globals={"create_flashmla_kv_indices_triton": _CpuKvIndicesKernel()},
+    )
+    backend, _ = _cpu_backend(cls, heads=heads, draft_tokens=None, max_context=256, seed=5)
+    rows = {bs: backend.batch_invariant_metadata_rows(bs) for bs in range(1, max_bs + 1)}
+    # 163,840 tokens = 2,560 blocks, cut into 128 chunks (16 heads): 64 rows a request from 3 requests on
+    assert rows[1] == 132 and rows[3] == 192 and rows[max_bs] == 512
+    backend.cuda_graph_mla_metadata = torch.empty(rows[max_bs], 8, dtype=torch.int32)
+    logger_name = flashmla_backend_module.__name__
+    with caplog.at_level(logging.WARNING, logger=logger_name):
+        for bs in (max_bs, 3, 1, max_bs, 5):
+            seq_lens = torch.tensor([100, 2, 256, 64, 130, 7, 200, 1][:bs])
+            batch = types.SimpleNamespace(
+                batch_size=bs,
+                seq_lens=seq_lens,
+                seq_lens_cpu=None,  # replay: no CPU mirror
+                req_pool_indices=torch.arange(bs),
+                forward_mode=ForwardMode.DECODE,
+                kv_loc_plan=None,
+                out_cache_loc=None,
+            )
+            backend.init_forward_metadata_out_graph(batch)
+            meta = backend.forward_metadata
+            ref = flashmla_ops.get_mla_metadata(
+                seq_lens.int(), heads, 1, batch_invariant=True, max_seqlen_k=bound
+            )
+            assert meta.flashmla_metadata.shape[0] == rows[bs] == ref[0].shape[0]
+            assert torch.equal(meta.flashmla_metadata, ref[0]) and torch.equal(meta.num_splits, ref[1])
+    assert not [r for r in caplog.records if "mismatch" in r.getMessage()], caplog.text

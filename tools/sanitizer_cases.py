@@ -4,7 +4,8 @@ Covers: split and unsplit requests, seqlen 0, MTP causal rows that see nothing, 
 kv heads, more than one m-block (h_q * s_q > 64), a partial last page with NaN past the end, fp16 and bf16,
 every combine grid (few requests split over many parts, in both register builds; many split requests with
 8- and 16-byte lanes); the FP8 kernels (per-tensor e4m3 with bf16 and fp16 q, DeepSeek V3.2 with a padded page
-stride), whose pages are expanded in place in shared memory, with poisoned unused slots.
+stride), whose pages are expanded in place in shared memory, with poisoned unused slots; the batch-invariant
+schedule (chunked requests, empty parts, the combine's row arithmetic in its few-requests grid), bf16 and FP8.
 """
 
 import sys
@@ -61,4 +62,27 @@ for lens, s_q, h_q, h_kv, fmt, dtype, pad in FP8_CASES:
     )
     torch.cuda.synchronize()
     print(f"fp8 case {fmt} s_q={s_q} h_q={h_q} h_kv={h_kv} ok, NaN in out: {bool(torch.isnan(out).any())}")
+# The batch-invariant schedule: requests cut into chunks (several per part, segments ending at chunk
+# boundaries; empty parts past the working ones), the few-requests combine grid with the row arithmetic, FP8.
+INVARIANT_CASES = [
+    # seqlens, s_q, h_q, kv format
+    ([9000, 0, 130, 20_000], 1, 16, None),
+    ([40_000], 2, 128, None),
+    ([12_000, 70], 1, 64, "per_tensor"),
+]
+for lens, s_q, h_q, fmt in INVARIANT_CASES:
+    torch.manual_seed(0)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q, k_cache, block_table = make_inputs(len(lens), s_q, h_q, 1, seqlens, torch.bfloat16)
+    k_scale = None
+    if fmt is not None:
+        k_cache, k_scale = flashmla_ops.quantize_kv_cache(k_cache, fmt)
+    meta, num_splits = flashmla_ops.get_mla_metadata(
+        seqlens, s_q * h_q, 1, batch_invariant=True, max_seqlen_k=max(lens)
+    )
+    out, lse = flashmla_ops.flash_mla_with_kvcache(
+        q, k_cache, block_table, seqlens, 512, meta, num_splits, None, True, fmt is not None, k_scale=k_scale
+    )
+    torch.cuda.synchronize()
+    print(f"invariant case {lens} s_q={s_q} h_q={h_q} {fmt} ok, NaN in out: {bool(torch.isnan(out).any())}")
 print("sanitizer cases done")

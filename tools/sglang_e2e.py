@@ -38,6 +38,18 @@ Configurations (``--modes``, default ``cuda_graph,eager``):
   cache, all three compared with ``flashmla_ops+fp8``; decode throughput of each. FP8 rounds every cached
   value (relative error up to 2^-4), which moves logprobs by much more than bf16 noise: these comparisons use
   ``--fp8-atol`` / ``--fp8-mean-atol``.
+* ``deterministic``: one ``flashmla_ops`` server with ``--enable-deterministic-inference`` (CUDA graphs on),
+  which makes the backend plan every decode with flashmla_ops' batch-invariant schedule (the server log
+  must say so). One target prompt (``--deterministic-prompt-len``) is decoded alone, then inside a batch of
+  the other prompts (``--deterministic-other-lens``, different lengths; the target in the middle), then in
+  a smaller batch of every second one of them (another batch size, so another CUDA graph; the target
+  last), each time greedily for ``--new-tokens`` tokens with top-``--top-logprobs`` logprobs. It passes when
+  the target's output ids, token logprobs and top-k logprobs (ids and values) are identical in all three:
+  bit-for-bit equality, no tolerance. SGLang's deterministic mode makes the rest of the model
+  batch-invariant; the prefill is SGLang's FlashInfer MLA path (``--prefill-backend`` to choose another),
+  so a difference from the first generated token on points at the prefill, later ones at the decode.
+  ``--deterministic-control`` adds the same check on a ``flashmla_ops`` server without the flag (reported,
+  not required: with the default schedule the batch changes how a request is split).
 
 It then compares each server's logprobs with its configuration's reference, prints a summary table, writes
 all results to ``--out`` (one JSON, as before) and one ``<configuration>.json`` per configuration to
@@ -84,6 +96,7 @@ Usage::
     python tools/sglang_e2e.py --tp 1 2 --out sglang_e2e.json    # TP 1 and TP 2 (two GPUs)
     python tools/sglang_e2e.py --modes mtp,torch_compile --out-dir e2e  # e2e/mtp.json, e2e/torch_compile.json
     python tools/sglang_e2e.py --modes fp8 --out-dir e2e                 # e2e/fp8.json
+    python tools/sglang_e2e.py --modes deterministic --out-dir e2e       # e2e/deterministic.json
     python tools/sglang_e2e.py --modes cuda_graph,eager,mtp,torch_compile,fp8 --dry-run   # the commands only
 """
 
@@ -114,7 +127,7 @@ from typing import Any
 BACKEND_UNDER_TEST = "flashmla_ops"
 PAGE_SIZE = 64
 DEFAULT_PROMPT_LENS = "1,7,63,64,65,100,127,128,129,191,200,256,257,300,511,700"
-MODES = ("cuda_graph", "eager", "mtp", "torch_compile", "fp8")
+MODES = ("cuda_graph", "eager", "mtp", "torch_compile", "fp8", "deterministic")
 DEFAULT_MODES = "cuda_graph,eager"
 # What the draft steps of ``mtp`` run on: SGLang's draft-backend tables (speculative/draft_utils.py,
 # DraftBackendFactory) are closed dictionaries that do not know flashmla_ops.
@@ -122,6 +135,10 @@ DRAFT_ATTENTION_BACKEND = "flashmla"
 COMPILED = f"{BACKEND_UNDER_TEST}+torch_compile"
 FP8_SUFFIX = "+fp8"  # a server with --kv-cache-dtype fp8_e4m3
 FP8_UNDER_TEST = BACKEND_UNDER_TEST + FP8_SUFFIX
+DETERMINISTIC = f"{BACKEND_UNDER_TEST}+deterministic"  # a server with --enable-deterministic-inference
+# ``deterministic`` keys the target's outputs in a batch as ``<server>@batch<i>``; ``<server>`` is it alone
+IN_BATCH = "@batch"
+DEFAULT_DETERMINISTIC_OTHER_LENS = "1,7,63,64,65,100,127,128,129,191,200,256,257,511,700"
 
 
 # ---- the tiny model ----------------------------------------------------------------------------------------
@@ -386,6 +403,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def max_batch(args: argparse.Namespace) -> int:
+    """The largest batch any configuration sends: every decode of it runs in a captured CUDA graph."""
+    return max(args.batch, len(args.prompt_lens), len(args.deterministic_other_lens) + 1)
+
+
 def server_command(
     args: argparse.Namespace,
     model: Path,
@@ -397,6 +419,7 @@ def server_command(
     draft_model: Path | None = None,
     torch_compile: bool = False,
     kv_fp8: bool = False,
+    deterministic: bool = False,
 ) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model)]
     cmd += ["--load-format", "dummy" if args.weights == "dummy" else "auto", "--dtype", "bfloat16"]
@@ -407,11 +430,11 @@ def server_command(
     cmd += ["--page-size", str(PAGE_SIZE), "--tp", str(tp), "--random-seed", str(args.seed)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--disable-radix-cache"]
     cmd += ["--mem-fraction-static", str(args.mem_fraction), "--context-length", "4096"]
-    cmd += ["--max-running-requests", str(max(args.batch, len(args.prompt_lens)) * 2), "--log-level", "info"]
+    cmd += ["--max-running-requests", str(max_batch(args) * 2), "--log-level", "info"]
     if mode == "eager":
         cmd += ["--disable-cuda-graph"]
-    else:  # cuda_graph, mtp, torch_compile, fp8: decode (and verify) CUDA graphs on
-        cmd += ["--cuda-graph-max-bs-decode", str(max(args.batch, len(args.prompt_lens)))]
+    else:  # cuda_graph, mtp, torch_compile, fp8, deterministic: decode (and verify) CUDA graphs on
+        cmd += ["--cuda-graph-max-bs-decode", str(max_batch(args))]
     if mode == "mtp":
         if draft_model is None:
             raise ValueError("mode mtp needs a draft model")
@@ -429,6 +452,8 @@ def server_command(
         cmd += ["--enable-torch-compile", "--torch-compile-max-bs", str(args.torch_compile_max_bs)]
     if kv_fp8:
         cmd += ["--kv-cache-dtype", "fp8_e4m3"]
+    if deterministic:
+        cmd += ["--enable-deterministic-inference"]
     return cmd + args.extra_server_args
 
 
@@ -657,7 +682,15 @@ def measure_decode_throughput(url: str, args: argparse.Namespace, vocab: int) ->
 
 # ---- comparison --------------------------------------------------------------------------------------------
 def mode_variants(mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The servers of one configuration: name (what results are keyed by), backend, torch_compile, kv_fp8."""
+    """The servers of one configuration: name (what results are keyed by), backend, torch_compile, kv_fp8,
+    and for ``deterministic`` whether the server runs with ``--enable-deterministic-inference`` and whether
+    it is the (optional, not required) control without it."""
+    if mode == "deterministic":
+        plain = {"backend": BACKEND_UNDER_TEST, "torch_compile": False, "kv_fp8": False}
+        variants = [plain | {"name": DETERMINISTIC, "deterministic": True, "control": False}]
+        if args.deterministic_control:
+            variants.append(plain | {"name": BACKEND_UNDER_TEST, "deterministic": False, "control": True})
+        return variants
     if mode == "torch_compile":
         return [
             {"name": COMPILED, "backend": BACKEND_UNDER_TEST, "torch_compile": True, "kv_fp8": False},
@@ -687,6 +720,8 @@ def mode_reference(mode: str, args: argparse.Namespace) -> str:
     """The server every other server of the configuration is compared with."""
     if mode == "torch_compile":
         return BACKEND_UNDER_TEST
+    if mode == "deterministic":  # the target alone; each server's batches are compared with its own
+        return DETERMINISTIC
     return FP8_UNDER_TEST if mode == "fp8" else args.reference
 
 
@@ -710,6 +745,15 @@ def add_comparisons(results: dict[str, Any], outputs: dict[tuple, list[dict]], a
     done = {(c["key"], c["backend"]) for c in results["comparisons"]}
     for (tp, mode, name), got in outputs.items():
         key, reference = config_key(tp, mode), mode_reference(mode, args)
+        if mode == "deterministic":
+            alone = name.split(IN_BATCH)[0]
+            if alone != name and (tp, mode, alone) in outputs and (key, name) not in done:
+                comparison = compare_identical(outputs[(tp, mode, alone)], got)
+                control = alone != DETERMINISTIC
+                results["comparisons"].append(
+                    {"key": key, "backend": name, "reference": alone, "control": control} | comparison
+                )
+            continue
         ref = outputs.get((tp, mode, reference))
         if name == reference or ref is None or (key, name) in done:
             continue
@@ -761,6 +805,20 @@ def configuration_result(results: dict[str, Any], tp: int, mode: str, args) -> d
         checks["no_attention_graph_breaks"] = (
             data["graph_breaks"] is not None and data["graph_breaks"]["attention"] == 0
         )
+    if mode == "deterministic":
+        # the target in each batch against the target alone, on the deterministic server; the control
+        # server's comparisons are reported apart and decide nothing
+        required = [c for c in comparisons if not c.get("control")]
+        checks["all_compared"] = len(required) == DETERMINISTIC_BATCHES
+        checks["comparisons_passed"] = bool(required) and all(c["passed"] for c in required)
+        served = next((r for r in runs if r["backend"] == DETERMINISTIC), {})
+        checks["batch_invariant_schedule_in_log"] = bool(served.get("batch_invariant_schedule_in_log"))
+        data["determinism"] = served.get("determinism")
+        data["control"] = [
+            {k: c.get(k) for k in ("backend", "reference", "identical", "first_difference", "max_abs_diff")}
+            for c in comparisons
+            if c.get("control")
+        ]
     data["checks"] = checks
     data["passed"] = all(checks.values())
     return data
@@ -820,6 +878,111 @@ def compare(reference: list[dict], other: list[dict], atol: float, mean_atol: fl
         "mean_atol": mean_atol,
         "passed": passed,
     }
+
+
+def compare_identical(reference: list[dict], other: list[dict]) -> dict[str, Any]:
+    """Bit-for-bit comparison of two runs of the same requests (``deterministic``): at every position the
+    output id, the token logprob and the top-k logprobs (the same token ids with the same values) must be
+    equal; a missing or non-finite value counts as a difference. Reports the first difference (request,
+    position, which fields, both sides) and, for information, the largest logprob difference seen up to it
+    (token logprobs and the top-k entries of the same token)."""
+    first: dict[str, Any] | None = None
+    identical_positions, max_abs = 0, 0.0
+
+    def at(values: list, j: int) -> Any:
+        return values[j] if j < len(values) else None
+
+    def same(a: Any, b: Any) -> bool:
+        if a is None or b is None:
+            return False
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a == b and (not isinstance(a, float) or math.isfinite(a))
+
+    for r, (ref, oth) in enumerate(zip(reference, other, strict=True)):
+        for j in range(max(len(ref["output_ids"]), len(oth["output_ids"]))):
+            sides = {
+                field: (at(ref[src], j), at(oth[src], j))
+                for field, src in (
+                    ("output_id", "output_ids"),
+                    ("token_logprob", "token_logprobs"),
+                    ("top_logprobs", "top_logprobs"),
+                )
+            }
+            pairs = [sides["token_logprob"]]
+            top_ref, top_oth = sides["top_logprobs"]
+            if top_ref and top_oth:
+                pairs += [(top_ref[t], top_oth[t]) for t in top_ref.keys() & top_oth.keys()]
+            for a, b in pairs:
+                if isinstance(a, float) and isinstance(b, float) and math.isfinite(a) and math.isfinite(b):
+                    max_abs = max(max_abs, abs(a - b))
+            differs = [field for field, (a, b) in sides.items() if not same(a, b)]
+            if differs:
+                first = {
+                    "request": r,
+                    "position": j,
+                    "fields": differs,
+                    "reference": {f: sides[f][0] for f in differs},
+                    "other": {f: sides[f][1] for f in differs},
+                }
+                break
+            identical_positions += 1
+        if first is not None:
+            break
+    return {
+        "requests": len(reference),
+        "identical_positions": identical_positions,
+        "identical": first is None,
+        "first_difference": first,
+        "max_abs_diff": max_abs,
+        "passed": first is None and identical_positions > 0,
+    }
+
+
+# ---- deterministic: one prompt alone and inside batches ---------------------------------------------------
+#: The batches ``deterministic`` sends the target prompt in (see :func:`deterministic_batches`).
+DETERMINISTIC_BATCHES = 2
+
+
+def deterministic_batches(target: list[int], others: list[list[int]]) -> list[dict[str, Any]]:
+    """The batches the target prompt is decoded in besides alone: every other prompt with the target in the
+    middle, then every second other prompt with the target last (another batch size, so another captured
+    CUDA graph, and another position)."""
+    half = len(others) // 2
+    every_second = others[1::2] + [target]
+    return [
+        {"input_ids": others[:half] + [target] + others[half:], "target_index": half},
+        {"input_ids": every_second, "target_index": len(every_second) - 1},
+    ]
+
+
+def deterministic_prompts(args: argparse.Namespace, vocab: int) -> tuple[list[int], list[list[int]]]:
+    """The target prompt and the other prompts (their own seeds: no prompt repeats the target)."""
+    target = prompts([args.deterministic_prompt_len], vocab, args.seed + 7)[0]
+    return target, prompts(args.deterministic_other_lens, vocab, args.seed + 8)
+
+
+def run_deterministic(
+    url: str, args: argparse.Namespace, vocab: int, name: str
+) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+    """Decode the target prompt alone, then in each batch: ``(record, {label: [the target's result]})``,
+    labels ``name`` (alone) and ``name@batch<i>``."""
+    target, others = deterministic_prompts(args, vocab)
+    outputs = {name: generate_with_logprobs(url, [target], args.new_tokens, args.top_logprobs)}
+    record: dict[str, Any] = {"target_len": len(target), "batches": []}
+    for i, batch in enumerate(deterministic_batches(target, others), 1):
+        label = f"{name}{IN_BATCH}{i}"
+        got = generate_with_logprobs(url, batch["input_ids"], args.new_tokens, args.top_logprobs)
+        outputs[label] = [got[batch["target_index"]]]
+        record["batches"].append(
+            {
+                "label": label,
+                "batch_size": len(batch["input_ids"]),
+                "target_index": batch["target_index"],
+                "prompt_lens": [len(ids) for ids in batch["input_ids"]],
+            }
+        )
+    return record, outputs
 
 
 # ---- main --------------------------------------------------------------------------------------------------
@@ -896,7 +1059,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modes",
         default=DEFAULT_MODES,
         help="comma-separated configurations: cuda_graph, eager (--disable-cuda-graph), mtp (NEXTN "
-        "speculative decoding), torch_compile (--enable-torch-compile)",
+        "speculative decoding), torch_compile (--enable-torch-compile), fp8 (--kv-cache-dtype fp8_e4m3), "
+        "deterministic (--enable-deterministic-inference: one prompt alone and in batches)",
     )
     p.add_argument("--spec-steps", type=int, default=3, help="mtp: draft steps (draft tokens = steps + 1)")
     p.add_argument(
@@ -917,12 +1081,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mean-atol", type=float, default=0.02, help="max mean |logprob difference| allowed")
     p.add_argument("--fp8-atol", type=float, default=0.5, help="fp8: max |logprob difference| allowed")
     p.add_argument("--fp8-mean-atol", type=float, default=0.08, help="fp8: max mean |logprob difference|")
+    p.add_argument(
+        "--deterministic-prompt-len", type=int, default=300, help="deterministic: the target prompt's length"
+    )
+    p.add_argument(
+        "--deterministic-other-lens",
+        default=DEFAULT_DETERMINISTIC_OTHER_LENS,
+        help="deterministic: the lengths of the other prompts of the batch (at least 2)",
+    )
+    p.add_argument(
+        "--deterministic-control",
+        action="store_true",
+        help="deterministic: also run the check on a flashmla_ops server without the flag (reported only)",
+    )
     p.add_argument("--extra-server-args", nargs=argparse.REMAINDER, default=[], help="passed to every server")
     p.add_argument("--dry-run", action="store_true", help="write the models, print the commands, stop")
     args = p.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     args.modes = [m for m in args.modes.split(",") if m]
     args.prompt_lens = [int(n) for n in args.prompt_lens.split(",") if n]
+    args.deterministic_other_lens = [int(n) for n in args.deterministic_other_lens.split(",") if n]
     if not args.modes or not set(args.modes) <= set(MODES):
         p.error(f"--modes takes a comma-separated subset of {', '.join(MODES)}")
     if args.reference not in args.backends:
@@ -932,12 +1110,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--modes {mode} needs {BACKEND_UNDER_TEST} in --backends")
     if args.spec_steps < 1:
         p.error("--spec-steps must be >= 1")
+    if (
+        len(args.deterministic_other_lens) < 2
+        or min(args.deterministic_other_lens + [args.deterministic_prompt_len]) < 1
+    ):
+        p.error("--deterministic-other-lens needs at least 2 lengths; every length must be >= 1")
     if args.torch_compile_max_bs is None:
         args.torch_compile_max_bs = max(args.batch, len(args.prompt_lens))
     if args.out_dir is None:
         out = Path(args.out)
         args.out_dir = str(out.with_name(out.stem + ".d"))
     return args
+
+
+def deterministic_verdict(results: dict[str, Any], run: dict[str, Any]) -> str:
+    """``alone vs batches: identical k/n PASS``, for a ``deterministic`` server (the control's marked)."""
+    mine = [c for c in results["comparisons"] if c["key"] == run["key"] and c["reference"] == run["backend"]]
+    same = sum(c["identical"] for c in mine)
+    if run["backend"] != DETERMINISTIC:
+        return f"control (no flag): alone vs batches identical {same}/{len(mine)}"
+    ok = bool(mine) and all(c["passed"] for c in mine) and run.get("batch_invariant_schedule_in_log")
+    return f"alone vs batches: identical {same}/{len(mine)} {'PASS' if ok else 'FAIL'}"
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -953,7 +1146,9 @@ def print_table(results: dict[str, Any]) -> None:
             (c for c in results["comparisons"] if c["key"] == run["key"] and c["backend"] == run["backend"]),
             None,
         )
-        if cmp_ is None:
+        if run["mode"] == "deterministic":
+            verdict = deterministic_verdict(results, run)
+        elif cmp_ is None:
             verdict = "(reference)" if run.get("is_reference") else "not compared"
         else:
             verdict = (
@@ -1055,6 +1250,7 @@ def plan_command(args: argparse.Namespace, server: dict[str, Any], port: int) ->
         draft_model=server["draft"],
         torch_compile=variant["torch_compile"],
         kv_fp8=variant.get("kv_fp8", False),
+        deterministic=variant.get("deterministic", False),
     )
 
 
@@ -1165,10 +1361,16 @@ def run_server(
                     "speculative_algorithm",
                     "speculative_draft_attention_backend",
                     "enable_torch_compile",
+                    "enable_deterministic_inference",
+                    "disable_radix_cache",
                 )
             } | {"page_size": info.get("page_size"), "version": info.get("version")}
-        got = generate_with_logprobs(proc.url, logprob_prompts, args.new_tokens, args.top_logprobs)
-        outputs[(tp, mode, name)] = got
+        if mode == "deterministic":
+            run["determinism"], by_label = run_deterministic(proc.url, args, vocab, name)
+            outputs.update({(tp, mode, label): got for label, got in by_label.items()})
+        else:
+            got = generate_with_logprobs(proc.url, logprob_prompts, args.new_tokens, args.top_logprobs)
+            outputs[(tp, mode, name)] = got
         if mode == "mtp":
             run["acceptance"] = acceptance_length([r["meta"] for r in got])
         run["throughput"] = measure_decode_throughput(proc.url, args, vocab)
@@ -1186,6 +1388,7 @@ def run_server(
     text = log_path.read_text(errors="replace")
     run["plugin_registered_in_log"] = "flashmla_ops SGLang plugin:" in text
     run["flashmla_ops_backend_built_in_log"] = "built FlashMLAOpsBackend" in text
+    run["batch_invariant_schedule_in_log"] = "decode schedule: batch-invariant" in text
     if server["variant"]["torch_compile"]:
         run["graph_breaks"] = count_graph_breaks(text)
     if run["ok"]:

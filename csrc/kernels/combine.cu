@@ -134,6 +134,25 @@ __device__ __forceinline__ void merge_online(const float* lse_acc, int64_t lse_s
   }
 }
 
+// Four pieces per round: enough for the 2-6 pieces of a request in a large batch, and ~64 registers, so
+// the one-wave grid keeps four CTAs per SM resident (eight per round would take ~120; with 8-byte lanes
+// eight fit in 64, but did not beat four on the narrow grid's b = 2-4, h_q = 128 rows: v8.2).
+constexpr int kRowUnroll = 4;
+
+// The end of one row's merge: out = acc / sum (kVec columns at `out`) and, from one lane, the row's
+// natural-log LSE; a row with only empty pieces gets 0 and +inf.
+template <typename T, int kVec>
+__device__ __forceinline__ void finish_row(T* out, float* lse_out, float m, float sum, float (&acc)[kVec],
+                                           bool write_lse) {
+  const bool empty = sum == 0.f;
+  const float inv = empty ? 0.f : 1.f / sum;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) acc[i] *= inv;
+  const float l = log2f(sum) + (m == -INFINITY ? 0.f : m);
+  store_vec<T, kVec>(out, acc);
+  if (write_lse) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
+}
+
 template <typename T, int kVec>
 __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, int n, int row_group) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -160,24 +179,13 @@ __device__ __forceinline__ void combine_request(const DecodeParams& p, int req, 
     return;
   }
 
-  // Four pieces per round: enough for the 2-6 pieces of a request in a large batch, and ~64 registers, so
-  // the one-wave grid keeps four CTAs per SM resident (eight per round would take ~120; with 8-byte lanes
-  // eight fit in 64, but did not beat four on the narrow grid's b = 2-4, h_q = 128 rows: v8.2).
-  constexpr int kRowUnroll = 4;
   const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col;
   float m = -INFINITY, sum = 0.f, acc[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
   merge_online<kVec, kRowUnroll>(lse_acc, rows_per_slot, o_acc, rows_per_slot * kHeadDimV, 0, 1, n, m, sum,
                                  acc);
-  const bool empty = sum == 0.f;
-  const float inv = empty ? 0.f : 1.f / sum;
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) acc[i] *= inv;
-  const float l = log2f(sum) + (m == -INFINITY ? 0.f : m);
-
-  store_vec<T, kVec>(out, acc);
-  if (lane == 0 && blockIdx.z == 0) *lse_out = empty ? INFINITY : l * 0.69314718055994530942f;
+  finish_row<T, kVec>(out, lse_out, m, sum, acc, lane == 0 && blockIdx.z == 0);
 }
 
 // num_splits[req] and num_splits[req + 1]: where request req's pieces are, and how many.
@@ -211,7 +219,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const De
 // pieces per lane in flight together, keeping its own running max, sum and weighted O (online, as in the main
 // kernel's softmax; merge_online); the eight partial merges are then joined through shared memory. A request
 // split into ~100 pieces costs about two load round trips, against ~25 when one warp walks all pieces four
-// at a time. Same results as combine_request up to fp32 rounding, NaN and empty rows included (a warp with
+// at a time. Same results as combine_request up to fp32 rounding (bitwise the same for a batch-invariant
+// schedule, where one warp merges as combine_request does), NaN and empty rows included (a warp with
 // only empty pieces has max -inf and sum 0, and weighs 0 in the join).
 template <typename T, int kMinCtasPerSm>
 __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
@@ -229,6 +238,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
     if (static_cast<int>(blockIdx.x) < p.b) first = split_range(p, blockIdx.x);
   }
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // as in combine_kernel
+  const bool invariant = (p.meta[kMetaFlags] & kMetaFlagBatchInvariant) != 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.y;  // in [0, h_kv * q_seq_per_hk)
   const int h_k = row / p.q_seq_per_hk, grow = row % p.q_seq_per_hk;
@@ -261,6 +271,15 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
     const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
     const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col + 4 * lane;
     float m = -INFINITY, sum = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (invariant) {
+      // Batch-invariant schedule: the row grid's arithmetic (combine_request: one warp, the pieces in
+      // order, four per round), so the result does not depend on which grid the batch's shape picked.
+      if (warp == 0) {
+        merge_online<4, kRowUnroll>(lse_acc, rows_per_slot, o_acc, piece_stride, 0, 1, n, m, sum, acc);
+        finish_row<T, 4>(out + 4 * lane, lse_out, m, sum, acc, lane == 0 && blockIdx.z == 0);
+      }
+      continue;  // (CTA-uniform; the shared arrays below are not touched)
+    }
     merge_online<4, kUnroll>(lse_acc, rows_per_slot, o_acc, piece_stride, warp, kCombineWarps, n, m, sum,
                              acc);
     s_acc[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);

@@ -12,6 +12,8 @@ enum class DType { kBF16, kFP16 };
 
 // csrc/kernels/sched_meta.cu: one CTA computes tile_scheduler_metadata and num_splits on the device.
 cudaError_t launch_sched_meta(const SchedParams& params, cudaStream_t stream);
+// csrc/kernels/sched_invariant.cu: the batch-invariant schedule (num_work_parts, ctas_per_part set).
+cudaError_t launch_sched_invariant(const SchedParams& params, cudaStream_t stream);
 
 // csrc/kernels/sm90/decode_{bf16,fp16}.cu: the split-KV main kernel (wgmma, sm_90a).
 cudaError_t launch_decode_sm90_bf16(const DecodeParams& params, cudaStream_t stream);

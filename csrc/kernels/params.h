@@ -27,8 +27,14 @@ enum MetaField : int {
   kMetaBeginSplit = 4,  // split index of begin_req's piece in this part (other requests: split 0)
   kMetaFirstSplit = 5,  // 1 if begin_req is split over several parts
   kMetaLastSplit = 6,   // 1 if end_req is split over several parts
-  kMetaReserved = 7,    // 0
+  kMetaFlags = 7,       // 0, or kMetaFlagBatchInvariant in every record of a batch-invariant schedule
 };
+// Batch-invariant schedule (get_mla_metadata_batch_invariant): every request is cut at the chunk boundaries
+// of invariant_chunk_blocks, which depend only on its own block count and the head geometry; the main
+// loops end a segment at every chunk boundary inside a part, and chunk k of a request with n > 1 chunks is
+// its partial k (num_splits counts n for it), so the combine merges the same pieces in the same order
+// whatever the batch. Field 4 holds the chunk index of the part's first chunk.
+constexpr int kMetaFlagBatchInvariant = 1;
 // num_splits is int32 [b + 1]: an exclusive prefix sum over requests of
 //   n_i = (number of parts request i is split over) if that is > 1, else 0.
 // So n_i = num_splits[i+1] - num_splits[i] is the number of fp32 partial results request i leaves in the
@@ -47,6 +53,26 @@ enum MetaField : int {
 // benchmarks/NOTES.md, v9.1). flashmla_ops/reference.py (FIXED_OVERHEAD) must use the same value.
 constexpr int kFixedOverhead = 5;
 
+// Batch-invariant chunk rule (flashmla_ops/_invariant.py must agree): a request of nblk blocks gets
+//   n = min(max(1, kInvariantCtaTarget / ctas_per_part), ceil(nblk^3 / kInvariantChunkCube))
+// target chunks, so up to 128 blocks (8,192 tokens) it is never cut, and a long request is cut into about
+// as many chunks as fill 128 CTAs (ctas_per_part = query tiles per kv head times kv heads). The cube keeps
+// requests of a few thousand tokens whole (their chunks would be partials to write and merge) and reaches
+// the full count by 510 blocks. Every chunk but the last has ceil(nblk / n) blocks.
+constexpr int64_t kInvariantChunkCube = int64_t{1} << 21;
+constexpr int kInvariantCtaTarget = 128;
+__host__ __device__ inline int invariant_chunk_blocks(int nblk, int ctas_per_part) {
+  const int per = ctas_per_part > 0 ? ctas_per_part : 1;
+  const int n_max = kInvariantCtaTarget / per > 1 ? kInvariantCtaTarget / per : 1;
+  int n = n_max;
+  if (nblk <= 4096) {
+    const int64_t b = nblk;
+    const int64_t want = (b * b * b + kInvariantChunkCube - 1) / kInvariantChunkCube;
+    n = want < 1 ? 1 : (want < n_max ? static_cast<int>(want) : n_max);
+  }
+  return (nblk + n - 1) / n;
+}
+
 // The scheduler keeps its per-request arrays (prefix sums of the costs, the transition from each request's
 // start; 16 bytes per request) in shared memory up to this many requests, beyond in `scratch`, a global
 // buffer the launcher allocates only then.
@@ -60,6 +86,10 @@ struct SchedParams {
   int64_t* scratch;        // [2 * b] when b > kSchedSmemRequests, else unused (may be null)
   int b;
   int num_sm_parts;
+  // Batch-invariant schedule only: work goes to parts [0, num_work_parts); ctas_per_part as in
+  // invariant_chunk_blocks.
+  int num_work_parts;
+  int ctas_per_part;
 };
 
 // ---- Decode ------------------------------------------------------------------------------------------

@@ -219,6 +219,7 @@ struct PartWork {
                      // indexes past this one; end_req < begin_req means the part has no work
   int meta_end_req;  // the unclamped last request: the one whose piece ends at end_blk
   int begin_blk, end_blk, begin_split;
+  bool invariant;  // batch-invariant schedule: segments end at chunk boundaries (params.h)
 };
 __device__ __forceinline__ PartWork part_work(const DecodeParams& p, int part) {
   const int* rec = p.meta + part * kMetaSize;
@@ -229,33 +230,66 @@ __device__ __forceinline__ PartWork part_work(const DecodeParams& p, int part) {
   pw.begin_blk = rec[kMetaBeginBlock];
   pw.end_blk = rec[kMetaEndBlock];
   pw.begin_split = rec[kMetaBeginSplit];
+  pw.invariant = (rec[kMetaFlags] & kMetaFlagBatchInvariant) != 0;
   return pw;
 }
 
-// One request's share of a part, as the main loops see it (scheduler contract: kernels/params.h).
+// One segment of a part, as the main loops see it (scheduler contract: kernels/params.h): a request's blocks
+// in the part, or, in a batch-invariant schedule, one chunk of them.
 struct RequestWork {
   int seqlen_safe;  // seqlen, or 0 for a request flagged bad (then nothing is read for it)
-  int blk_begin;    // first 64-token block of the request this part processes
+  int blk_begin;    // first 64-token block of the segment
   int blk_end;      // one past its last
-  int split_idx;    // which piece of the request this part computes
-  int n_pieces;     // 0: this part writes the final output; else the number of fp32 partials
+  int range_end;    // one past the request's last block in this part (> blk_end: another chunk follows)
+  int split_idx;    // which piece of the request this segment computes
+  int n_pieces;     // 0: this segment writes the final output; else the number of fp32 partials
   bool bad;         // negative seqlen, or more pages than block_table has columns: output becomes NaN
 };
-__device__ __forceinline__ RequestWork request_work(const DecodeParams& p, const PartWork& pw, int req) {
+// The segment of request `req` that starts at block `blk_begin` (the part's begin_blk for its first request,
+// else 0 or, batch-invariant, a chunk boundary).
+__device__ __forceinline__ RequestWork request_work(const DecodeParams& p, const PartWork& pw, int req,
+                                                    int blk_begin) {
   RequestWork w;
   const int seqlen = p.seqlens[req];
   // ceil(seqlen / 64) without forming seqlen + 63, which overflows int32 near INT32_MAX.
   const int pages = seqlen / kPageSize + (seqlen % kPageSize > 0 ? 1 : 0);
   const int nblk = seqlen > 0 ? pages : 1;
   w.bad = seqlen < 0 || pages > p.max_blocks_per_seq;
-  w.blk_begin = req == pw.begin_req ? pw.begin_blk : 0;
+  w.blk_begin = blk_begin;
   // Compared with the part's unclamped last request: metadata naming a request past the batch must not cut
   // request b - 1 at that other request's block count.
-  w.blk_end = req == pw.meta_end_req ? pw.end_blk : nblk;
+  w.range_end = req == pw.meta_end_req ? pw.end_blk : nblk;
+  w.blk_end = w.range_end;
   w.split_idx = req == pw.begin_req ? pw.begin_split : 0;
+  if (pw.invariant) {  // the chunk holding blk_begin, as the scheduler cut it (the same rule)
+    const int chunk = invariant_chunk_blocks(nblk, p.num_m_blocks * p.h_kv);
+    w.split_idx = blk_begin / chunk;
+    w.blk_end = min(w.range_end, (w.split_idx + 1) * chunk);
+  }
   w.n_pieces = p.num_splits[req + 1] - p.num_splits[req];
+  // Metadata planned for another head geometry cuts at other boundaries: never write into another
+  // request's partials; the request's rows become NaN instead.
+  if (pw.invariant && (w.n_pieces == 0 ? w.blk_begin != 0 || w.blk_end != nblk : w.split_idx >= w.n_pieces)) {
+    w.bad = true;
+  }
   w.seqlen_safe = w.bad ? 0 : seqlen;
   return w;
+}
+// The segment after w (of request req): the next chunk of the same request, or the next request's blocks
+// in the part. Returns false after the part's last segment.
+__device__ __forceinline__ bool next_segment(const DecodeParams& p, const PartWork& pw, int req,
+                                             const RequestWork& w, int& next_req, RequestWork& next_w) {
+  if (w.blk_end < w.range_end) {
+    next_req = req;
+    next_w = request_work(p, pw, req, w.blk_end);
+    return true;
+  }
+  if (req < pw.end_req) {
+    next_req = req + 1;
+    next_w = request_work(p, pw, req + 1, 0);
+    return true;
+  }
+  return false;
 }
 
 // Visible-key limit of a thread's two rows r0 and r0 + 8 (bottom-right causal mask for MTP).

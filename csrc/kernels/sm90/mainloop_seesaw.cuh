@@ -289,10 +289,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     }
   };
 
-  RequestWork w = request_work(p, pw, pw.begin_req);
+  RequestWork w = request_work(p, pw, pw.begin_req, pw.begin_blk);
   start_segment(pw.begin_req, w);
-  for (int req = pw.begin_req; req <= pw.end_req; ++req) {
-    FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegStart, w.blk_end - w.blk_begin);
+  // One iteration per segment: a request's blocks in the part, or one chunk of them (batch-invariant).
+  [[maybe_unused]] int seg = 0;  // segment index, for the diagnostic trace
+  for (int req = pw.begin_req;; ++seg) {
+    FMLA_TRACE_STAMP(seg, kStampSegStart, w.blk_end - w.blk_begin);
     bool bad = w.bad || lookup_bad;  // may also be set by the page lookups below
     lookup_bad = false;
     int limit[2];
@@ -300,14 +302,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     cp_async_wait<0>();
     fence_async_proxy();
     __syncthreads();
-    FMLA_TRACE_STAMP(req - pw.begin_req, kStampReady);
+    FMLA_TRACE_STAMP(seg, kStampReady);
 
     float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 domain) of every page seen so far
     float l_run[2] = {0.f, 0.f};              // this thread's share of the softmax denominator
     clear(tOrO);
     if (wg == 0 && w.blk_begin < w.blk_end) {
       qk_page(0);
-      FMLA_TRACE_STAMP(req - pw.begin_req, kStampFirstS);
+      FMLA_TRACE_STAMP(seg, kStampFirstS);
     } else if (wg == 1 && w.blk_begin + 1 < w.blk_end) {
       qk_page(1);
     }
@@ -533,14 +535,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
       }
     }
     // The refilling threads may have flagged an invalid page id while looking pages up: share the flag.
-    FMLA_TRACE_STAMP(req - pw.begin_req, kStampLoopEnd);
+    FMLA_TRACE_STAMP(seg, kStampLoopEnd);
     bad = __syncthreads_or(bad ? 1 : 0) != 0;
-    FMLA_TRACE_STAMP(req - pw.begin_req, kStampJoined);
+    FMLA_TRACE_STAMP(seg, kStampJoined);
     RequestWork w_next = w;
-    if (req < pw.end_req) {
-      w_next = request_work(p, pw, req + 1);
-      start_segment(req + 1, w_next);
-    }
+    int req_next = req;
+    const bool more = next_segment(p, pw, req, w, req_next, w_next);
+    if (more) start_segment(req_next, w_next);
 
     // ---- epilogue: both warpgroups end with the same running max; add their denominators through smem.
 #pragma unroll
@@ -562,7 +563,9 @@ __global__ void __launch_bounds__(kThreads, 1) decode_seesaw_kernel(const __grid
     // No barrier here: the next segment's opening __syncthreads orders these reads of the statistics before
     // anything rewrites them (its Q and pages were issued before this epilogue, into buffers it does not
     // read).
-    FMLA_TRACE_STAMP(req - pw.begin_req, kStampSegEnd);
+    FMLA_TRACE_STAMP(seg, kStampSegEnd);
+    if (!more) break;
+    req = req_next;
     w = w_next;
   }
   FMLA_TRACE_EXIT();

@@ -1,0 +1,37 @@
+"""The batch-invariant chunk rule, shared by the public API (workspace bound), the reference scheduler and
+(mirrored) the CUDA scheduler and main loops (``csrc/kernels/params.h``: ``invariant_chunk_blocks``)."""
+
+from __future__ import annotations
+
+from ._validation import PAGE_SIZE
+
+__all__ = ["INVARIANT_CHUNK_CUBE", "INVARIANT_CTA_TARGET", "invariant_chunks", "invariant_max_pieces"]
+
+#: Batch-invariant chunk rule (csrc/kernels/params.h: kInvariantChunkCube, kInvariantCtaTarget).
+INVARIANT_CHUNK_CUBE = 1 << 21
+INVARIANT_CTA_TARGET = 128
+
+
+def invariant_chunks(nblk: int, ctas_per_part: int) -> tuple[int, int]:
+    """The batch-invariant cut of a request of ``nblk`` blocks: ``(chunk_blocks, n_chunks)``.
+
+    ``n = min(max(1, 128 // ctas_per_part), ceil(nblk^3 / 2^21))`` target chunks (so a request of up to 128
+    blocks, 8,192 tokens, is never cut, and a long one is cut into about enough chunks to fill 128 CTAs);
+    every chunk but the last has ``chunk_blocks = ceil(nblk / n)`` blocks, and ``n_chunks =
+    ceil(nblk / chunk_blocks)``. ``ctas_per_part`` is the CTAs that work on one part (query tiles per kv
+    head times kv heads): the head geometry, never the batch. Mirrors ``invariant_chunk_blocks`` in
+    ``csrc/kernels/params.h``.
+    """
+    n_max = max(1, INVARIANT_CTA_TARGET // ctas_per_part)
+    n = n_max if nblk > 4096 else min(n_max, max(1, -(-(nblk**3) // INVARIANT_CHUNK_CUBE)))
+    chunk = -(-nblk // n)
+    return chunk, -(-nblk // chunk)
+
+
+def invariant_max_pieces(b: int, max_seqlen_k: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """Upper bound of the split partials of a batch-invariant schedule of ``b`` requests of at most
+    ``max_seqlen_k`` tokens (``b`` times the chunk count of the longest allowed request, 0 if that is not
+    cut)."""
+    ctas = -(-num_q_tokens_per_head_k // 64) * num_heads_k
+    _, n = invariant_chunks(max(1, -(-max(max_seqlen_k, 0) // PAGE_SIZE)), ctas)
+    return b * n if n > 1 else 0
