@@ -5,11 +5,24 @@ from __future__ import annotations
 
 from ._validation import PAGE_SIZE
 
-__all__ = ["INVARIANT_CHUNK_CUBE", "INVARIANT_CTA_TARGET", "invariant_chunks", "invariant_max_pieces"]
+__all__ = [
+    "INVARIANT_CHUNK_CUBE",
+    "INVARIANT_CTA_TARGET",
+    "invariant_chunks",
+    "invariant_max_pieces",
+    "invariant_target_chunks",
+]
 
 #: Batch-invariant chunk rule (csrc/kernels/params.h: kInvariantChunkCube, kInvariantCtaTarget).
 INVARIANT_CHUNK_CUBE = 1 << 21
 INVARIANT_CTA_TARGET = 128
+
+
+def invariant_target_chunks(nblk: int, ctas_per_part: int) -> int:
+    """The target chunk count ``n`` of the rule below; it never decreases with ``nblk`` (the realised count
+    can: 763 blocks give 128 chunks, 769 give 110), so it is the one that bounds a batch's partials."""
+    n_max = max(1, INVARIANT_CTA_TARGET // ctas_per_part)
+    return n_max if nblk > 4096 else min(n_max, max(1, -(-(nblk**3) // INVARIANT_CHUNK_CUBE)))
 
 
 def invariant_chunks(nblk: int, ctas_per_part: int) -> tuple[int, int]:
@@ -22,16 +35,15 @@ def invariant_chunks(nblk: int, ctas_per_part: int) -> tuple[int, int]:
     head times kv heads): the head geometry, never the batch. Mirrors ``invariant_chunk_blocks`` in
     ``csrc/kernels/params.h``.
     """
-    n_max = max(1, INVARIANT_CTA_TARGET // ctas_per_part)
-    n = n_max if nblk > 4096 else min(n_max, max(1, -(-(nblk**3) // INVARIANT_CHUNK_CUBE)))
-    chunk = -(-nblk // n)
+    chunk = -(-nblk // invariant_target_chunks(nblk, ctas_per_part))
     return chunk, -(-nblk // chunk)
 
 
 def invariant_max_pieces(b: int, max_seqlen_k: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     """Upper bound of the split partials of a batch-invariant schedule of ``b`` requests of at most
-    ``max_seqlen_k`` tokens (``b`` times the chunk count of the longest allowed request, 0 if that is not
-    cut)."""
+    ``max_seqlen_k`` tokens: ``b`` times the target chunk count at ``max_seqlen_k`` (0 if nothing that long
+    is cut). A shorter request never has more chunks: its realised count is at most its own target, and the
+    target does not decrease with the length."""
     ctas = -(-num_q_tokens_per_head_k // 64) * num_heads_k
-    _, n = invariant_chunks(max(1, -(-max(max_seqlen_k, 0) // PAGE_SIZE)), ctas)
+    n = invariant_target_chunks(max(1, -(-max(max_seqlen_k, 0) // PAGE_SIZE)), ctas)
     return b * n if n > 1 else 0

@@ -91,8 +91,10 @@ def get_mla_metadata(
             Costs: the partials of cut requests, and whole short requests (no split to balance them).
         max_seqlen_k: with ``batch_invariant``, required: an upper bound of ``cache_seqlens`` (for example
             ``block_table.size(1) * 64``). It sizes the split-partials workspace (``num_sm_parts`` grows to
-            ``batch_size * chunks(max_seqlen_k) / 2`` when that is larger); a request longer than the bound
-            may find no room for its partials and then returns NaN rows.
+            ``batch_size * n(max_seqlen_k) / 2`` when that is larger, ``n`` the rule's target chunk count);
+            a request longer than the bound may find no room for its partials and then returns NaN rows.
+            The metadata must come from the call's own lengths and head geometry: unlike the default
+            mode's, metadata planned for other (even longer) lengths is not reusable.
 
     Returns:
         ``(tile_scheduler_metadata, num_splits)``, both int32 and on ``cache_seqlens``'s device:

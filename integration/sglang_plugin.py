@@ -37,7 +37,8 @@ What :func:`register` does (each step on its own; a step that fails is logged an
 7. ``deterministic_mla_models``: adds it to ``RADIX_SUPPORTED_DETERMINISTIC_ATTENTION_BACKEND``
    (``add_radix_supported_deterministic_attention_backend_choices``): for DeepSeek-family (absorbed-MLA)
    models, the only ones flashmla_ops serves, SGLang admits only the backends of that list to deterministic
-   inference. SGLang also keeps the radix cache on for them, which the next step undoes;
+   inference. SGLang also keeps the radix cache on for them, which step 8 undoes: this step is therefore
+   taken after step 8, and not at all if step 8 failed (SGLang then refuses the combination);
 8. ``deterministic_radix_cache``: under deterministic inference with flashmla_ops serving prefill, turns the
    radix cache off, as SGLang does for the backends it does not list as radix-safe: the prefill is SGLang's
    FlashInfer MLA path, whose extend after a prefix-cache hit runs another kernel than a cold prefill, so a
@@ -110,7 +111,7 @@ def register() -> dict[str, str]:
     Returns:
         ``{step: status}`` for the steps ``argparse_choices``, ``chunked_prefix_cache``,
         ``attention_backend_factory``, ``deepseek_handler``, ``page_size_hook``, ``deterministic_choices``,
-        ``deterministic_mla_models`` and ``deterministic_radix_cache``; a status is ``"registered"``,
+        ``deterministic_radix_cache`` and ``deterministic_mla_models``; a status is ``"registered"``,
         ``"already registered"``, ``"deferred: ..."`` or ``"failed: <error>"``.
     """
     steps = (
@@ -120,8 +121,9 @@ def register() -> dict[str, str]:
         ("deepseek_handler", lambda: _register_deepseek_handler(import_module=False)),
         ("page_size_hook", _register_page_size_hook),
         ("deterministic_choices", _register_deterministic_choices),
-        ("deterministic_mla_models", _register_deterministic_mla_models),
         ("deterministic_radix_cache", _register_deterministic_radix_cache),
+        # Only once the radix cache step is in place: this list also keeps SGLang's radix cache on.
+        ("deterministic_mla_models", lambda: _register_deterministic_mla_models(status)),
     )
     status: dict[str, str] = {}
     for step, fn in steps:
@@ -280,7 +282,12 @@ def _register_deterministic_choices() -> str:
     )
 
 
-def _register_deterministic_mla_models() -> str:
+def _register_deterministic_mla_models(status: dict[str, str]) -> str:
+    radix = status.get("deterministic_radix_cache", "")
+    if radix.startswith("failed"):
+        # Listed without the radix step, a DeepSeek model would run deterministic inference with the radix
+        # cache on and a prefill that does not reproduce after a cache hit: better refused by SGLang.
+        raise RuntimeError(f"not registered because the radix cache step failed ({radix})")
     return _add_choice(
         *_DETERMINISTIC_MLA_CHOICES,
         f"--enable-deterministic-inference rejects --attention-backend {BACKEND_NAME} for DeepSeek models",

@@ -11,7 +11,7 @@ from _helpers import PAGE
 
 import flashmla_ops
 from flashmla_ops import FlashMLAInputError
-from flashmla_ops._invariant import invariant_chunks, invariant_max_pieces
+from flashmla_ops._invariant import invariant_chunks, invariant_max_pieces, invariant_target_chunks
 from flashmla_ops.reference import FIXED_OVERHEAD
 
 EMPTY = [0, 0, -1, 0, 0, 0, 0, 1]
@@ -61,6 +61,28 @@ def own_cut(length, q_rows=16):
 )
 def test_chunk_rule(nblk, want):
     assert invariant_chunks(nblk, 1) == want
+
+
+@pytest.mark.parametrize("ctas", [1, 2, 3, 4, 8])
+def test_workspace_bound_holds_for_every_shorter_length(ctas):
+    """The realised chunk count is not monotone in the length (763 blocks: 128 chunks, 769: 110), so the
+    bound is the target count, which is; every length up to the bound fits (a scan, not a sample)."""
+    longest = 0
+    for nblk in range(1, 6000):
+        longest = max(longest, invariant_chunks(nblk, ctas)[1])
+        assert longest <= invariant_target_chunks(nblk, ctas)
+        pieces = invariant_max_pieces(1, nblk * PAGE, 64 * ctas, 1)
+        assert pieces >= (longest if longest > 1 else 0), f"{nblk} blocks, {ctas} CTAs per part"
+    assert invariant_chunks(763, 1)[1] == 128 and invariant_chunks(769, 1)[1] == 110
+
+
+def test_public_api_fits_a_batch_of_lengths_at_a_dip():
+    """A batch of requests just above a dip of the realised count, with the bound at the next length:
+    every partial has a slot (2 * num_sm_parts)."""
+    for tokens, bound in ((48_832, 49_216), (163_840, 163_844)):
+        sl = torch.full((10,), tokens, dtype=torch.int32)
+        meta, splits = flashmla_ops.get_mla_metadata(sl, 16, 1, batch_invariant=True, max_seqlen_k=bound)
+        assert int(splits[-1]) <= 2 * meta.shape[0]
 
 
 def test_chunk_rule_counts_ctas_per_part():

@@ -649,11 +649,20 @@ def test_deterministic_registration_degrades_step_by_step(monkeypatch):
     assert status["deterministic_choices"] == "registered"
     assert server_args.DETERMINISTIC_ATTENTION_BACKEND_CHOICES == ["fa3", BACKEND_NAME]
     assert sglang_plugin.register()["deterministic_choices"] == "already registered"
-    assert status["deterministic_mla_models"].startswith("failed: RuntimeError: this SGLang has no ")
-    assert "add_radix_supported_deterministic_attention_backend_choices" in status["deterministic_mla_models"]
-    assert "for DeepSeek models" in status["deterministic_mla_models"]
     assert status["deterministic_radix_cache"].startswith("failed: RuntimeError")
     assert "--disable-radix-cache" in status["deterministic_radix_cache"]
+    # without the radix-cache step the DeepSeek list is left alone (SGLang then refuses the combination)
+    assert status["deterministic_mla_models"].startswith("failed: RuntimeError: not registered because")
+    assert list(status).index("deterministic_radix_cache") < list(status).index("deterministic_mla_models")
+
+
+def test_deepseek_list_needs_only_its_own_hook_when_the_radix_step_works(monkeypatch):
+    """The DeepSeek list's own failure message, when the radix-cache step did not fail."""
+    status = {"deterministic_radix_cache": "registered"}
+    server_args = types.ModuleType("sglang.srt.server_args")
+    _fake_sglang(monkeypatch, {"sglang.srt.server_args": server_args})
+    with pytest.raises(RuntimeError, match="add_radix_supported_deterministic_attention_backend_choices"):
+        sglang_plugin._register_deterministic_mla_models(status)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 // Host launcher of flashmla::get_mla_metadata on CUDA: validates metadata, allocates the two outputs on the
 // input's device, launches the one-CTA scheduler kernel on the current stream. No host sync, so one call per
 // decode step can sit inside a CUDA graph and serve every layer.
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -25,7 +26,11 @@ void check_sched_args(const Tensor& cache_seqlens, int64_t num_q_tokens_per_head
                  num_q_tokens_per_head_k);
   FLASHMLA_CHECK(num_heads_k >= 1, "num_heads_k must be >= 1, got ", num_heads_k);
   FLASHMLA_CHECK(num_sm_parts >= 1, "num_sm_parts must be >= 1, got ", num_sm_parts);
-  // Device limits of the scheduler kernel (int32 request indices and part counts; the decode grid's z).
+}
+
+// Device limits of the scheduler kernels (int32 request indices and part counts; the decode grid's z), after
+// the checks Python makes too, so that both report the same first error.
+void check_cuda_limits(const Tensor& cache_seqlens, int64_t num_sm_parts) {
   FLASHMLA_CHECK(cache_seqlens.size(0) <= (int64_t{1} << 30), "batch size ", cache_seqlens.size(0),
                  " is too large for the CUDA scheduler (at most 2^30)");
   FLASHMLA_CHECK(num_sm_parts <= 65535, "num_sm_parts must be at most 65535 on CUDA, got ", num_sm_parts);
@@ -61,6 +66,7 @@ std::tuple<Tensor, Tensor> run_scheduler(const Tensor& cache_seqlens, int64_t nu
 std::tuple<Tensor, Tensor> get_mla_metadata_cuda(Tensor cache_seqlens, int64_t num_q_tokens_per_head_k,
                                                  int64_t num_heads_k, int64_t num_sm_parts) {
   check_sched_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts);
+  check_cuda_limits(cache_seqlens, num_sm_parts);
   return run_scheduler(cache_seqlens, num_sm_parts, SchedParams{}, launch_sched_meta);
 }
 
@@ -73,12 +79,16 @@ std::tuple<Tensor, Tensor> get_mla_metadata_batch_invariant_cuda(Tensor cache_se
   FLASHMLA_CHECK(num_work_parts >= 1, "num_work_parts must be >= 1, got ", num_work_parts);
   FLASHMLA_CHECK(num_work_parts <= num_sm_parts, "num_work_parts (", num_work_parts,
                  ") must be at most num_sm_parts (", num_sm_parts, ")");
+  check_cuda_limits(cache_seqlens, num_sm_parts);
   SchedParams p{};
   p.num_work_parts = static_cast<int>(num_work_parts);
   // The CTAs of one part: query tiles per kv head (ceil(rows / 64)) times kv heads. Past kInvariantCtaTarget
-  // the chunk rule no longer looks at the value, so it is clamped there (no int overflow).
-  const int64_t ctas = ((num_q_tokens_per_head_k + kBlockM - 1) / kBlockM) * num_heads_k;
-  p.ctas_per_part = static_cast<int>(ctas < kInvariantCtaTarget ? ctas : kInvariantCtaTarget);
+  // the chunk rule no longer looks at the value, so it is clamped there; the tile count is formed without
+  // q + 63 and the product only when both factors are below the cap, so no int64 argument overflows.
+  const int64_t tiles = num_q_tokens_per_head_k / kBlockM + (num_q_tokens_per_head_k % kBlockM > 0 ? 1 : 0);
+  const int64_t cap = kInvariantCtaTarget;
+  p.ctas_per_part =
+      static_cast<int>(tiles >= cap || num_heads_k >= cap ? cap : std::min(tiles * num_heads_k, cap));
   return run_scheduler(cache_seqlens, num_sm_parts, p, launch_sched_invariant);
 }
 

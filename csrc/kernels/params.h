@@ -57,8 +57,9 @@ constexpr int kFixedOverhead = 5;
 //   n = min(max(1, kInvariantCtaTarget / ctas_per_part), ceil(nblk^3 / kInvariantChunkCube))
 // target chunks, so up to 128 blocks (8,192 tokens) it is never cut, and a long request is cut into about
 // as many chunks as fill 128 CTAs (ctas_per_part = query tiles per kv head times kv heads). The cube keeps
-// requests of a few thousand tokens whole (their chunks would be partials to write and merge) and reaches
-// the full count by 510 blocks. Every chunk but the last has ceil(nblk / n) blocks.
+// requests of a few thousand tokens whole (their chunks would be partials to write and merge); the target
+// reaches 64 at 510 blocks and 128 at 644. Every chunk but the last has ceil(nblk / n) blocks, so the
+// realised count ceil(nblk / chunk) can be below n (and is not monotone in nblk); n itself is, and bounds it.
 constexpr int64_t kInvariantChunkCube = int64_t{1} << 21;
 constexpr int kInvariantCtaTarget = 128;
 __host__ __device__ inline int invariant_chunk_blocks(int nblk, int ctas_per_part) {
