@@ -211,27 +211,9 @@ def batch_invariant_get_mla_metadata(max_seqlen_k: int) -> Callable[..., tuple[t
     if isinstance(max_seqlen_k, bool) or not isinstance(max_seqlen_k, int) or max_seqlen_k < 1:
         raise ValueError(f"flashmla_ops: max_seqlen_k must be a positive int, got {max_seqlen_k!r}")
 
-    def get_mla_metadata_batch_invariant(
-        cache_seqlens: torch.Tensor | None = None,
-        num_q_tokens_per_head_k: int | None = None,
-        num_heads_k: int | None = None,
-        num_heads_q: int | None = None,
-        is_fp8_kvcache: bool = False,
-        topk: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return get_mla_metadata(
-            cache_seqlens,
-            num_q_tokens_per_head_k,
-            num_heads_k,
-            num_heads_q,
-            is_fp8_kvcache,
-            topk,
-            batch_invariant=True,
-            max_seqlen_k=max_seqlen_k,
-        )
-
-    get_mla_metadata_batch_invariant.max_seqlen_k = max_seqlen_k  # type: ignore[attr-defined]
-    return get_mla_metadata_batch_invariant
+    adapter = functools.partial(get_mla_metadata, batch_invariant=True, max_seqlen_k=max_seqlen_k)
+    adapter.max_seqlen_k = max_seqlen_k  # type: ignore[attr-defined]
+    return adapter
 
 
 def flash_mla_with_kvcache(
