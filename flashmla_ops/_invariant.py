@@ -6,6 +6,7 @@ from __future__ import annotations
 from ._validation import PAGE_SIZE
 
 __all__ = [
+    "ctas_per_part",
     "INVARIANT_CHUNK_CUBE",
     "INVARIANT_CTA_TARGET",
     "invariant_chunks",
@@ -16,6 +17,11 @@ __all__ = [
 #: Batch-invariant chunk rule (csrc/kernels/params.h: kInvariantChunkCube, kInvariantCtaTarget).
 INVARIANT_CHUNK_CUBE = 1 << 21
 INVARIANT_CTA_TARGET = 128
+
+
+def ctas_per_part(num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """CTAs that work on one part: query tiles of 64 rows per kv head, times kv heads (the head geometry)."""
+    return -(-num_q_tokens_per_head_k // 64) * num_heads_k
 
 
 def invariant_target_chunks(nblk: int, ctas_per_part: int) -> int:
@@ -44,6 +50,6 @@ def invariant_max_pieces(b: int, max_seqlen_k: int, num_q_tokens_per_head_k: int
     ``max_seqlen_k`` tokens: ``b`` times the target chunk count at ``max_seqlen_k`` (0 if nothing that long
     is cut). A shorter request never has more chunks: its realised count is at most its own target, and the
     target does not decrease with the length."""
-    ctas = -(-num_q_tokens_per_head_k // 64) * num_heads_k
+    ctas = ctas_per_part(num_q_tokens_per_head_k, num_heads_k)
     n = invariant_target_chunks(max(1, -(-max(max_seqlen_k, 0) // PAGE_SIZE)), ctas)
     return b * n if n > 1 else 0

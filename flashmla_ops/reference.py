@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._invariant import invariant_chunks
+from ._invariant import ctas_per_part, invariant_chunks
 from ._validation import (
     HEAD_DIM_V,
     META_FLAG_BATCH_INVARIANT,
@@ -68,6 +68,12 @@ _CHUNK_BYTES = 256 * 2**20
 
 
 # ---- Scheduler ------------------------------------------------------------------------------------------
+def _request_blocks(cache_seqlens: torch.Tensor) -> list[int]:
+    """Blocks of each request as both schedulers count them: ``max(1, ceil(max(seqlen, 0) / 64))`` (a request
+    of length 0 still gets one, empty, block so that its output is written). Reads the lengths on the host."""
+    return [max(1, -(-max(s, 0) // PAGE_SIZE)) for s in cache_seqlens.tolist()]
+
+
 def get_mla_metadata_reference(
     cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +109,7 @@ def get_mla_metadata_reference(
     Reads the lengths on the host (the CUDA kernel does the same walk on the device).
     """
     check_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
-    nblk = [max(1, -(-max(s, 0) // PAGE_SIZE)) for s in cache_seqlens.tolist()]
+    nblk = _request_blocks(cache_seqlens)
     b = len(nblk)
     # ends[i]: cost of requests 0..i, so whole requests r+1..j cost ends[j] - ends[r].
     ends = list(itertools.accumulate(n + FIXED_OVERHEAD for n in nblk))
@@ -170,8 +176,8 @@ def get_mla_metadata_batch_invariant_reference(
     check_get_mla_metadata_batch_invariant(
         cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts, num_work_parts
     )
-    ctas = -(-num_q_tokens_per_head_k // 64) * num_heads_k
-    nblk = [max(1, -(-max(s, 0) // PAGE_SIZE)) for s in cache_seqlens.tolist()]
+    ctas = ctas_per_part(num_q_tokens_per_head_k, num_heads_k)
+    nblk = _request_blocks(cache_seqlens)
     b = len(nblk)
     cuts = [invariant_chunks(n, ctas) for n in nblk]
     cost = [n + c[1] * FIXED_OVERHEAD for n, c in zip(nblk, cuts, strict=True)]

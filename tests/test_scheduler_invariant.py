@@ -25,13 +25,14 @@ def schedule(seqlens, q_rows=16, parts=132, work=132):
     return meta.tolist(), splits.tolist()
 
 
-def segments(seqlens, meta, q_rows=16):
+def segments(seqlens, meta, q_rows=16, with_part=False):
     """Every (request, first block, end block, piece index) segment the decode kernels run, as they walk
-    the records: a part's blocks of each request, split at the request's chunk boundaries."""
+    the records: a part's blocks of each request, split at the request's chunk boundaries (``with_part``:
+    the part index first)."""
     ctas = -(-q_rows // 64)
     nblk = [max(1, -(-max(s, 0) // PAGE)) for s in seqlens]
     out = []
-    for rec in meta:
+    for part, rec in enumerate(meta):
         begin_req, begin_blk, end_req, end_blk, begin_split, _, _, flags = rec
         assert flags == 1
         if end_req < begin_req:
@@ -45,7 +46,8 @@ def segments(seqlens, meta, q_rows=16):
             if r == begin_req:
                 assert begin_split == lo // chunk
             for c0 in range(lo, hi, chunk):
-                out.append((r, c0, min(c0 + chunk, hi), c0 // chunk))
+                seg = (r, c0, min(c0 + chunk, hi), c0 // chunk)
+                out.append((part, *seg) if with_part else seg)
     return out
 
 
@@ -120,19 +122,11 @@ def test_balance_and_empty_work_parts():
     # about the same cost, at most one chunk's worth above the mean.
     seqlens = [20_000] * 64
     meta, _ = schedule(seqlens, parts=200, work=132)
-    chunk, n = invariant_chunks(313, 1)
-    total = sum(c1 - c0 + FIXED_OVERHEAD for _, c0, c1, _ in segments(seqlens, meta))
+    chunk, _ = invariant_chunks(313, 1)
     per_part = [0] * 200
-    seg_iter = iter(segments(seqlens, meta))
-    for p, rec in enumerate(meta):
-        if rec[2] < rec[0]:
-            continue
-        for r in range(rec[0], rec[2] + 1):
-            lo = rec[1] if r == rec[0] else 0
-            hi = rec[3] if r == rec[2] else 313
-            for c0 in range(lo, hi, chunk):
-                per_part[p] += min(c0 + chunk, hi) - c0 + FIXED_OVERHEAD
-                next(seg_iter)
+    for p, _, c0, c1, _ in segments(seqlens, meta, with_part=True):
+        per_part[p] += c1 - c0 + FIXED_OVERHEAD
+    total = sum(per_part)
     assert max(per_part) <= -(-total // 132) + chunk + FIXED_OVERHEAD
     assert all(c == 0 for c in per_part[132:]), "parts past num_work_parts stay empty"
     assert all(rec == EMPTY for rec in meta[132:])
