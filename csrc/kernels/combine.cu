@@ -214,6 +214,46 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const De
   }
 }
 
+// The few-requests grid's CTAs for a batch-invariant schedule: warp 0 merges the row's pieces with the row
+// grid's arithmetic (combine_request: the pieces in order, four per round, the same epilogue), so a
+// request's result does not depend on which grid its batch's shape picked. The other warps idle.
+template <typename T>
+__device__ __forceinline__ void combine_splits_in_order(const DecodeParams& p) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  // Through an opaque move: otherwise the compiler shares this index arithmetic with the kernel's other
+  // path by computing it before the branch, which keeps it live there and costs that path spills.
+  int row;
+  asm volatile("mov.u32 %0, %%ctaid.y;\n" : "=r"(row));
+  const int h_k = row / p.q_seq_per_hk, grow = row % p.q_seq_per_hk;
+  const int s_idx = grow / p.q_heads_per_hk, head = h_k * p.q_heads_per_hk + grow % p.q_heads_per_hk;
+  const int64_t rows_per_slot = static_cast<int64_t>(p.h_kv) * p.q_seq_per_hk;
+  const int col = blockIdx.z * 128 + 4 * lane;
+  for (int req = blockIdx.x; req < p.b; req += gridDim.x) {
+    const SplitRange sr = split_range(p, req);
+    const int n = sr.end - sr.begin;
+    if (n == 0) continue;
+    const int64_t slot0 = sr.begin;
+    T* out = static_cast<T*>(p.out) + req * p.o_batch_stride + s_idx * p.o_seq_stride +
+             head * p.o_head_stride + col;
+    float* lse_out = p.lse + req * p.lse_batch_stride + head * p.lse_head_stride + s_idx * p.lse_seq_stride;
+    if (n < 0 || slot0 < 0 || slot0 + n > 2 * static_cast<int64_t>(p.num_sm_parts)) {
+      float nan[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) nan[i] = __int_as_float(0x7fc00000);
+      store_vec<T, 4>(out, nan);
+      if (lane == 0 && blockIdx.z == 0) *lse_out = nan[0];
+      continue;
+    }
+    const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
+    const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col;
+    float m = -INFINITY, sum = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+    merge_online<4, kRowUnroll>(lse_acc, rows_per_slot, o_acc, rows_per_slot * kHeadDimV, 0, 1, n, m, sum,
+                                acc);
+    finish_row<T, 4>(out, lse_out, m, sum, acc, lane == 0 && blockIdx.z == 0);
+  }
+}
+
 // Few-requests grid (one to a few requests, each split over many parts): CTA (request, row, 128-column
 // slice). Warp w merges pieces w, w + 8, w + 16, ... in one pass, the lse and the O values of up to eight
 // pieces per lane in flight together, keeping its own running max, sum and weighted O (online, as in the main
@@ -233,12 +273,19 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
   // without PDL and so starts only after it completed; only the partials need the wait, and the tail after
   // the main kernel loses one dependent load (v8.2: b1-b4 h16 -1 to -4 %). The 64-register build waits first:
   // the live values would cost it more spills.
+  // The schedule's mode, like num_splits, was written before the main kernel started.
+  const bool in_order = (p.meta[kMetaFlags] & kMetaFlagBatchInvariant) != 0;
   SplitRange first{0, 0};
   if constexpr (kMinCtasPerSm == kSplitsGridCtasPerSm) {
     if (static_cast<int>(blockIdx.x) < p.b) first = split_range(p, blockIdx.x);
   }
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // as in combine_kernel
-  const bool invariant = (p.meta[kMetaFlags] & kMetaFlagBatchInvariant) != 0;
+  if (in_order) {
+    // Dispatched here, before the shared-piece loop's values are live, so that loop's register allocation
+    // (and its 64-register build's spills) stay as they were without this path.
+    combine_splits_in_order<T>(p);
+    return;
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.y;  // in [0, h_kv * q_seq_per_hk)
   const int h_k = row / p.q_seq_per_hk, grow = row % p.q_seq_per_hk;
@@ -271,15 +318,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32, kMinCtasPerSm)
     const float* lse_acc = p.lse_accum + slot0 * rows_per_slot + row;
     const float* o_acc = p.o_accum + (slot0 * rows_per_slot + row) * kHeadDimV + col + 4 * lane;
     float m = -INFINITY, sum = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
-    if (invariant) {
-      // Batch-invariant schedule: the row grid's arithmetic (combine_request: one warp, the pieces in
-      // order, four per round), so the result does not depend on which grid the batch's shape picked.
-      if (warp == 0) {
-        merge_online<4, kRowUnroll>(lse_acc, rows_per_slot, o_acc, piece_stride, 0, 1, n, m, sum, acc);
-        finish_row<T, 4>(out + 4 * lane, lse_out, m, sum, acc, lane == 0 && blockIdx.z == 0);
-      }
-      continue;  // (CTA-uniform; the shared arrays below are not touched)
-    }
     merge_online<4, kUnroll>(lse_acc, rows_per_slot, o_acc, piece_stride, warp, kCombineWarps, n, m, sum,
                              acc);
     s_acc[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
