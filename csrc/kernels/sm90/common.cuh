@@ -267,10 +267,17 @@ __device__ __forceinline__ RequestWork request_work(const DecodeParams& p, const
     w.blk_end = min(w.range_end, (w.split_idx + 1) * chunk);
   }
   w.n_pieces = p.num_splits[req + 1] - p.num_splits[req];
-  // Metadata planned for another head geometry cuts at other boundaries: never write into another
-  // request's partials; the request's rows become NaN instead.
-  if (pw.invariant && (w.n_pieces == 0 ? w.blk_begin != 0 || w.blk_end != nblk : w.split_idx >= w.n_pieces)) {
-    w.bad = true;
+  // Metadata planned for other lengths or another head geometry cuts at other boundaries, or counts other
+  // pieces: such a request's rows become NaN, written to its own output or its own first partial slot only
+  // (never into another request's partials).
+  if (pw.invariant) {
+    const int chunk = invariant_chunk_blocks(nblk, p.num_m_blocks * p.h_kv);
+    const int n_chunks = (nblk + chunk - 1) / chunk;
+    const bool aligned = blk_begin % chunk == 0 && (w.range_end == nblk || w.range_end % chunk == 0);
+    if (!aligned || w.n_pieces != (n_chunks > 1 ? n_chunks : 0)) {
+      w.bad = true;
+      w.split_idx = 0;
+    }
   }
   w.seqlen_safe = w.bad ? 0 : seqlen;
   return w;
