@@ -80,7 +80,17 @@ def test_dry_run_prints_every_configuration(e2e, capsys, tmp_path):
         assert "--skip-tokenizer-init" in cmd and flag(cmd, "--load-format") == "dummy"
         graphs = "--disable-cuda-graph" not in cmd
         assert graphs == (key != "tp1-eager")
-        assert (flag(cmd, "--cuda-graph-max-bs-decode") == "32") == graphs
+        if key == "tp1-torch_compile":
+            # both servers capture (and the compiled one compiles) only the batch sizes the script sends
+            assert cmd[cmd.index("--cuda-graph-bs-decode") + 1 : cmd.index("--cuda-graph-bs-decode") + 3] == [
+                "16",
+                "32",
+            ]
+            assert "--cuda-graph-max-bs-decode" not in cmd
+        else:
+            assert "--cuda-graph-bs-decode" not in cmd
+            assert (flag(cmd, "--cuda-graph-max-bs-decode") == "32") == graphs
+        assert (flag(cmd, "--torch-compile-max-bs") == "32") == name.endswith("+torch_compile")
         spec = key == "tp1-mtp"
         assert ("--speculative-algorithm" in cmd) == spec
         compiled = name.endswith("+torch_compile")
@@ -103,8 +113,13 @@ def test_dry_run_prints_every_configuration(e2e, capsys, tmp_path):
             assert "--speculative-attention-mode" not in cmd  # one backend: verify runs on it
         if compiled:
             assert flag(cmd, "--torch-compile-max-bs") == "32"
-    # the non-compiled torch_compile server is the cuda_graph server (so main() can reuse its results)
-    assert servers[("tp1-torch_compile", "flashmla_ops")][1] == servers[("tp1-cuda_graph", "flashmla_ops")][1]
+    # the non-compiled torch_compile server is the cuda_graph server but for its capture sizes (so main()
+    # reuses the cuda_graph results only when those agree: with --cuda-graph-bs)
+    plain = servers[("tp1-torch_compile", "flashmla_ops")][1]
+    cuda_graph = servers[("tp1-cuda_graph", "flashmla_ops")][1]
+    i = plain.index("--cuda-graph-bs-decode")
+    j = cuda_graph.index("--cuda-graph-max-bs-decode")
+    assert plain[:i] + plain[i + 3 :] == cuda_graph[:j] + cuda_graph[j + 2 :]
 
 
 def test_dry_run_hybrid_prefill_and_tp(e2e, capsys, tmp_path):
@@ -669,3 +684,30 @@ def test_deterministic_run_compare_and_configuration_json(
     runs[0]["batch_invariant_schedule_in_log"] = False
     failing = e2e.configuration_result(results, 1, "deterministic", args)
     assert not failing["passed"] and not failing["checks"]["batch_invariant_schedule_in_log"]
+
+
+def test_cuda_graph_batch_sizes(e2e, capsys, tmp_path):
+    """``--cuda-graph-bs`` sets every graphed server's capture list (sorted, deduplicated) and the compiled
+    server's --torch-compile-max-bs; eager servers get neither."""
+    servers = dry_run(
+        e2e, capsys, tmp_path, "--modes", "eager,mtp,torch_compile", "--cuda-graph-bs", "8", "4", "8"
+    )
+    for (key, _), (_, cmd) in servers.items():
+        graphed = key != "tp1-eager"
+        assert "--cuda-graph-max-bs-decode" not in cmd
+        if graphed:
+            i = cmd.index("--cuda-graph-bs-decode")
+            assert cmd[i + 1 : i + 3] == ["4", "8"] and not any(a.isdigit() for a in cmd[i + 3 : i + 4])
+        else:
+            assert "--cuda-graph-bs-decode" not in cmd
+    compiled = servers[("tp1-torch_compile", "flashmla_ops+torch_compile")][1]
+    assert flag(compiled, "--torch-compile-max-bs") == "8"
+    assert e2e.graph_batch_sizes(e2e.parse_args([]), "cuda_graph") == []
+    assert e2e.graph_batch_sizes(
+        e2e.parse_args(["--batch", "4", "--prompt-lens", "1,2"]), "torch_compile"
+    ) == [
+        2,
+        4,
+    ]
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--cuda-graph-bs", "0"])

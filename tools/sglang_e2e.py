@@ -25,9 +25,10 @@ Configurations (``--modes``, default ``cuda_graph,eager``):
   acceptance length of both (``completion_tokens / spec_verify_ct`` of the responses' ``meta_info``, SGLang's
   own ``spec_accept_length``). With random weights the draft rarely agrees with the target, so the acceptance
   length is close to 1 for both; it shows that speculative decoding ran and the two agree.
-* ``torch_compile``: ``flashmla_ops`` with ``--enable-torch-compile`` (CUDA graphs on; batch sizes up to
-  ``--torch-compile-max-bs`` are compiled), compared with ``flashmla_ops`` without it (the ``cuda_graph`` run
-  of the same invocation is reused when there is one, here and in ``fp8``). The compiled server runs with
+* ``torch_compile``: ``flashmla_ops`` with ``--enable-torch-compile`` (CUDA graphs on, captured, and so
+  compiled, at the two batch sizes the script sends unless ``--cuda-graph-bs`` says otherwise), compared
+  with ``flashmla_ops`` without it at the same sizes (the ``cuda_graph`` run of the same invocation is
+  reused when it captured the same sizes, here and in ``fp8``). The compiled server runs with
   ``TORCH_LOGS=graph_breaks``; the script counts the graph breaks in its log, and those attributed to the
   attention backend (a location or reason naming flashmla_ops, SGLang's ``flashmla_backend.py`` or
   ``flash_mla``) must be zero: the adapter is designed to trace without one.
@@ -408,6 +409,20 @@ def max_batch(args: argparse.Namespace) -> int:
     return max(args.batch, len(args.prompt_lens), len(args.deterministic_other_lens) + 1)
 
 
+def graph_batch_sizes(args: argparse.Namespace, mode: str) -> list[int]:
+    """The decode batch sizes a server captures CUDA graphs for; empty: SGLang's own list up to
+    :func:`max_batch`. ``--cuda-graph-bs`` for every graphed configuration; without it ``torch_compile``
+    captures only the two batch sizes the script sends (the logprob batch and the throughput batch):
+    Inductor's max-autotune compiles each captured size separately, about 85 s each on an H100, so SGLang's
+    20 sizes would take half an hour. Smaller batches (requests that finished early) run padded to the next
+    size."""
+    if args.cuda_graph_bs:
+        return sorted(set(args.cuda_graph_bs))
+    if mode == "torch_compile":
+        return sorted({len(args.prompt_lens), args.batch})
+    return []
+
+
 def server_command(
     args: argparse.Namespace,
     model: Path,
@@ -434,7 +449,11 @@ def server_command(
     if mode == "eager":
         cmd += ["--disable-cuda-graph"]
     else:  # cuda_graph, mtp, torch_compile, fp8, deterministic: decode (and verify) CUDA graphs on
-        cmd += ["--cuda-graph-max-bs-decode", str(max_batch(args))]
+        sizes = graph_batch_sizes(args, mode)
+        if sizes:
+            cmd += ["--cuda-graph-bs-decode", *map(str, sizes)]
+        else:
+            cmd += ["--cuda-graph-max-bs-decode", str(max_batch(args))]
     if mode == "mtp":
         if draft_model is None:
             raise ValueError("mode mtp needs a draft model")
@@ -1066,6 +1085,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--torch-compile-max-bs", type=int, default=None, help="default: the larger of the two batch sizes"
     )
+    p.add_argument(
+        "--cuda-graph-bs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="decode batch sizes to capture (every graphed server; default: SGLang's list, torch_compile: "
+        "the two batch sizes sent)",
+    )
     p.add_argument("--tp", type=int, nargs="+", default=[1], help="tensor-parallel sizes, e.g. --tp 1 2")
     p.add_argument("--prompt-lens", default=DEFAULT_PROMPT_LENS, help="logprob batch: one request per length")
     p.add_argument("--new-tokens", type=int, default=48, help="decode steps of the logprob batch")
@@ -1115,8 +1142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         or min(args.deterministic_other_lens + [args.deterministic_prompt_len]) < 1
     ):
         p.error("--deterministic-other-lens needs at least 2 lengths; every length must be >= 1")
+    if args.cuda_graph_bs and min(args.cuda_graph_bs) < 1:
+        p.error("--cuda-graph-bs sizes must be >= 1")
     if args.torch_compile_max_bs is None:
-        args.torch_compile_max_bs = max(args.batch, len(args.prompt_lens))
+        args.torch_compile_max_bs = max(graph_batch_sizes(args, "torch_compile"))
     if args.out_dir is None:
         out = Path(args.out)
         args.out_dir = str(out.with_name(out.stem + ".d"))
@@ -1297,9 +1326,12 @@ def main(argv: list[str] | None = None) -> int:
         run: dict[str, Any] = {"key": key, "tp": tp, "mode": mode, "backend": name, "ok": False}
         run["is_reference"] = name == mode_reference(mode, args)
         # torch_compile's reference and fp8's bf16 server are the cuda_graph server of flashmla_ops: reuse it
-        # when it ran.
+        # when it ran with the same capture sizes.
         plain = not variant["torch_compile"] and not variant["kv_fp8"]
-        reuse = (tp, "cuda_graph", name) if mode in ("torch_compile", "fp8") and plain else None
+        same_graphs = graph_batch_sizes(args, mode) == graph_batch_sizes(args, "cuda_graph")
+        reuse = (
+            (tp, "cuda_graph", name) if mode in ("torch_compile", "fp8") and plain and same_graphs else None
+        )
         if reuse in outputs:
             previous = next(
                 r

@@ -16,6 +16,11 @@ if [ ! -f /tmp/sglang_bundle/env.sh ]; then
   # shellcheck disable=SC2086
   bash lab/sglang_offline/sglang_gpu_unpack.sh ${SGLANG_PARTS:-/tmp/sglang_parts .carry/sglang} || exit 1
 fi
+# Bundles made before sgl-deep-gemm joined the package list: its wheel carried beside the parts.
+dg=$(ls .carry/sgl_deep_gemm-*.whl 2>/dev/null | head -1)
+if [ -n "$dg" ] && [ ! -d /tmp/sglang_bundle/site/deep_gemm ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sglang_bundle/site "$dg" || exit 1
+fi
 # shellcheck disable=SC1091
 source /tmp/sglang_bundle/env.sh
 res=$OUT

@@ -8,7 +8,8 @@
 #   bash lab/sglang_offline/sglang_gpu_bundle.sh            # SGLANG_BUNDLE_FA3=1 keeps flash_ops.abi3.so (about +7 parts)
 # The package list is the minimal set found by importing sglang.launch_server, its --help, the HTTP server,
 # scheduler, model runner, deepseek_v2 and the flashmla / flashinfer_mla backends (CUDA faked) in a CPU venv
-# that has only what the target has (no pydantic; transformers 5.17.0, tokenizers 0.23.2). transformers 5.12.1 + tokenizers 0.22.2 deliberately shadow the
+# that has only what the target has (no pydantic; transformers 5.17.0, tokenizers 0.23.2), plus sgl-deep-gemm:
+# speculative decoding's worker (eagle_worker_v2) imports dsa_backend, which imports deep_gemm on CUDA. transformers 5.12.1 + tokenizers 0.22.2 deliberately shadow the
 # machine's 5.17.0 / 0.23.2: sglang 0.5.17 pins transformers==5.12.1 and fails to import with 5.17
 # ("'qwen3_asr' is already used by a Transformers config"); 5.12.1 requires tokenizers<=0.23.0.
 set -euo pipefail
@@ -23,6 +24,7 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 
       --platform manylinux2014_x86_64 --platform linux_x86_64 --platform any)
 packages=(
   sglang==0.5.17 sglang-kernel==0.4.5 flashinfer-python==0.6.15.post1
+  sgl-deep-gemm==0.1.5.post1
   transformers==5.12.1 tokenizers==0.22.2
   apache-tvm-ffi==0.1.11 xgrammar==0.2.1 openai==2.6.1 soundfile==0.13.1
   pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
