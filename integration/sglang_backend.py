@@ -263,6 +263,34 @@ def flash_mla_with_kvcache(
 # SGLang's --enable-torch-compile). Inside a custom op it runs on the real tensors at run time instead: the
 # op is opaque to the compiler, which keeps its inputs' strides (so the narrow view still shows its row
 # stride), and its fake implementation needs only shapes.
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: float | None,
+    causal: bool,
+    k_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flashmla_ops' decode as the adapter calls it: an FP8 cache exactly when ``k_scale`` is given."""
+    return flashmla_ops.flash_mla_with_kvcache(
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        softmax_scale,
+        causal,
+        is_fp8_kvcache=k_scale is not None,
+        k_scale=k_scale,
+    )
+
+
 def _decode_widened_eager(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -275,7 +303,7 @@ def _decode_widened_eager(
     causal: bool,
     k_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return flashmla_ops.flash_mla_with_kvcache(
+    return _decode(
         q,
         k_cache,
         widen_block_table(block_table),
@@ -285,8 +313,7 @@ def _decode_widened_eager(
         num_splits,
         softmax_scale,
         causal,
-        is_fp8_kvcache=k_scale is not None,
-        k_scale=k_scale,
+        k_scale,
     )
 
 
@@ -295,10 +322,10 @@ _decode_widened = torch.library.custom_op("flashmla_ops_sglang::decode_widened",
 )
 
 
-@_decode_widened.register_fake
-def _(*args):
-    # The output shapes do not depend on the block table's width: flashmla_ops' own fake (and checks) decide.
-    return flashmla_ops.flash_mla_with_kvcache(*args)
+# The output shapes do not depend on the block table's width: flashmla_ops' own fake (and checks) decide.
+# Same parameters as the op (k_scale reaches flash_mla_with_kvcache by keyword: positionally it would land
+# in is_fp8_kvcache, which a traced FP8 call cannot turn into a bool).
+_decode_widened.register_fake(_decode)
 
 
 def keep_q_unquantised(
