@@ -183,28 +183,25 @@ def test_kernel_adapters_decode_an_fp8_cache_with_the_unquantised_query():
     assert torch.equal(out, ref_one)
 
 
-def test_adapter_compiles_an_fp8_decode_without_graph_breaks():
-    """``--enable-torch-compile`` with ``--kv-cache-dtype fp8_e4m3``: the opaque op carries the cache's
-    k_scale tensor to the FP8 decode, in the compiled region as in eager (its fake must pass it as
-    ``k_scale``, not as a positional ``is_fp8_kvcache``)."""
-    inputs = make_fp8_inputs([3, 64, 130], 1, 16, seed=6)
-    meta, num_splits = sglang_backend.get_mla_metadata(inputs.cache_seqlens, 16, 1, is_fp8_kvcache=True)
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_adapter_compiles_an_fp8_decode_without_graph_breaks(s_q):
+    """``--enable-torch-compile`` with ``--kv-cache-dtype fp8_e4m3``, decode (s_q = 1) and MTP verify
+    (s_q = 2): the opaque op carries the cache's k_scale tensor to the FP8 decode, in the compiled region as in eager
+    (its fake must pass it as ``k_scale``, not as a positional ``is_fp8_kvcache``), and still widens the
+    narrow capture-time view of the block table."""
+    inputs = make_fp8_inputs([3, 64, 130, 200], s_q, 16, seed=6 + s_q)
+    buf = torch.zeros(6, 40, dtype=torch.int32)  # SGLang's cuda_graph_kv_indices: [max_bs, max_pages]
+    buf[:4, : inputs.block_table.shape[1]] = inputs.block_table
+    meta, num_splits = sglang_backend.get_mla_metadata(inputs.cache_seqlens, s_q * 16, 1, is_fp8_kvcache=True)
     ref_out, ref_lse = _fp8_reference(inputs, meta, num_splits, 0.125, inputs.k_scale)
 
-    def step(q, k_cache, table, seqlens, meta, num_splits, k_scale):
+    def step(buf, q, k_cache, seqlens, meta, num_splits, k_scale):
+        table = buf[: q.shape[0], :1]  # the view a captured graph bakes in
         return sglang_backend.flash_mla_with_kvcache(
             q, k_cache, table, seqlens, 512, meta, num_splits, 0.125, True, descale_k=k_scale
         )
 
-    args = (
-        inputs.q,
-        inputs.k_cache,
-        inputs.block_table,
-        inputs.cache_seqlens,
-        meta,
-        num_splits,
-        inputs.k_scale,
-    )
+    args = (buf, inputs.q, inputs.k_cache, inputs.cache_seqlens, meta, num_splits, inputs.k_scale)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(step)(*args)
     assert explained.graph_break_count == 0, explained.break_reasons
