@@ -186,9 +186,9 @@ def test_kernel_adapters_decode_an_fp8_cache_with_the_unquantised_query():
 @pytest.mark.parametrize("s_q", [1, 2])
 def test_adapter_compiles_an_fp8_decode_without_graph_breaks(s_q):
     """``--enable-torch-compile`` with ``--kv-cache-dtype fp8_e4m3``, decode (s_q = 1) and MTP verify
-    (s_q = 2): the opaque op carries the cache's k_scale tensor to the FP8 decode, in the compiled region as in eager
-    (its fake must pass it as ``k_scale``, not as a positional ``is_fp8_kvcache``), and still widens the
-    narrow capture-time view of the block table."""
+    (s_q = 2): the opaque op carries the cache's k_scale tensor to the FP8 decode, in the compiled region as
+    in eager (its fake must pass it as ``k_scale``, not as a positional ``is_fp8_kvcache``), and still widens
+    the narrow capture-time view of the block table."""
     inputs = make_fp8_inputs([3, 64, 130, 200], s_q, 16, seed=6 + s_q)
     buf = torch.zeros(6, 40, dtype=torch.int32)  # SGLang's cuda_graph_kv_indices: [max_bs, max_pages]
     buf[:4, : inputs.block_table.shape[1]] = inputs.block_table
