@@ -263,32 +263,10 @@ def flash_mla_with_kvcache(
 # SGLang's --enable-torch-compile). Inside a custom op it runs on the real tensors at run time instead: the
 # op is opaque to the compiler, which keeps its inputs' strides (so the narrow view still shows its row
 # stride), and its fake implementation needs only shapes.
-def _decode(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    head_dim_v: int,
-    tile_scheduler_metadata: torch.Tensor,
-    num_splits: torch.Tensor,
-    softmax_scale: float | None,
-    causal: bool,
-    k_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """flashmla_ops' decode as the adapter calls it: an FP8 cache exactly when ``k_scale`` is given."""
-    return flashmla_ops.flash_mla_with_kvcache(
-        q,
-        k_cache,
-        block_table,
-        cache_seqlens,
-        head_dim_v,
-        tile_scheduler_metadata,
-        num_splits,
-        softmax_scale,
-        causal,
-        is_fp8_kvcache=k_scale is not None,
-        k_scale=k_scale,
-    )
+def _decode(*args: Any, k_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """flashmla_ops' decode as the adapter calls it (``args``: ``q`` … ``causal`` of
+    ``flash_mla_with_kvcache``): an FP8 cache exactly when ``k_scale`` is given."""
+    return flashmla_ops.flash_mla_with_kvcache(*args, is_fp8_kvcache=k_scale is not None, k_scale=k_scale)
 
 
 def _decode_widened_eager(
@@ -303,18 +281,9 @@ def _decode_widened_eager(
     causal: bool,
     k_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _decode(
-        q,
-        k_cache,
-        widen_block_table(block_table),
-        cache_seqlens,
-        head_dim_v,
-        tile_scheduler_metadata,
-        num_splits,
-        softmax_scale,
-        causal,
-        k_scale,
-    )
+    table = widen_block_table(block_table)
+    args = (q, k_cache, table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale)
+    return _decode(*args, causal, k_scale=k_scale)
 
 
 _decode_widened = torch.library.custom_op("flashmla_ops_sglang::decode_widened", mutates_args=())(
@@ -322,10 +291,12 @@ _decode_widened = torch.library.custom_op("flashmla_ops_sglang::decode_widened",
 )
 
 
-# The output shapes do not depend on the block table's width: flashmla_ops' own fake (and checks) decide.
-# Same parameters as the op (k_scale reaches flash_mla_with_kvcache by keyword: positionally it would land
-# in is_fp8_kvcache, which a traced FP8 call cannot turn into a bool).
-_decode_widened.register_fake(_decode)
+@_decode_widened.register_fake
+def _(*args: Any, k_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # The output shapes do not depend on the block table's width: flashmla_ops' own fake (and checks) decide.
+    # k_scale (the op's 10th argument, absent when None) must reach flash_mla_with_kvcache by keyword:
+    # positionally it would land in is_fp8_kvcache, which a traced FP8 call cannot turn into a bool.
+    return _decode(*args[:9], k_scale=args[9] if len(args) > 9 else k_scale)
 
 
 def keep_q_unquantised(
