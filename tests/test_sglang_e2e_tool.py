@@ -689,8 +689,9 @@ def test_deterministic_run_compare_and_configuration_json(
 def test_cuda_graph_batch_sizes(e2e, capsys, tmp_path):
     """``--cuda-graph-bs`` sets every graphed server's capture list (sorted, deduplicated) and the compiled
     server's --torch-compile-max-bs; eager servers get neither."""
+    sent = ["--batch", "8", "--prompt-lens", "1,2,3,4", "--deterministic-other-lens", "1,2"]  # largest: 8
     servers = dry_run(
-        e2e, capsys, tmp_path, "--modes", "eager,mtp,torch_compile", "--cuda-graph-bs", "8", "4", "8"
+        e2e, capsys, tmp_path, "--modes", "eager,mtp,torch_compile", "--cuda-graph-bs", "8", "4", "8", *sent
     )
     for (key, _), (_, cmd) in servers.items():
         graphed = key != "tp1-eager"
@@ -709,5 +710,12 @@ def test_cuda_graph_batch_sizes(e2e, capsys, tmp_path):
         2,
         4,
     ]
-    with pytest.raises(SystemExit):
-        e2e.parse_args(["--cuda-graph-bs", "0"])
+    for bad in (
+        ["--cuda-graph-bs", "0", "32"],
+        ["--cuda-graph-bs", "4"],  # the batches of 16 and 32 would run without a graph
+        ["--batch", "0"],
+        ["--prompt-lens", ""],
+        ["--prompt-lens", "5,0"],
+    ):
+        with pytest.raises(SystemExit):
+            e2e.parse_args(bad)

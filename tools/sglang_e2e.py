@@ -1083,7 +1083,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--spec-steps", type=int, default=3, help="mtp: draft steps (draft tokens = steps + 1)")
     p.add_argument(
-        "--torch-compile-max-bs", type=int, default=None, help="default: the larger of the two batch sizes"
+        "--torch-compile-max-bs", type=int, default=None, help="default: the largest captured batch size"
     )
     p.add_argument(
         "--cuda-graph-bs",
@@ -1142,8 +1142,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         or min(args.deterministic_other_lens + [args.deterministic_prompt_len]) < 1
     ):
         p.error("--deterministic-other-lens needs at least 2 lengths; every length must be >= 1")
+    if args.batch < 1 or not args.prompt_lens or min(args.prompt_lens) < 1:
+        p.error("--batch must be >= 1 and --prompt-lens needs at least one length, every length >= 1")
     if args.cuda_graph_bs and min(args.cuda_graph_bs) < 1:
         p.error("--cuda-graph-bs sizes must be >= 1")
+    if args.cuda_graph_bs and max(args.cuda_graph_bs) < max_batch(args):
+        # a larger batch would decode without a graph (and, under torch_compile, uncompiled): not what is
+        # being checked
+        p.error(f"--cuda-graph-bs must include a size >= {max_batch(args)}, the largest batch sent")
     if args.torch_compile_max_bs is None:
         args.torch_compile_max_bs = max(graph_batch_sizes(args, "torch_compile"))
     if args.out_dir is None:
