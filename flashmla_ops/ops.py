@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from ._invariant import invariant_max_pieces
+from ._invariant import ctas_per_part, invariant_max_pieces
 from ._validation import (
     HEAD_DIM_K,
     MSG_FP8_CACHE_NEEDS_FLAG,
@@ -31,8 +31,6 @@ from ._validation import (
 
 __all__ = ["flash_mla_with_kvcache", "get_mla_metadata", "workspace_size"]
 
-#: Rows of the kernel's query tile: ``ceil(num_q_tokens_per_head_k / 64)`` tiles per (request, kv head).
-_BLOCK_M = 64
 #: Multiprocessor count assumed for non-CUDA tensors (an H100 SXM), so CPU runs schedule like a GPU would.
 _DEFAULT_SM_COUNT = 132
 _DEFAULT_SOFTMAX_SCALE = HEAD_DIM_K**-0.5
@@ -156,8 +154,7 @@ def metadata_parts(
     Raises:
         FlashMLAInputError: the batch-invariant schedule would need more than 65535 parts.
     """
-    num_m_blocks = (num_q_tokens_per_head_k + _BLOCK_M - 1) // _BLOCK_M
-    num_sm_parts = max(_sm_count(device) // num_heads_k // num_m_blocks, 1)
+    num_sm_parts = max(_sm_count(device) // ctas_per_part(num_q_tokens_per_head_k, num_heads_k), 1)
     if max_seqlen_k is None:
         return num_sm_parts, num_sm_parts
     pieces = invariant_max_pieces(batch_size, max_seqlen_k, num_q_tokens_per_head_k, num_heads_k)

@@ -74,6 +74,14 @@ def _request_blocks(cache_seqlens: torch.Tensor) -> list[int]:
     return [max(1, -(-max(s, 0) // PAGE_SIZE)) for s in cache_seqlens.tolist()]
 
 
+def _scheduler_outputs(
+    records: list[list[int]], num_splits: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tile_scheduler_metadata [parts, 8], num_splits [b + 1])``, int32 on ``device``, from host lists."""
+    meta = torch.tensor(records, dtype=torch.int32).reshape(len(records), TILE_SCHEDULER_METADATA_SIZE)
+    return meta.to(device), torch.tensor(num_splits, dtype=torch.int32).to(device)
+
+
 def get_mla_metadata_reference(
     cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,12 +152,9 @@ def get_mla_metadata_reference(
     records += [[0, 0, -1, 0, 0, 0, 0, 0]] * (num_sm_parts - len(records))
     num_splits = [0, *itertools.accumulate(n if n > 1 else 0 for n in pieces)]
 
-    device = cache_seqlens.device
-    meta = torch.tensor(records, dtype=torch.int32).reshape(num_sm_parts, TILE_SCHEDULER_METADATA_SIZE)
-    return meta.to(device), torch.tensor(num_splits, dtype=torch.int32).to(device)
+    return _scheduler_outputs(records, num_splits, cache_seqlens.device)
 
 
-# ---- Decode ---------------------------------------------------------------------------------------------
 # ---- Batch-invariant scheduler -----------------------------------------------------------------------
 def get_mla_metadata_batch_invariant_reference(
     cache_seqlens: torch.Tensor,
@@ -223,11 +228,10 @@ def get_mla_metadata_batch_invariant_reference(
             ]
         )
     num_splits = [0, *itertools.accumulate(c[1] if c[1] > 1 else 0 for c in cuts)]
-    device = cache_seqlens.device
-    meta = torch.tensor(records, dtype=torch.int32).reshape(num_sm_parts, TILE_SCHEDULER_METADATA_SIZE)
-    return meta.to(device), torch.tensor(num_splits, dtype=torch.int32).to(device)
+    return _scheduler_outputs(records, num_splits, cache_seqlens.device)
 
 
+# ---- Decode ---------------------------------------------------------------------------------------------
 def _check_values(
     cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: int
 ) -> tuple[list[int], torch.Tensor]:

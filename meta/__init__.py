@@ -31,14 +31,20 @@ from flashmla_ops._validation import (
 )
 
 
+def _metadata_outputs(
+    cache_seqlens: torch.Tensor, b: int, num_sm_parts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both schedulers' outputs: ``tile_scheduler_metadata [num_sm_parts, 8]``, ``num_splits [b + 1]``."""
+    meta = cache_seqlens.new_empty((num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), dtype=torch.int32)
+    return meta, cache_seqlens.new_empty((b + 1,), dtype=torch.int32)
+
+
 @torch.library.register_fake("flashmla::get_mla_metadata")
 def _get_mla_metadata_fake(
     cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b = check_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
-    meta = cache_seqlens.new_empty((num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), dtype=torch.int32)
-    num_splits = cache_seqlens.new_empty((b + 1,), dtype=torch.int32)
-    return meta, num_splits
+    return _metadata_outputs(cache_seqlens, b, num_sm_parts)
 
 
 @torch.library.register_fake("flashmla::get_mla_metadata_batch_invariant")
@@ -52,9 +58,7 @@ def _get_mla_metadata_batch_invariant_fake(
     b = check_get_mla_metadata_batch_invariant(
         cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts, num_work_parts
     )
-    meta = cache_seqlens.new_empty((num_sm_parts, TILE_SCHEDULER_METADATA_SIZE), dtype=torch.int32)
-    num_splits = cache_seqlens.new_empty((b + 1,), dtype=torch.int32)
-    return meta, num_splits
+    return _metadata_outputs(cache_seqlens, b, num_sm_parts)
 
 
 @torch.library.register_fake("flashmla::mla_decode")
