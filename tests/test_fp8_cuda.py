@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _fp8 import assert_close_to_oracle, make_fp8_inputs
+from _fp8 import assert_close_to_oracle, make_fp8_inputs, schedule
 from _gpu import HOPPER_SKIP_REASON
 from _helpers import D_V
 
@@ -55,7 +55,12 @@ def _needs_kernel():
 
 
 @pytest.mark.parametrize("kv_format", FORMATS)
-@pytest.mark.parametrize("s_q,h_q,h_kv", [(1, 16, 1), (2, 64, 1), (4, 128, 1), (1, 32, 2), (2, 128, 2)])
+# Up to 32 query rows per kv head the transposed kernel runs (16 or 32 wide: (1, 16), (1, 8) padded, (2, 16)
+# and (3, 8) with the causal mask, (1, 32, 2) with two kv heads); more rows the serial loop.
+@pytest.mark.parametrize(
+    "s_q,h_q,h_kv",
+    [(1, 16, 1), (1, 8, 1), (2, 16, 1), (3, 8, 1), (2, 64, 1), (4, 128, 1), (1, 32, 2), (2, 128, 2)],
+)
 def test_fp8_kernel_matches_oracle(kv_format, s_q, h_q, h_kv):
     _needs_kernel()
     seqlens = [0, 1, 64, 65, 700, 4097][: 2 + s_q]
@@ -64,6 +69,58 @@ def test_fp8_kernel_matches_oracle(kv_format, s_q, h_q, h_kv):
     )
     inp.to_cuda()
     meta, num_splits = get_mla_metadata(inp.cache_seqlens, s_q * h_q // h_kv, h_kv, is_fp8_kvcache=True)
+    out, lse = flash_mla_with_kvcache(
+        inp.q,
+        inp.k_cache,
+        inp.block_table,
+        inp.cache_seqlens,
+        D_V,
+        meta,
+        num_splits,
+        None,
+        True,
+        True,
+        k_scale=inp.k_scale,
+    )
+    assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)
+
+
+@pytest.mark.parametrize("kv_format", FORMATS)
+@pytest.mark.parametrize("s_q,h_q", [(1, 16), (2, 16)])
+def test_fp8_many_requests_per_part(kv_format, s_q, h_q):
+    """Parts holding many requests, empty ones among them: the transposed kernel's producer walks the pages
+    of every request of a part ahead of the consumers, across request boundaries."""
+    _needs_kernel()
+    gen = torch.Generator().manual_seed(5)
+    seqlens = torch.randint(0, 200, (150,), generator=gen).tolist()
+    seqlens[3] = seqlens[40] = seqlens[41] = 0
+    seqlens[7] = 3000
+    inp = make_fp8_inputs(seqlens, s_q, h_q, 1, kv_format, seed=11, page_pad=64 * (kv_format == "v32"))
+    inp.to_cuda()
+    meta, num_splits = schedule(inp, num_parts=8)  # ~20 requests per part
+    out, lse = flash_mla_with_kvcache(
+        inp.q,
+        inp.k_cache,
+        inp.block_table,
+        inp.cache_seqlens,
+        D_V,
+        meta,
+        num_splits,
+        None,
+        True,
+        True,
+        k_scale=inp.k_scale,
+    )
+    assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)
+
+
+@pytest.mark.parametrize("s_q,h_q", [(1, 16), (2, 16)])
+def test_fp8_fp16_q(s_q, h_q):
+    """Per-tensor FP8 with an fp16 q: the page is dequantised into fp16."""
+    _needs_kernel()
+    inp = make_fp8_inputs([0, 70, 1000, 64], s_q, h_q, 1, "per_tensor", dtype=torch.float16, seed=4)
+    inp.to_cuda()
+    meta, num_splits = get_mla_metadata(inp.cache_seqlens, s_q * h_q, 1, is_fp8_kvcache=True)
     out, lse = flash_mla_with_kvcache(
         inp.q,
         inp.k_cache,

@@ -43,6 +43,9 @@ FP8_CASES = [
     ([0, 65, 700, 4097], 2, 64, 1, "per_tensor", torch.bfloat16, 0),
     ([130, 1, 64], 1, 32, 2, "per_tensor", torch.float16, 0),
     ([3000, 70], 4, 128, 1, "v32", torch.bfloat16, 64),
+    # the transposed kernel (<= 32 query rows per kv head): 32 rows with the causal mask, 16 rows V3.2
+    ([0, 65, 700, 4097, 5], 2, 16, 1, "per_tensor", torch.bfloat16, 0),
+    ([130, 1, 0, 3000], 1, 16, 1, "v32", torch.bfloat16, 64),
 ]
 for lens, s_q, h_q, h_kv, fmt, dtype, pad in FP8_CASES:
     inp = make_fp8_inputs(lens, s_q, h_q, h_kv, fmt, dtype, seed=1, page_pad=pad).to_cuda()

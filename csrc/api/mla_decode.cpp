@@ -79,9 +79,10 @@ void make_fp8_map(const Tensor& k_cache, CUtensorMapDataType type, int64_t offse
                  static_cast<int>(r), ")");
 }
 
-// FP8 caches (kernels/sm90/dequant_fp8.cuh): the e4m3 values as bytes in 128-column boxes (the per-tensor
-// format's last box runs past column 576: TMA fills that half with zeros), and for DeepSeek V3.2 its bf16
-// RoPE values (one 64 x 64 box, 128B swizzle) and its four float32 scales per token (a 4 x 64 box).
+// FP8 caches (kernels/sm90/dequant_fp8.cuh, mainloop_transposed.cuh): the e4m3 values as bytes in 128-column
+// boxes (the serial loop reads the per-tensor format's RoPE through this map too, a last box running past
+// column 576 that TMA fills with zeros), the RoPE values in one 64 x 64 box (per-tensor: e4m3 bytes; DeepSeek
+// V3.2: bf16, 128B swizzle) and V3.2's four float32 scales per token (a 4 x 64 box).
 void make_fp8_tensor_maps(const Tensor& k_cache, int kv_format, DecodeParams* p) {
   std::memset(&p->tma_k, 0, sizeof(p->tma_k));
   std::memset(&p->tma_rope, 0, sizeof(p->tma_rope));
@@ -90,6 +91,8 @@ void make_fp8_tensor_maps(const Tensor& k_cache, int kv_format, DecodeParams* p)
   if (kv_format == kKvFp8Tensor) {
     make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 0, kHeadDimK, 128, CU_TENSOR_MAP_SWIZZLE_NONE,
                  &p->tma_k);
+    make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, kHeadDimV, kHeadDimK - kHeadDimV, 64,
+                 CU_TENSOR_MAP_SWIZZLE_NONE, &p->tma_rope);
     return;
   }
   make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 0, kHeadDimV, 128, CU_TENSOR_MAP_SWIZZLE_NONE,

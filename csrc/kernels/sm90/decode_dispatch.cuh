@@ -4,6 +4,7 @@
 
 #include "kernels/sm90/mainloop_serial.cuh"
 #include "kernels/sm90/mainloop_seesaw.cuh"
+#include "kernels/sm90/mainloop_transposed.cuh"
 
 namespace flashmla::sm90 {
 
@@ -36,10 +37,29 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// FP8 caches: the serial loop for every shape, its warpgroup 1 expanding each page in place while the other
-// page's P V runs (the seesaw loop has no idle warpgroup to do it).
+template <typename T, int kFmt, int kN>
+cudaError_t launch_decode_transposed(const DecodeParams& p, cudaStream_t stream) {
+  constexpr int kMaxDevices = 64;
+  const dim3 grid(1, p.h_kv, p.num_sm_parts);
+  constexpr int smem_bytes =
+      static_cast<int>(sizeof(TransposedStorage<T, kFmt, kN, transposed_slots<T, kFmt, kN>()>));
+  static_assert(smem_bytes <= kSmemLimit, "more shared memory than an sm_90 CTA can have");
+  static std::atomic<bool> configured[kMaxDevices];
+  const cudaError_t err =
+      configure_smem_once(decode_transposed_kernel<T, kFmt, kN>, smem_bytes, configured, kMaxDevices);
+  if (err != cudaSuccess) return err;
+  decode_transposed_kernel<T, kFmt, kN><<<grid, kThreads, smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// FP8 caches. Up to 32 query rows per kv head (the memory-bound shapes): the transposed kernel, tokens as
+// the wgmma M dimension and a ring of FP8 staging pages (mainloop_transposed.cuh). More rows: the serial
+// loop, its warpgroup 1 expanding each page in place while the other page's P V runs (the seesaw loop has
+// no idle warpgroup to do it).
 template <typename T, int kFmt>
 cudaError_t launch_decode_fp8(const DecodeParams& p, cudaStream_t stream) {
+  if (p.q_seq_per_hk <= 16) return launch_decode_transposed<T, kFmt, 16>(p, stream);
+  if (p.q_seq_per_hk <= 32) return launch_decode_transposed<T, kFmt, 32>(p, stream);
   constexpr int kMaxDevices = 64;
   const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
   constexpr int smem_bytes = static_cast<int>(sizeof(SerialStorage<T, kFmt>));
