@@ -143,6 +143,10 @@ def test_torch_logs_env(e2e):
     assert e2e.torch_logs_env({}) == {"TORCH_LOGS": "graph_breaks"}
     assert e2e.torch_logs_env({"TORCH_LOGS": "recompiles"}) == {"TORCH_LOGS": "recompiles,graph_breaks"}
     assert e2e.torch_logs_env({"TORCH_LOGS": "+graph_breaks"}) == {"TORCH_LOGS": "+graph_breaks"}
+    assert e2e.torch_logs_env({}, compile_mode="default") == {
+        "TORCH_LOGS": "graph_breaks",
+        "SGLANG_TORCH_COMPILE_MODE": "default",
+    }
 
 
 # ---- the model writer --------------------------------------------------------------------------------------

@@ -476,13 +476,18 @@ def server_command(
     return cmd + args.extra_server_args
 
 
-def torch_logs_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a ``torch_compile`` server gets on top of ours: TORCH_LOGS with ``graph_breaks``."""
+def torch_logs_env(environ: dict[str, str] | None = None, compile_mode: str | None = None) -> dict[str, str]:
+    """The environment a ``torch_compile`` server gets on top of ours: TORCH_LOGS with ``graph_breaks``, and
+    with ``compile_mode`` SGLang's ``SGLANG_TORCH_COMPILE_MODE`` (SGLang's default:
+    max-autotune-no-cudagraphs)."""
     current = (os.environ if environ is None else environ).get("TORCH_LOGS", "")
     parts = [p for p in current.split(",") if p]
     if "graph_breaks" not in parts and "+graph_breaks" not in parts:
         parts.append("graph_breaks")
-    return {"TORCH_LOGS": ",".join(parts)}
+    env = {"TORCH_LOGS": ",".join(parts)}
+    if compile_mode:
+        env["SGLANG_TORCH_COMPILE_MODE"] = compile_mode
+    return env
 
 
 def http(url: str, payload: dict | None = None, timeout: float = 600.0) -> Any:
@@ -1086,6 +1091,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--torch-compile-max-bs", type=int, default=None, help="default: the largest captured batch size"
     )
     p.add_argument(
+        "--torch-compile-mode",
+        default=None,
+        help="torch_compile: the torch.compile mode SGLang uses (SGLANG_TORCH_COMPILE_MODE), e.g. default: "
+        "Inductor without max-autotune compiles each captured size in a fraction of the time (default: "
+        "SGLang's, max-autotune-no-cudagraphs)",
+    )
+    p.add_argument(
         "--cuda-graph-bs",
         type=int,
         nargs="+",
@@ -1267,7 +1279,11 @@ def server_plan(args: argparse.Namespace, models: dict[str, dict[str, Any]]) -> 
                         "variant": variant,
                         "model": Path(model["path"]),
                         "draft": draft,
-                        "env": torch_logs_env() if variant["torch_compile"] else {},
+                        "env": (
+                            torch_logs_env(compile_mode=args.torch_compile_mode)
+                            if variant["torch_compile"]
+                            else {}
+                        ),
                     }
                 )
     return plan
