@@ -31,7 +31,9 @@ Configurations (``--modes``, default ``cuda_graph,eager``):
   reused when it captured the same sizes, here and in ``fp8``). The compiled server runs with
   ``TORCH_LOGS=graph_breaks``; the script counts the graph breaks in its log, and those attributed to the
   attention backend (a location or reason naming flashmla_ops, SGLang's ``flashmla_backend.py`` or
-  ``flash_mla``) must be zero: the adapter is designed to trace without one.
+  ``flash_mla``) must be zero: the adapter is designed to trace without one. ``--torch-compile-mode`` sets
+  SGLang's compile mode (``SGLANG_TORCH_COMPILE_MODE``; SGLang's default, max-autotune-no-cudagraphs, spends
+  about 85 s per captured size on an H100 in Inductor's autotuning, ``default`` a fraction of that).
 
 * ``fp8``: ``--kv-cache-dtype fp8_e4m3`` (SGLang stores unscaled e4m3 unless the checkpoint has a k scale),
   CUDA graphs on: ``flashmla_ops`` (bf16 q, the e4m3 pool read directly) against the builtin ``flashmla``
