@@ -47,6 +47,23 @@ def test_fp8_without_kernel_raises(kv_format):
             flash_mla_with_kvcache(*args, causal=True, is_fp8_kvcache=True, k_scale=inp.k_scale, **kw)
 
 
+def _decode(inp, meta, num_splits):
+    """flash_mla_with_kvcache on an FP8 case: default softmax scale, causal, k_scale as the case has it."""
+    return flash_mla_with_kvcache(
+        inp.q,
+        inp.k_cache,
+        inp.block_table,
+        inp.cache_seqlens,
+        D_V,
+        meta,
+        num_splits,
+        None,
+        True,
+        True,
+        k_scale=inp.k_scale,
+    )
+
+
 def _needs_kernel():
     if not _has_fp8_kernel():
         pytest.skip("no FP8 CUDA kernel in this version")
@@ -69,19 +86,7 @@ def test_fp8_kernel_matches_oracle(kv_format, s_q, h_q, h_kv):
     )
     inp.to_cuda()
     meta, num_splits = get_mla_metadata(inp.cache_seqlens, s_q * h_q // h_kv, h_kv, is_fp8_kvcache=True)
-    out, lse = flash_mla_with_kvcache(
-        inp.q,
-        inp.k_cache,
-        inp.block_table,
-        inp.cache_seqlens,
-        D_V,
-        meta,
-        num_splits,
-        None,
-        True,
-        True,
-        k_scale=inp.k_scale,
-    )
+    out, lse = _decode(inp, meta, num_splits)
     assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)
 
 
@@ -98,19 +103,7 @@ def test_fp8_many_requests_per_part(kv_format, s_q, h_q):
     inp = make_fp8_inputs(seqlens, s_q, h_q, 1, kv_format, seed=11, page_pad=64 * (kv_format == "v32"))
     inp.to_cuda()
     meta, num_splits = schedule(inp, num_parts=8)  # ~20 requests per part
-    out, lse = flash_mla_with_kvcache(
-        inp.q,
-        inp.k_cache,
-        inp.block_table,
-        inp.cache_seqlens,
-        D_V,
-        meta,
-        num_splits,
-        None,
-        True,
-        True,
-        k_scale=inp.k_scale,
-    )
+    out, lse = _decode(inp, meta, num_splits)
     assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)
 
 
@@ -121,19 +114,7 @@ def test_fp8_fp16_q(s_q, h_q):
     inp = make_fp8_inputs([0, 70, 1000, 64], s_q, h_q, 1, "per_tensor", dtype=torch.float16, seed=4)
     inp.to_cuda()
     meta, num_splits = get_mla_metadata(inp.cache_seqlens, s_q * h_q, 1, is_fp8_kvcache=True)
-    out, lse = flash_mla_with_kvcache(
-        inp.q,
-        inp.k_cache,
-        inp.block_table,
-        inp.cache_seqlens,
-        D_V,
-        meta,
-        num_splits,
-        None,
-        True,
-        True,
-        k_scale=inp.k_scale,
-    )
+    out, lse = _decode(inp, meta, num_splits)
     assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)
 
 
@@ -204,8 +185,6 @@ def test_fp8_v32_large_group_scales():
     inp.q = inp.q * 2.0**-24  # the same logits (exact: powers of two), outputs 2^24 larger
     inp.to_cuda()
     meta, num_splits = get_mla_metadata(inp.cache_seqlens, 16, 1, is_fp8_kvcache=True)
-    out, lse = flash_mla_with_kvcache(
-        inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, D_V, meta, num_splits, None, True, True
-    )
+    out, lse = _decode(inp, meta, num_splits)  # k_scale None: V3.2
     assert torch.isfinite(out).all()
     assert_close_to_oracle(out.cpu(), lse.cpu(), inp, SCALE, True)

@@ -55,7 +55,7 @@ template <int kFmt>
 __device__ __forceinline__ void issue_page_fp8(const DecodeParams& p, char* tile, float* scales,
                                                uint64_t* bar, int h_k, int page, bool evict_first) {
   if (page < 0) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+    mbar_arrive(bar);
     return;
   }
   mbar_arrive_expect_tx(bar, fp8_page_tx_bytes<kFmt>());

@@ -95,7 +95,7 @@ __device__ __forceinline__ int group_boxes(int grp) {
 __device__ __forceinline__ void issue_group(const DecodeParams& p, void* buf_base, uint64_t* bar, int buf,
                                             int grp, int h_k, int page) {
   if (page < 0) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+    mbar_arrive(bar);
     return;
   }
   constexpr int kTileBytes = kBoxElems * 2;

@@ -66,7 +66,7 @@ struct alignas(1024) SerialStorage {
 __device__ __forceinline__ void issue_page(const DecodeParams& p, void* dst, uint64_t* bar, int h_k, int page,
                                            bool evict_first) {
   if (page < 0) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+    mbar_arrive(bar);
     return;
   }
   constexpr int kTileBytes = kPageSize * 64 * 2;
@@ -151,8 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_serial_kernel(const __grid
       kphase ^= 1u << buf;
       convert_page_fp8<T, kFmt>(reinterpret_cast<char*>(smem.k[buf]), smem.fp8.scales[buf], wtid);
       fence_async_proxy();  // ordinary stores, read by wgmma (async proxy)
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(&smem.fp8.cbar[buf]))
-                   : "memory");
+      mbar_arrive(&smem.fp8.cbar[buf]);
     }
   };
   auto issue = [&](int buf, int page) {

@@ -119,7 +119,7 @@ template <int kFmt>
 __device__ __forceinline__ void issue_stage(const DecodeParams& p, char* slot, uint64_t* bar, int h_k,
                                             int page, bool evict_first) {
   if (page < 0) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+    mbar_arrive(bar);
     return;
   }
   mbar_arrive_expect_tx(bar, staging_slot_bytes<kFmt>());
