@@ -1,6 +1,8 @@
 """One decode call (flashmla_ops, or a peer with --impl) under Nsight Compute (or any profiler): fixed-length
 paged inputs, two warm-up calls, then the profiled call between cudaProfilerStart/Stop. Peer kernels:
-FlashMLA's matches regex:splitkv_mla_kernel, FlashInfer's regex:BatchMLAPageAttentionHopperKernel.
+FlashMLA's matches regex:splitkv_mla_kernel, FlashInfer's regex:BatchMLAPageAttentionHopperKernel. `--kv fp8`
+or `--kv v32` (ours only) quantises the cache to the per-tensor or DeepSeek V3.2 FP8 format (kernels
+regex:decode_(transposed|serial)_kernel).
 
   ncu --profile-from-start off --kernel-name regex:decode_ --section SpeedOfLight \\
       --section WarpStateStats python lab/profiling/profile_decode.py --b 128 --s-q 2 --h-q 128 --s-k 4096
@@ -31,6 +33,9 @@ def main() -> None:
     ap.add_argument("--h-q", type=int, default=128)
     ap.add_argument("--s-k", type=int, default=4096)
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    ap.add_argument(
+        "--kv", choices=["bf16", "fp8", "v32"], default="bf16", help="cache format (fp8: per tensor)"
+    )
     ap.add_argument(
         "--l2-pages",
         type=int,
@@ -74,6 +79,25 @@ def profile_one(args) -> None:
             q, k_cache, block_table, seqlens, 512, meta, splits, causal=True
         )
 
+    if args.kv != "bf16":
+        if args.impl != "ours":
+            raise SystemExit("--kv fp8/v32: ours only")
+        k_q, k_scale = flashmla_ops.quantize_kv_cache(k_cache, "per_tensor" if args.kv == "fp8" else "v32")
+
+        def call():  # noqa: F811 (the FP8 cache replaces the 16-bit one)
+            return flashmla_ops.flash_mla_with_kvcache(
+                q,
+                k_q,
+                block_table,
+                seqlens,
+                512,
+                meta,
+                splits,
+                causal=True,
+                is_fp8_kvcache=True,
+                k_scale=k_scale,
+            )
+
     if args.impl == "flashmla":
         import flash_mla
 
@@ -107,7 +131,7 @@ def profile_one(args) -> None:
     times.sort()
     flops = 2 * args.s_q * args.b * args.s_k * args.h_q * (576 + 512)
     us = times[len(times) // 2]
-    shape = f"{args.impl} b={args.b} s_q={args.s_q} h_q={args.h_q} s_k={args.s_k} {args.dtype}"
+    shape = f"{args.impl} b={args.b} s_q={args.s_q} h_q={args.h_q} s_k={args.s_k} {args.dtype} kv={args.kv}"
     shape += f" l2_pages={args.l2_pages}"
     print(f"{shape}: {us:.1f} us, {flops / us / 1e6:.0f} TF/s")
 

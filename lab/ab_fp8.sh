@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# FP8 A/B on a Hopper machine (as lab/gpu_run.sh; run from the repository root): this tree built as the base
+# (lab/gpu_run.sh build), each AB_TREES tree (name=path.tar, a `git archive` of a branch placed in .carry/)
+# built into /tmp/ab_NAME, then AB_ROUNDS alternating rounds of benchmarks/bench_fp8.py (ours only, on ROWS),
+# base first, then the FP8 GPU tests (tests/test_fp8_cuda.py) on every variant. With NCU=1, Nsight Compute
+# metrics of the base's FP8 kernel at the first row. Logs and JSON to $OUT.
+#   git archive -o .carry/ab_look.tar fp8-lookahead csrc flashmla_ops meta integration CMakeLists.txt \
+#     pyproject.toml README.md
+#   AB_TREES="look=.carry/ab_look.tar" bash lab/ab_fp8.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/flashmla_out}
+REPO=$(pwd)
+ROWS=${ROWS:-"128,1,16,8192;128,2,16,4096;128,1,16,4096"}
+TREES=${AB_TREES:?set AB_TREES}
+bash lab/gpu_run.sh build || exit 1
+for spec in $TREES; do
+  name=${spec%%=*}
+  src=/tmp/ab_src_$name
+  rm -rf "$src" && mkdir -p "$src" && tar -C "$src" -xf "${spec#*=}"
+  (FLASHMLA_ENABLE_CUDA=ON FLASHMLA_NVCC_THREADS=4 python3 -m pip install -q --no-build-isolation --no-deps \
+    --target "/tmp/ab_$name" -C "build-dir=$REPO/build/ab_$name" "$src" > "$OUT/build_ab_$name.log" 2>&1 \
+    || { tail -30 "$OUT/build_ab_$name.log"; touch "$OUT/ab_build_failed"; }) &
+done
+wait
+[ -f "$OUT/ab_build_failed" ] && exit 1
+for round in $(seq 1 "${AB_ROUNDS:-2}"); do
+  for name in base $(for spec in $TREES; do echo "${spec%%=*}"; done); do
+    site=/tmp/site
+    [ "$name" != base ] && site=/tmp/ab_$name:/tmp/site
+    echo "--- $name (round $round)"
+    (cd /tmp && FLASHMLA_COMMIT="ab:$name" PYTHONPATH="$site" python3 "$REPO/benchmarks/bench_fp8.py" \
+      --peers= --rows "$ROWS" --json "$OUT/fp8_ab_${name}_$round.json") 2>&1 | grep -E "^b=|  ours "
+  done
+done
+for spec in $TREES; do
+  name=${spec%%=*}
+  echo "=== FP8 GPU tests on $name"
+  (cd /tmp && PYTHONPATH=/tmp/ab_$name:/tmp/site timeout 240 python3 -m pytest --rootdir="$REPO" \
+    "$REPO/tests/test_fp8_cuda.py" -q -p no:cacheprovider) 2>&1 | tail -3
+done
+if [ "${NCU:-0}" = 1 ]; then
+  M="gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_reads.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_writes.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+  first=${ROWS%%;*}
+  (cd /tmp && PYTHONPATH=/tmp/site timeout 150 ncu --profile-from-start off \
+    --kernel-name regex:"decode_(transposed|serial)_kernel" --metrics "$M" \
+    python3 "$REPO/lab/profiling/profile_decode.py" --shape "$first" --kv fp8) 2>&1 | grep -vE "^==PROF==|^\s*$" \
+    | tee "$OUT/ncu_fp8.log" | tail -40
+fi
