@@ -2,9 +2,10 @@
 # FP8 A/B on a Hopper machine (as lab/gpu_run.sh; run from the repository root): this tree built as the base
 # (lab/gpu_run.sh build), each AB_TREES tree (name=path.tar, a `git archive` of a branch placed in .carry/)
 # built into /tmp/ab_NAME, then AB_ROUNDS alternating rounds of benchmarks/bench_fp8.py (ours only, on ROWS),
-# base first, then the FP8 GPU tests (tests/test_fp8_cuda.py) on every variant. With NCU=1, Nsight Compute
+# base first, then the FP8 GPU tests on every variant (its own tests/test_fp8_cuda.py when the tarball has
+# one). With NCU=1, Nsight Compute
 # metrics of the base's FP8 kernel at the first row. Logs and JSON to $OUT.
-#   git archive -o .carry/ab_look.tar fp8-lookahead csrc flashmla_ops meta integration CMakeLists.txt \
+#   git archive -o .carry/ab_look.tar fp8-lookahead csrc flashmla_ops meta integration tests CMakeLists.txt \
 #     pyproject.toml README.md
 #   AB_TREES="look=.carry/ab_look.tar" bash lab/ab_fp8.sh
 set -uo pipefail
@@ -35,8 +36,10 @@ done
 for spec in $TREES; do
   name=${spec%%=*}
   echo "=== FP8 GPU tests on $name"
-  (cd /tmp && PYTHONPATH=/tmp/ab_$name:/tmp/site timeout 240 python3 -m pytest --rootdir="$REPO" \
-    "$REPO/tests/test_fp8_cuda.py" -q -p no:cacheprovider) 2>&1 | tail -3
+  root=$REPO
+  [ -f "/tmp/ab_src_$name/tests/test_fp8_cuda.py" ] && root=/tmp/ab_src_$name
+  (cd /tmp && PYTHONPATH=/tmp/ab_$name:/tmp/site timeout 240 python3 -m pytest --rootdir="$root" \
+    "$root/tests/test_fp8_cuda.py" -q -p no:cacheprovider) 2>&1 | tail -3
 done
 if [ "${NCU:-0}" = 1 ]; then
   M="gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_reads.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_writes.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
