@@ -3,8 +3,7 @@
 # (lab/gpu_run.sh build), each AB_TREES tree (name=path.tar, a `git archive` of a branch placed in .carry/)
 # built into /tmp/ab_NAME, then AB_ROUNDS alternating rounds of benchmarks/bench_fp8.py (ours only, on ROWS),
 # base first, then the FP8 GPU tests on every variant (its own tests/test_fp8_cuda.py when the tarball has
-# one). With NCU=1, Nsight Compute
-# metrics of the base's FP8 kernel at the first row. Logs and JSON to $OUT.
+# one). With NCU=1, Nsight Compute metrics of the base's FP8 kernel at the first row. Logs and JSON to $OUT.
 #   git archive -o .carry/ab_look.tar fp8-lookahead csrc flashmla_ops meta integration tests CMakeLists.txt \
 #     pyproject.toml README.md
 #   AB_TREES="look=.carry/ab_look.tar" bash lab/ab_fp8.sh
