@@ -47,8 +47,9 @@ def test_fp8_without_kernel_raises(kv_format):
             flash_mla_with_kvcache(*args, causal=True, is_fp8_kvcache=True, k_scale=inp.k_scale, **kw)
 
 
-def _decode(inp, meta, num_splits):
-    """flash_mla_with_kvcache on an FP8 case: default softmax scale, causal, k_scale as the case has it."""
+def _decode(inp, meta, num_splits, **kw):
+    """flash_mla_with_kvcache on an FP8 case: default softmax scale, causal, k_scale as the case has it; `kw`:
+    out, lse, workspace."""
     return flash_mla_with_kvcache(
         inp.q,
         inp.k_cache,
@@ -61,6 +62,7 @@ def _decode(inp, meta, num_splits):
         True,
         True,
         k_scale=inp.k_scale,
+        **kw,
     )
 
 
@@ -127,22 +129,7 @@ def test_fp8_cuda_graph_sees_a_new_k_scale():
     ws = torch.empty(flashmla_ops.workspace_size(meta, 128, 1), device="cuda")
 
     def step():
-        flash_mla_with_kvcache(
-            inp.q,
-            inp.k_cache,
-            inp.block_table,
-            inp.cache_seqlens,
-            D_V,
-            meta,
-            num_splits,
-            None,
-            True,
-            True,
-            out=out,
-            lse=lse,
-            workspace=ws,
-            k_scale=inp.k_scale,
-        )
+        _decode(inp, meta, num_splits, out=out, lse=lse, workspace=ws)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
