@@ -8,48 +8,40 @@
 
 namespace flashmla::sm90 {
 
+// One main-kernel instantiation launched on `grid` with kSmem bytes of dynamic shared memory; its
+// shared-memory opt-in is set once per device (the flags live in this function's instantiation, one per
+// kernel).
+template <auto kKernel, int kSmem>
+cudaError_t launch_main(dim3 grid, const DecodeParams& p, cudaStream_t stream) {
+  static_assert(kSmem <= kSmemLimit, "more shared memory than an sm_90 CTA can have");
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> configured[kMaxDevices];
+  const cudaError_t err = configure_smem_once(kKernel, kSmem, configured, kMaxDevices);
+  if (err != cudaSuccess) return err;
+  kKernel<<<grid, kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  constexpr int kMaxDevices = 64;
   const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
   if (p.num_m_blocks >= 2) {
     // Two or more tiles per kv head (h_q * s_q / h_kv > 64): tensor-bound, the seesaw loop keeps the tensor
     // cores busy while a warpgroup runs its softmax.
-    constexpr int smem_bytes = static_cast<int>(sizeof(SeesawStorage<T>));
-    static std::atomic<bool> configured[kMaxDevices];
-    const cudaError_t err = configure_smem_once(decode_seesaw_kernel<T>, smem_bytes, configured, kMaxDevices);
-    if (err != cudaSuccess) return err;
-    decode_seesaw_kernel<T><<<grid, kThreads, smem_bytes, stream>>>(p);
+    const cudaError_t err =
+        launch_main<decode_seesaw_kernel<T>, static_cast<int>(sizeof(SeesawStorage<T>))>(grid, p, stream);
 #ifdef FMLA_TRACE
-    trace_dump(grid, stream, "seesaw");
+    if (err == cudaSuccess) trace_dump(grid, stream, "seesaw");
 #endif
-  } else {
-    // One tile: memory-bound, the serial loop's deeper page prefetch wins.
-    constexpr int smem_bytes = static_cast<int>(sizeof(SerialStorage<T>));
-    static std::atomic<bool> configured[kMaxDevices];
-    const cudaError_t err = configure_smem_once(decode_serial_kernel<T>, smem_bytes, configured, kMaxDevices);
-    if (err != cudaSuccess) return err;
-    decode_serial_kernel<T><<<grid, kThreads, smem_bytes, stream>>>(p);
-#ifdef FMLA_TRACE
-    trace_dump(grid, stream, "serial");
-#endif
+    return err;
   }
-  return cudaGetLastError();
-}
-
-template <typename T, int kFmt, int kN>
-cudaError_t launch_decode_transposed(const DecodeParams& p, cudaStream_t stream) {
-  constexpr int kMaxDevices = 64;
-  const dim3 grid(1, p.h_kv, p.num_sm_parts);
-  constexpr int smem_bytes =
-      static_cast<int>(sizeof(TransposedStorage<T, kFmt, kN, transposed_slots<T, kFmt, kN>()>));
-  static_assert(smem_bytes <= kSmemLimit, "more shared memory than an sm_90 CTA can have");
-  static std::atomic<bool> configured[kMaxDevices];
+  // One tile: memory-bound, the serial loop's deeper page prefetch wins.
   const cudaError_t err =
-      configure_smem_once(decode_transposed_kernel<T, kFmt, kN>, smem_bytes, configured, kMaxDevices);
-  if (err != cudaSuccess) return err;
-  decode_transposed_kernel<T, kFmt, kN><<<grid, kThreads, smem_bytes, stream>>>(p);
-  return cudaGetLastError();
+      launch_main<decode_serial_kernel<T>, static_cast<int>(sizeof(SerialStorage<T>))>(grid, p, stream);
+#ifdef FMLA_TRACE
+  if (err == cudaSuccess) trace_dump(grid, stream, "serial");
+#endif
+  return err;
 }
 
 // FP8 caches. Up to 32 query rows per kv head (the memory-bound shapes): the transposed kernel, tokens as
@@ -58,18 +50,18 @@ cudaError_t launch_decode_transposed(const DecodeParams& p, cudaStream_t stream)
 // no idle warpgroup to do it).
 template <typename T, int kFmt>
 cudaError_t launch_decode_fp8(const DecodeParams& p, cudaStream_t stream) {
-  if (p.q_seq_per_hk <= 16) return launch_decode_transposed<T, kFmt, 16>(p, stream);
-  if (p.q_seq_per_hk <= 32) return launch_decode_transposed<T, kFmt, 32>(p, stream);
-  constexpr int kMaxDevices = 64;
+  if (p.q_seq_per_hk <= 32) {
+    const dim3 grid(1, p.h_kv, p.num_sm_parts);
+    if (p.q_seq_per_hk <= 16) {
+      return launch_main<decode_transposed_kernel<T, kFmt, 16>,
+                         static_cast<int>(sizeof(TransposedStorageFor<T, kFmt, 16>))>(grid, p, stream);
+    }
+    return launch_main<decode_transposed_kernel<T, kFmt, 32>,
+                       static_cast<int>(sizeof(TransposedStorageFor<T, kFmt, 32>))>(grid, p, stream);
+  }
   const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
-  constexpr int smem_bytes = static_cast<int>(sizeof(SerialStorage<T, kFmt>));
-  static_assert(smem_bytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
-  static std::atomic<bool> configured[kMaxDevices];
-  const cudaError_t err =
-      configure_smem_once(decode_serial_kernel<T, kFmt>, smem_bytes, configured, kMaxDevices);
-  if (err != cudaSuccess) return err;
-  decode_serial_kernel<T, kFmt><<<grid, kThreads, smem_bytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_main<decode_serial_kernel<T, kFmt>, static_cast<int>(sizeof(SerialStorage<T, kFmt>))>(grid, p,
+                                                                                                      stream);
 }
 
 }  // namespace flashmla::sm90

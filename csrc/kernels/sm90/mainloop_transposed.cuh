@@ -85,8 +85,6 @@ struct alignas(1024) TransposedStorage {
   uint64_t full[kSlots];  // completes when a slot's page has landed
 };
 
-constexpr int kSmemLimit = 227 * 1024;
-
 // As many staging slots as fit (at most four).
 template <typename T, int kFmt, int kN>
 constexpr int transposed_slots() {
@@ -94,24 +92,9 @@ constexpr int transposed_slots() {
   if constexpr (sizeof(TransposedStorage<T, kFmt, kN, 3>) <= kSmemLimit) return 3;
   return 2;
 }
-
-// Q rows [0, q_seq_per_hk) of (req, h_k) -> sQ (kN rows); rows past q_seq_per_hk are zero.
-template <typename T, int kN, class SQ>
-__device__ __forceinline__ void load_q_rows(const DecodeParams& p, SQ& sQ, int req, int h_k) {
-  const T* q = static_cast<const T*>(p.q);
-  for (int i = threadIdx.x; i < kN * kChunksPerRow; i += kThreads) {
-    const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
-    void* dst = &sQ(r, ch * 8);
-    if (r < p.q_seq_per_hk) {
-      const int s_idx = r / p.q_heads_per_hk;
-      const int head = h_k * p.q_heads_per_hk + r % p.q_heads_per_hk;
-      cp_async_16(dst, q + req * p.q_batch_stride + s_idx * p.q_seq_stride + head * p.q_head_stride + ch * 8,
-                  16);
-    } else {
-      cp_async_16(dst, q, 0);
-    }
-  }
-}
+// The storage of one instantiation of the kernel, with as many slots as fit.
+template <typename T, int kFmt, int kN>
+using TransposedStorageFor = TransposedStorage<T, kFmt, kN, transposed_slots<T, kFmt, kN>()>;
 
 // The producer thread: the TMA copies of one FP8 page into a staging slot, completing on `bar`; for page < 0
 // only the barrier's phase is completed (the consumers then read nothing from the slot).
@@ -219,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(kN == 16 || kN == 32, "16 or 32 query rows per kv head");
   constexpr int kSlots = transposed_slots<T, kFmt, kN>();
   using Tr = TransposedTraits<T, kN>;
-  using Storage = TransposedStorage<T, kFmt, kN, kSlots>;
+  using Storage = TransposedStorageFor<T, kFmt, kN>;
   extern __shared__ __align__(1024) char smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
 
@@ -308,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kHeadDimV / 2>, Int<kN>>{});
   constexpr int kJ = kN / 8;  // column groups of 8 per accumulator tile
 
-  load_q_rows<T, kN>(p, sQ, pw.begin_req, h_k);
+  load_q<T, kN>(p, sQ, pw.begin_req, h_k, 0);
   cp_async_commit();
   if (producer) {
 #pragma unroll 1
@@ -461,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool more = next_segment(p, pw, req, w, req_next, w_next);
     __syncthreads();  // every wgmma of the segment is done: Q may be overwritten
     if (more) {
-      load_q_rows<T, kN>(p, sQ, req_next, h_k);
+      load_q<T, kN>(p, sQ, req_next, h_k, 0);
       cp_async_commit();
     }
     if (wg == 0) {
