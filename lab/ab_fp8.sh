@@ -3,7 +3,8 @@
 # (lab/gpu_run.sh build), each AB_TREES tree (name=path.tar, a `git archive` of a branch placed in .carry/)
 # built into /tmp/ab_NAME, then AB_ROUNDS alternating rounds of benchmarks/bench_fp8.py (ours only, on ROWS),
 # base first, then the FP8 GPU tests on every variant (its own tests/test_fp8_cuda.py when the tarball has
-# one). With NCU=1, Nsight Compute metrics of the base's FP8 kernel at the first row. Logs and JSON to $OUT.
+# one; TEST_BASE=1: the base's too, first). With NCU=1, Nsight Compute metrics of the base's FP8 kernel
+# at the first row. Logs and JSON to $OUT.
 #   git archive -o .carry/ab_look.tar fp8-lookahead csrc flashmla_ops meta integration tests CMakeLists.txt \
 #     pyproject.toml README.md
 #   AB_TREES="look=.carry/ab_look.tar" bash lab/ab_fp8.sh
@@ -13,6 +14,11 @@ REPO=$(pwd)
 ROWS=${ROWS:-"128,1,16,8192;128,2,16,4096;128,1,16,4096"}
 TREES=${AB_TREES:?set AB_TREES}
 bash lab/gpu_run.sh build || exit 1
+if [ "${TEST_BASE:-0}" = 1 ]; then
+  echo "=== FP8 GPU tests on base"
+  (cd /tmp && PYTHONPATH=/tmp/site timeout 240 python3 -m pytest --rootdir="$REPO" "$REPO/tests/test_fp8_cuda.py" \
+    -q -x -p no:cacheprovider) 2>&1 | tee "$OUT/pytest_fp8_base.log" | tail -25
+fi
 for spec in $TREES; do
   name=${spec%%=*}
   src=/tmp/ab_src_$name
@@ -44,7 +50,7 @@ if [ "${NCU:-0}" = 1 ]; then
   M="gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_reads.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_writes.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
   first=${ROWS%%;*}
   (cd /tmp && PYTHONPATH=/tmp/site timeout 150 ncu --profile-from-start off \
-    --kernel-name regex:"decode_(transposed|serial)_kernel" --metrics "$M" \
+    --kernel-name regex:"decode_(transposed|serial|pingpong_fp8)_kernel" --metrics "$M" \
     python3 "$REPO/lab/profiling/profile_decode.py" --shape "$first" --kv fp8) 2>&1 | grep -vE "^==PROF==|^\s*$" \
     | tee "$OUT/ncu_fp8.log" | tail -40
 fi

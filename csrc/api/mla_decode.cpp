@@ -83,20 +83,24 @@ void make_fp8_map(const Tensor& k_cache, CUtensorMapDataType type, int64_t offse
 // boxes (the serial loop reads the per-tensor format's RoPE through this map too, a last box running past
 // column 576 that TMA fills with zeros), the RoPE values in one 64 x 64 box (per-tensor: e4m3 bytes; DeepSeek
 // V3.2: bf16, 128B swizzle) and V3.2's four float32 scales per token (a 4 x 64 box).
+// With the tokens as the wgmma M dimension (fp8_tokens_as_m), the kernel reads the value boxes with 16-byte
+// loads and ldmatrix across token rows: they land 128B-swizzled so that those reads have no bank conflict;
+// the serial loop expands its boxes in place and wants them plain.
 void make_fp8_tensor_maps(const Tensor& k_cache, int kv_format, DecodeParams* p) {
   std::memset(&p->tma_k, 0, sizeof(p->tma_k));
   std::memset(&p->tma_rope, 0, sizeof(p->tma_rope));
   std::memset(&p->tma_scale, 0, sizeof(p->tma_scale));
   if (k_cache.numel() == 0) return;
+  const CUtensorMapSwizzle k_swizzle =
+      fp8_tokens_as_m(p->q_seq_per_hk) ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE;
   if (kv_format == kKvFp8Tensor) {
-    make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 0, kHeadDimK, 128, CU_TENSOR_MAP_SWIZZLE_NONE,
-                 &p->tma_k);
+    // The serial loop reads the RoPE through this map too (a last box past column 576, zero-filled).
+    make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 0, kHeadDimK, 128, k_swizzle, &p->tma_k);
     make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, kHeadDimV, kHeadDimK - kHeadDimV, 64,
                  CU_TENSOR_MAP_SWIZZLE_NONE, &p->tma_rope);
     return;
   }
-  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 0, kHeadDimV, 128, CU_TENSOR_MAP_SWIZZLE_NONE,
-               &p->tma_k);
+  make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, 0, kHeadDimV, 128, k_swizzle, &p->tma_k);
   make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, kV32RopeOffset, kHeadDimK - kHeadDimV, 64,
                CU_TENSOR_MAP_SWIZZLE_128B, &p->tma_rope);
   make_fp8_map(k_cache, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, kV32ScaleOffset, 4, 4, CU_TENSOR_MAP_SWIZZLE_NONE,

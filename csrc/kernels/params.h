@@ -99,6 +99,13 @@ struct SchedParams {
 // scales (one per 128 values), 64 bf16 RoPE values (kKvFp8V32).
 enum KvFormat : int { kKvNative = 0, kKvFp8Tensor = 1, kKvFp8V32 = 2 };
 constexpr int kV32BytesPerToken = 656;
+// FP8 caches with at most this many query rows per kv head run the kernel with the tokens as the wgmma M
+// dimension (kernels/sm90/mainloop_pingpong_fp8.cuh), which reads the e4m3 boxes 128B-swizzled; the host
+// builds the TMA map to match.
+constexpr int kFp8TokensAsMRows = 32;
+__host__ __device__ constexpr bool fp8_tokens_as_m(int q_seq_per_hk) {
+  return q_seq_per_hk <= kFp8TokensAsMRows;
+}
 constexpr int kV32ScaleOffset = 512;  // bytes from the token's start to its 4 float32 scales
 constexpr int kV32RopeOffset = 528;   // ... and to its 64 bf16 RoPE values
 

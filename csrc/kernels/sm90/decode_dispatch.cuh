@@ -4,21 +4,21 @@
 
 #include "kernels/sm90/mainloop_serial.cuh"
 #include "kernels/sm90/mainloop_seesaw.cuh"
-#include "kernels/sm90/mainloop_transposed.cuh"
+#include "kernels/sm90/mainloop_pingpong_fp8.cuh"
 
 namespace flashmla::sm90 {
 
 // One main-kernel instantiation launched on `grid` with kSmem bytes of dynamic shared memory; its
 // shared-memory opt-in is set once per device (the flags live in this function's instantiation, one per
 // kernel).
-template <auto kKernel, int kSmem>
+template <auto kKernel, int kSmem, int kBlockThreads = kThreads>
 cudaError_t launch_main(dim3 grid, const DecodeParams& p, cudaStream_t stream) {
   static_assert(kSmem <= kSmemLimit, "more shared memory than an sm_90 CTA can have");
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> configured[kMaxDevices];
   const cudaError_t err = configure_smem_once(kKernel, kSmem, configured, kMaxDevices);
   if (err != cudaSuccess) return err;
-  kKernel<<<grid, kThreads, kSmem, stream>>>(p);
+  kKernel<<<grid, kBlockThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -44,20 +44,22 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   return err;
 }
 
-// FP8 caches. Up to 32 query rows per kv head (the memory-bound shapes): the transposed kernel, tokens as
-// the wgmma M dimension and a ring of FP8 staging pages (mainloop_transposed.cuh). More rows: the serial
-// loop, its warpgroup 1 expanding each page in place while the other page's P V runs (the seesaw loop has
-// no idle warpgroup to do it).
+// FP8 caches. Up to 32 query rows per kv head (the memory-bound shapes; fp8_tokens_as_m): tokens as the
+// wgmma M dimension, the FP8 bytes converted straight into wgmma registers, the two warpgroups on different
+// pages (mainloop_pingpong_fp8.cuh). More rows: the serial loop, its warpgroup 1 expanding each page in
+// place while the other page's P V runs (the seesaw loop has no idle warpgroup to do it).
 template <typename T, int kFmt>
 cudaError_t launch_decode_fp8(const DecodeParams& p, cudaStream_t stream) {
-  if (p.q_seq_per_hk <= 32) {
+  if (fp8_tokens_as_m(p.q_seq_per_hk)) {
     const dim3 grid(1, p.h_kv, p.num_sm_parts);
     if (p.q_seq_per_hk <= 16) {
-      return launch_main<decode_transposed_kernel<T, kFmt, 16>,
-                         static_cast<int>(sizeof(TransposedStorageFor<T, kFmt, 16>))>(grid, p, stream);
+      return launch_main<decode_pingpong_fp8_kernel<T, kFmt, 16>,
+                         static_cast<int>(sizeof(PingPongStorageFor<T, kFmt, 16>)), kPpThreads>(grid, p,
+                                                                                                stream);
     }
-    return launch_main<decode_transposed_kernel<T, kFmt, 32>,
-                       static_cast<int>(sizeof(TransposedStorageFor<T, kFmt, 32>))>(grid, p, stream);
+    return launch_main<decode_pingpong_fp8_kernel<T, kFmt, 32>,
+                       static_cast<int>(sizeof(PingPongStorageFor<T, kFmt, 32>)), kPpThreads>(grid, p,
+                                                                                              stream);
   }
   const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
   return launch_main<decode_serial_kernel<T, kFmt>, static_cast<int>(sizeof(SerialStorage<T, kFmt>))>(grid, p,
