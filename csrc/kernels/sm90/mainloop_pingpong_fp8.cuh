@@ -68,11 +68,16 @@ struct alignas(1024) PingPongStorage {
   uint64_t empty[kSlots];
 };
 
+// Four staging slots, an even number: slot s then always passes between pages of the same warpgroup within
+// a segment (page n - kSlots has the parity of page n), so the warpgroup waiting on a slot's `full` barrier
+// has waited on its previous phase itself. With an odd count the owner of page n never waited for page
+// n - kSlots, and could see that earlier phase's parity and pass before its own page landed. (Five would fit
+// per-tensor at 16 rows.)
+constexpr int kPpSlots = 4;
 template <typename T, int kFmt, int kN>
 constexpr int pingpong_slots() {
-  if constexpr (sizeof(PingPongStorage<T, kFmt, kN, 5>) <= kSmemLimit) return 5;
-  if constexpr (sizeof(PingPongStorage<T, kFmt, kN, 4>) <= kSmemLimit) return 4;
-  return 3;
+  static_assert(sizeof(PingPongStorage<T, kFmt, kN, kPpSlots>) <= kSmemLimit);
+  return kPpSlots;
 }
 template <typename T, int kFmt, int kN>
 using PingPongStorageFor = PingPongStorage<T, kFmt, kN, pingpong_slots<T, kFmt, kN>()>;
@@ -298,7 +303,8 @@ __global__ void __launch_bounds__(kPpThreads, 1)
       for (int i = 0; i < kAcc; ++i) acc_o[mb][i] = 0.f;
     }
 
-    const int nblk = w.blk_end - w.blk_begin;
+    // (Metadata from another call can put blk_begin past blk_end: no page then, as the producer sees it.)
+    const int nblk = max(0, w.blk_end - w.blk_begin);
 #pragma unroll 1
     for (int k = wg; k < nblk; k += 2) {
       const int n = cons_base + k, s = n % kSlots;
@@ -472,7 +478,9 @@ __global__ void __launch_bounds__(kPpThreads, 1)
 #pragma unroll
                 for (int mi = 0; mi < 4; ++mi) {
                   const int t = 32 * sp + 8 * mi + quad_col;
-                  vsc[sp][mi] = bf16_pair(scales[t * 4 + mb / 2], scales[(t + 1) * 4 + mb / 2]);
+                  // Unused rows' scales may be anything (inf, NaN): 0 x NaN would reach O despite vmask.
+                  vsc[sp][mi] = bf16_pair(t < valid ? scales[t * 4 + mb / 2] : 1.f,
+                                          t + 1 < valid ? scales[(t + 1) * 4 + mb / 2] : 1.f);
                 }
               }
             }
