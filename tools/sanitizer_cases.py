@@ -6,6 +6,7 @@ every combine grid (few requests split over many parts, in both register builds;
 8- and 16-byte lanes); the FP8 kernels (per-tensor e4m3 with bf16 and fp16 q, DeepSeek V3.2 with a padded page
 stride), whose pages are expanded in place in shared memory, with poisoned unused slots; the batch-invariant
 schedule (chunked requests, empty parts, the combine's row arithmetic in its few-requests grid), bf16 and FP8.
+`python3 tools/sanitizer_cases.py fp8` runs the FP8 cases only.
 """
 
 import sys
@@ -31,7 +32,8 @@ CASES = [
     (70, 1, 16, 1, [300 + 11 * i for i in range(70)], torch.float16),
 ]
 
-for b, s_q, h_q, h_kv, lens, dtype in CASES:
+ONLY_FP8 = sys.argv[1:] == ["fp8"]
+for b, s_q, h_q, h_kv, lens, dtype in [] if ONLY_FP8 else CASES:
     torch.manual_seed(0)
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q, k_cache, block_table = make_inputs(b, s_q, h_q, h_kv, seqlens, dtype)
@@ -43,9 +45,12 @@ FP8_CASES = [
     ([0, 65, 700, 4097], 2, 64, 1, "per_tensor", torch.bfloat16, 0),
     ([130, 1, 64], 1, 32, 2, "per_tensor", torch.float16, 0),
     ([3000, 70], 4, 128, 1, "v32", torch.bfloat16, 64),
-    # the transposed kernel (<= 32 query rows per kv head): 32 rows with the causal mask, 16 rows V3.2
+    # the ping-pong kernel (<= 32 query rows per kv head): 32 rows with the causal mask, 16 rows V3.2 and
+    # fp16 q, 32 rows V3.2
     ([0, 65, 700, 4097, 5], 2, 16, 1, "per_tensor", torch.bfloat16, 0),
     ([130, 1, 0, 3000], 1, 16, 1, "v32", torch.bfloat16, 64),
+    ([300, 0, 64, 1000], 1, 16, 1, "per_tensor", torch.float16, 0),
+    ([2000, 63], 2, 16, 1, "v32", torch.bfloat16, 0),
 ]
 for lens, s_q, h_q, h_kv, fmt, dtype, pad in FP8_CASES:
     inp = make_fp8_inputs(lens, s_q, h_q, h_kv, fmt, dtype, seed=1, page_pad=pad).to_cuda()
@@ -73,7 +78,7 @@ INVARIANT_CASES = [
     ([40_000], 2, 128, None),
     ([12_000, 70], 1, 64, "per_tensor"),
 ]
-for lens, s_q, h_q, fmt in INVARIANT_CASES:
+for lens, s_q, h_q, fmt in [c for c in INVARIANT_CASES if c[3] is not None or not ONLY_FP8]:
     torch.manual_seed(0)
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q, k_cache, block_table = make_inputs(len(lens), s_q, h_q, 1, seqlens, torch.bfloat16)
