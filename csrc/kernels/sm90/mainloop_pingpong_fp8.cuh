@@ -330,58 +330,65 @@ __global__ void __launch_bounds__(kPpThreads, 1)
             ksc[3][rr] = bf16_pair(s4.w, s4.w);
           }
         }
-        uint32_t a_s[2][4][4];
+        // Units of kU k-steps (4 at 16 rows; 2 at 32, where the O^T accumulator leaves fewer registers).
+        constexpr int kU = kN == 32 ? 2 : 4;
+        uint32_t a_s[2][kU][4];
         fence_regs(acc_s);
 #pragma unroll
         for (int g = 0; g < 9; ++g) {
-          uint4 x[2];
+          uint4 x[2], y[2];
 #pragma unroll
           for (int rr = 0; rr < 2; ++rr) {
             const int t = r0 + 8 * rr;
-            const char* src;
             if (g < 8) {
               const int chunk = 2 * qq + (g & 1);
-              src = st + (g >> 1) * kFp8BoxBytes + t * 128 + ((chunk ^ (t & 7)) << 4);
-            } else if constexpr (kV32) {
-              src = st + kStageRopeOffset + t * 128 + (((2 * qq) ^ (t & 7)) << 4);  // k-steps 32, 33
+              x[rr] = *reinterpret_cast<const uint4*>(st + (g >> 1) * kFp8BoxBytes + t * 128 +
+                                                      ((chunk ^ (t & 7)) << 4));
+            } else if constexpr (kV32) {  // bf16 RoPE: chunks 2 qq (k-steps 32, 33) and 2 qq + 1 (34, 35)
+              x[rr] = *reinterpret_cast<const uint4*>(st + kStageRopeOffset + t * 128 +
+                                                      (((2 * qq) ^ (t & 7)) << 4));
+              y[rr] = *reinterpret_cast<const uint4*>(st + kStageRopeOffset + t * 128 +
+                                                      (((2 * qq + 1) ^ (t & 7)) << 4));
             } else {
-              src = st + kStageRopeOffset + t * 64 + qq * 16;
+              x[rr] = *reinterpret_cast<const uint4*>(st + kStageRopeOffset + t * 64 + qq * 16);
             }
-            x[rr] = *reinterpret_cast<const uint4*>(src);
           }
-          if (g >= 2) warpgroup_wait<1>();  // group g - 2 has read a_s[g % 2]
-          uint32_t (&a)[4][4] = a_s[g & 1];
-          if (g < 8 || !kV32) {
-            const uint32_t wr[2][4] = {{x[0].x, x[0].y, x[0].z, x[0].w}, {x[1].x, x[1].y, x[1].z, x[1].w}};
+          const uint32_t wr[2][4] = {{x[0].x, x[0].y, x[0].z, x[0].w}, {x[1].x, x[1].y, x[1].z, x[1].w}};
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+          for (int h = 0; h < 4 / kU; ++h) {
+            const int u = g * (4 / kU) + h;
+            if (u >= 2) warpgroup_wait<1>();  // unit u - 2 has read a_s[u % 2]
+            uint32_t (&a)[kU][4] = a_s[u & 1];
 #pragma unroll
-              for (int rr = 0; rr < 2; ++rr) {
-                __nv_bfloat162 sc = bf16_pair(1.f, 1.f);
-                if constexpr (kV32) sc = ksc[g >> 1][rr];
-                e4m3x4_to<T, kV32>(wr[rr][i], sc, sc, a[i][rr], a[i][2 + rr]);
+            for (int ii = 0; ii < kU; ++ii) {
+              const int i = h * kU + ii;  // k-step 4 g + i
+              if (g < 8 || !kV32) {
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                  __nv_bfloat162 sc = bf16_pair(1.f, 1.f);
+                  if constexpr (kV32) sc = ksc[g >> 1][rr];
+                  e4m3x4_to<T, kV32>(wr[rr][i], sc, sc, a[ii][rr], a[ii][2 + rr]);
+                }
+              } else {
+                const uint4* z = i < 2 ? x : y;
+                const bool second = i % 2 == 1;
+                a[ii][0] = second ? z[0].z : z[0].x;
+                a[ii][1] = second ? z[1].z : z[1].x;
+                a[ii][2] = second ? z[0].w : z[0].y;
+                a[ii][3] = second ? z[1].w : z[1].y;
               }
             }
-          } else {
-            // V3.2 RoPE, bf16 already: two chunks, k-steps 32 + 2h and 33 + 2h.
-            const int t0 = r0, t1 = r0 + 8;
-            const uint4 y0 = *reinterpret_cast<const uint4*>(st + kStageRopeOffset + t0 * 128 +
-                                                             (((2 * qq + 1) ^ (t0 & 7)) << 4));
-            const uint4 y1 = *reinterpret_cast<const uint4*>(st + kStageRopeOffset + t1 * 128 +
-                                                             (((2 * qq + 1) ^ (t1 & 7)) << 4));
-            a[0][0] = x[0].x, a[0][1] = x[1].x, a[0][2] = x[0].y, a[0][3] = x[1].y;
-            a[1][0] = x[0].z, a[1][1] = x[1].z, a[1][2] = x[0].w, a[1][3] = x[1].w;
-            a[2][0] = y0.x, a[2][1] = y1.x, a[2][2] = y0.y, a[2][3] = y1.y;
-            a[3][0] = y0.z, a[3][1] = y1.z, a[3][2] = y0.w, a[3][3] = y1.w;
-          }
 #pragma unroll
-          for (int i = 0; i < 4; ++i) fence_regs(a[i]);
-          warpgroup_arrive();
+            for (int ii = 0; ii < kU; ++ii) fence_regs(a[ii]);
+            warpgroup_arrive();
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            wgmma_rs<T, kN>(a[i], static_cast<uint64_t>(tSrQ(_0{}, _0{}, 4 * g + i)), acc_s, g > 0 || i > 0);
+            for (int ii = 0; ii < kU; ++ii) {
+              const int i = h * kU + ii;
+              wgmma_rs<T, kN>(a[ii], static_cast<uint64_t>(tSrQ(_0{}, _0{}, 4 * g + i)), acc_s,
+                              g > 0 || i > 0);
+            }
+            warpgroup_commit_batch();
           }
-          warpgroup_commit_batch();
         }
         warpgroup_wait<0>();
         fence_regs(acc_s);
