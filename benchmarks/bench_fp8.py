@@ -4,6 +4,10 @@ q) against its own BF16 kernel on the same values, FlashMLA's dense FP8 kernel (
 ``ckv_scale``/``kpe_scale``), plus both peers' BF16.
 
     python benchmarks/bench_fp8.py [--rows "b,s_q,h_q,s_k;..."] [--json F] [--peers FlashMLA,FlashInfer]
+                                   [--q-dtype bf16|fp16]
+
+``--q-dtype fp16``: q in fp16, ours only (the per-tensor FP8 kernel computes in fp16 then; V3.2 takes bf16 q
+only); the "ours bf16" row is then our 16-bit kernel on the same values in fp16, still the ratio's base.
 
 Every implementation reads the same cache: a bf16 cache is quantised per tensor (amax / 448), and the BF16
 rows decode its dequantised values rounded to bf16, so the FP8 and BF16 paths attend over (nearly) the same
@@ -47,13 +51,13 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
-def make_case(b, s_q, h_q, s_k):
+def make_case(b, s_q, h_q, s_k, q_dtype=torch.bfloat16):
     seqlens = torch.full((b,), s_k, dtype=torch.int32, device="cuda")
     nblk = (s_k + PAGE - 1) // PAGE
     perm = torch.randperm(b * nblk, device="cuda").to(torch.int32)
     block_table = perm.view(b, nblk)
     k_bf16 = (torch.randn(b * nblk, PAGE, 1, 576, device="cuda") / 10).bfloat16()
-    q = (torch.randn(b, s_q, h_q, 576, device="cuda") / 10).bfloat16()
+    q = (torch.randn(b, s_q, h_q, 576, device="cuda") / 10).to(q_dtype)
     return q, k_bf16, block_table, seqlens
 
 
@@ -77,15 +81,15 @@ def rel(x, ref):
     return float((x - ref).norm() / ref.norm())
 
 
-def run_row(b, s_q, h_q, s_k, peers):
-    q, k_bf16, block_table, seqlens = make_case(b, s_q, h_q, s_k)
+def run_row(b, s_q, h_q, s_k, peers, q_dtype=torch.bfloat16):
+    q, k_bf16, block_table, seqlens = make_case(b, s_q, h_q, s_k, q_dtype)
     causal = s_q > 1
     n = min(b, REF_REQUESTS)
     k_pt, k_scale = flashmla_ops.quantize_kv_cache(k_bf16, "per_tensor")
     k_v32, _ = flashmla_ops.quantize_kv_cache(k_bf16, "v32")
     deq_pt = flashmla_ops.dequantize_kv_cache(k_pt, k_scale)
     deq_v32 = flashmla_ops.dequantize_kv_cache(k_v32)
-    k_deq_bf16 = deq_pt.bfloat16()  # e4m3 * scale rounded to bf16: the BF16 rows' cache
+    k_deq_bf16 = deq_pt.to(q.dtype)  # e4m3 * scale rounded to q's dtype: the 16-bit rows' cache
     ref_bf16 = reference(q, k_bf16.float(), block_table, seqlens, n)
     ref_pt = reference(q, deq_pt, block_table, seqlens, n)
     ref_v32 = reference(q, deq_v32, block_table, seqlens, n)
@@ -112,7 +116,8 @@ def run_row(b, s_q, h_q, s_k, peers):
 
     impls["ours bf16"] = (ours_bf16, 1152, ref_pt)
     impls["ours fp8"] = (ours_pt, 576, ref_pt)
-    impls["ours v32"] = (ours_v32, 656, ref_v32)
+    if q.dtype == torch.bfloat16:
+        impls["ours v32"] = (ours_v32, 656, ref_v32)
     dense = (block_table, seqlens, causal, SCALE)
     if "FlashMLA" in peers:
         import flash_mla
@@ -168,17 +173,23 @@ def main():
     ap.add_argument("--rows", default=None, help='"b,s_q,h_q,s_k;..." instead of the default rows')
     ap.add_argument("--json", default=None)
     ap.add_argument("--peers", default="FlashMLA,FlashInfer")
+    ap.add_argument("--q-dtype", choices=["bf16", "fp16"], default="bf16")
     args = ap.parse_args()
+    q_dtype = torch.float16 if args.q_dtype == "fp16" else torch.bfloat16
     torch.manual_seed(0)
     rows = ROWS
     if args.rows:
         rows = [tuple(int(x) for x in r.split(",")) for r in args.rows.split(";") if r]
-    peers = args.peers.split(",") if args.peers else []
-    info = dict(device=torch.cuda.get_device_name(), commit=os.environ.get("FLASHMLA_COMMIT", "unknown"))
+    peers = args.peers.split(",") if args.peers and q_dtype == torch.bfloat16 else []
+    info = dict(
+        device=torch.cuda.get_device_name(),
+        commit=os.environ.get("FLASHMLA_COMMIT", "unknown"),
+        q_dtype=args.q_dtype,
+    )
     print(json.dumps(info))
     results = []
     for b, s_q, h_q, s_k in rows:
-        res = run_row(b, s_q, h_q, s_k, peers)
+        res = run_row(b, s_q, h_q, s_k, peers, q_dtype)
         results.append(dict(b=b, s_q=s_q, h_q=h_q, s_k=s_k, impls=res))
         base = res["ours bf16"].get("us")
         print(f"b={b} s_q={s_q} h_q={h_q} s_k={s_k}")
