@@ -13,7 +13,9 @@ OUT=${OUT:-/tmp/flashmla_out}
 REPO=$(pwd)
 ROWS=${ROWS:-"128,1,16,8192;128,2,16,4096;128,1,16,4096"}
 TREES=${AB_TREES:?set AB_TREES}
-bash lab/gpu_run.sh build || exit 1
+# (the build stage's status is its last grep's: check the install itself)
+bash lab/gpu_run.sh build
+(cd /tmp && PYTHONPATH=/tmp/site python3 -c "import flashmla_ops._C") || exit 1
 if [ "${TEST_BASE:-0}" = 1 ]; then
   echo "=== FP8 GPU tests on base"
   (cd /tmp && PYTHONPATH=/tmp/site timeout 240 python3 -m pytest --rootdir="$REPO" "$REPO/tests/test_fp8_cuda.py" \

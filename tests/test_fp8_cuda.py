@@ -74,7 +74,7 @@ def _needs_kernel():
 
 
 @pytest.mark.parametrize("kv_format", FORMATS)
-# Up to 32 query rows per kv head the transposed kernel runs (16 or 32 wide: (1, 16), (1, 8) padded, (2, 16)
+# Up to 32 query rows per kv head the ping-pong kernel runs (16 or 32 wide: (1, 16), (1, 8) padded, (2, 16)
 # and (3, 8) with the causal mask, (1, 32, 2) with two kv heads); more rows the serial loop.
 @pytest.mark.parametrize(
     "s_q,h_q,h_kv",
@@ -95,8 +95,9 @@ def test_fp8_kernel_matches_oracle(kv_format, s_q, h_q, h_kv):
 @pytest.mark.parametrize("kv_format", FORMATS)
 @pytest.mark.parametrize("s_q,h_q", [(1, 16), (2, 16)])
 def test_fp8_many_requests_per_part(kv_format, s_q, h_q):
-    """Parts holding many requests, empty ones among them: the transposed kernel's producer walks the pages
-    of every request of a part ahead of the consumers, across request boundaries."""
+    """Parts holding many requests, empty ones among them: the ping-pong kernel's producer walks the pages
+    of every request of a part ahead of the consumers, across request boundaries, and its two warpgroups merge
+    their states at every segment's end."""
     _needs_kernel()
     gen = torch.Generator().manual_seed(5)
     seqlens = torch.randint(0, 200, (150,), generator=gen).tolist()

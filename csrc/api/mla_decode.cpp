@@ -79,7 +79,7 @@ void make_fp8_map(const Tensor& k_cache, CUtensorMapDataType type, int64_t offse
                  static_cast<int>(r), ")");
 }
 
-// FP8 caches (kernels/sm90/dequant_fp8.cuh, mainloop_transposed.cuh): the e4m3 values as bytes in 128-column
+// FP8 caches (kernels/sm90/dequant_fp8.cuh, mainloop_pingpong_fp8.cuh): the e4m3 values as bytes in 128-column
 // boxes (the serial loop reads the per-tensor format's RoPE through this map too, a last box running past
 // column 576 that TMA fills with zeros), the RoPE values in one 64 x 64 box (per-tensor: e4m3 bytes; DeepSeek
 // V3.2: bf16, 128B swizzle) and V3.2's four float32 scales per token (a 4 x 64 box).

@@ -2,7 +2,7 @@
 paged inputs, two warm-up calls, then the profiled call between cudaProfilerStart/Stop. Peer kernels:
 FlashMLA's matches regex:splitkv_mla_kernel, FlashInfer's regex:BatchMLAPageAttentionHopperKernel. `--kv fp8`
 or `--kv v32` (ours only) quantises the cache to the per-tensor or DeepSeek V3.2 FP8 format (kernels
-regex:decode_(transposed|serial)_kernel).
+regex:decode_(pingpong_fp8|serial)_kernel).
 
   ncu --profile-from-start off --kernel-name regex:decode_ --section SpeedOfLight \\
       --section WarpStateStats python lab/profiling/profile_decode.py --b 128 --s-q 2 --h-q 128 --s-k 4096

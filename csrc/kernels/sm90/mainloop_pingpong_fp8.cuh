@@ -1,8 +1,15 @@
 // FP8 KV-cache decode main kernel for Hopper (sm_90a), up to 32 query rows per kv head: tokens as the wgmma
-// M dimension (as mainloop_transposed.cuh), the FP8 bytes converted straight into wgmma A-operand registers
-// (no 16-bit page tile in shared memory), and the two warpgroups working on different pages (ping-pong).
+// M dimension, the FP8 bytes converted straight into wgmma A-operand registers (no 16-bit page tile in
+// shared memory), and the two warpgroups working on different pages (ping-pong).
 //
-// Why. The transposed kernel (dequantisation into a 16-bit tile, both warpgroups on every page) measured
+// Why tokens as M. The 64-row kernels (mainloop_serial.cuh) multiply a 64-row Q tile even when 16 of its
+// rows are real: ~1.2 us of tensor time per page, as long as an FP8 page takes to arrive at an SM's share of
+// HBM bandwidth. With the page's 64 tokens as M and the 16 or 32 real rows as N, the tensor work scales with
+// the real rows, and Q needs 18-36 KB of shared memory instead of 72: the room holds a ring of FP8 staging
+// pages.
+//
+// Why registers. The previous kernel of this shape (dequantisation into a 16-bit tile, both warpgroups on
+// every page; removed, see git history) measured
 // 3.0 us per page per SM against ~1.6 us of HBM time: its three shared-memory phases (the tile written,
 // read as K, read as V^T; ~280 KB per page) and two CTA barriers per page run one after another
 // (benchmarks/NOTES.md, "FP8, the transposed kernel"). Here each thread loads the FP8 bytes its wgmma
@@ -39,9 +46,57 @@
 
 #include "kernels/sm90/common.cuh"
 #include "kernels/sm90/dequant_fp8.cuh"
-#include "kernels/sm90/mainloop_transposed.cuh"
 
 namespace flashmla::sm90 {
+
+// One staging slot: the FP8 values as four 128-column byte boxes (box j = columns 128 j .. 128 j + 127, 128
+// bytes per token row), then per-tensor: the 64 e4m3 RoPE values (a 64-column box, 64 bytes per token row);
+// V3.2: the bf16 RoPE values (one 64 x 64 box, 128B swizzle) and the four float32 scales per token. The value
+// boxes land 128B-swizzled (16-byte chunk c of token row t at chunk c ^ t % 8; the host's map for this
+// kernel).
+template <int kFmt>
+constexpr int staging_slot_bytes() {
+  return kFmt == kKvFp8Tensor ? 4 * kFp8BoxBytes + kPageSize * 64
+                              : 4 * kFp8BoxBytes + kTileBytes + kV32ScaleBytes;
+}
+constexpr int kStageRopeOffset = 4 * kFp8BoxBytes;                // 1024-aligned (the V3.2 box is swizzled)
+constexpr int kStageScaleOffset = 4 * kFp8BoxBytes + kTileBytes;  // V3.2 only
+
+template <typename T, int kN>
+struct PingPongTraits {
+  // Q, kN rows x 576 (columns permuted: q_logical), K-major, 128B swizzle: the B operand of S^T = K Q^T.
+  using SmemLayoutQ =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kN>, Int<kHeadDimK>>{}));
+  // P, kN query rows x 64 tokens, K-major: the B operand of O^T = V^T P^T.
+  using SmemLayoutP =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kN>, Int<kPageSize>>{}));
+  // Used only to partition B into per-k-step smem descriptors (A comes from registers: wgmma_rs).
+  using MmaS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<kPageSize>, Int<kN>, Int<kHeadDimK>>>()));
+  using MmaO = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<kPageSize>, Int<kN>, Int<kPageSize>>, GMMA::Major::MN,
+                           GMMA::Major::K>()));
+};
+
+// The producer thread: the TMA copies of one FP8 page into a staging slot, completing on `bar`; for page < 0
+// only the barrier's phase is completed (the consumers then read nothing from the slot).
+template <int kFmt>
+__device__ __forceinline__ void issue_stage(const DecodeParams& p, char* slot, uint64_t* bar, int h_k,
+                                            int page, bool evict_first) {
+  if (page < 0) {
+    mbar_arrive(bar);
+    return;
+  }
+  mbar_arrive_expect_tx(bar, staging_slot_bytes<kFmt>());
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    tma_load_4d(&p.tma_k, slot + j * kFp8BoxBytes, bar, j * kFp8BoxCols, h_k, page, evict_first);
+  }
+  tma_load_4d(&p.tma_rope, slot + kStageRopeOffset, bar, 0, h_k, page, evict_first);
+  if constexpr (kFmt == kKvFp8V32) {
+    tma_load_4d(&p.tma_scale, slot + kStageScaleOffset, bar, 0, h_k, page, evict_first);
+  }
+}
 
 // Two consumer warpgroups and a producer warpgroup (one thread of it works). Why a whole warpgroup for one
 // thread: warps go to the SM's four schedulers in turn, so a ninth warp would cap every thread at 168
@@ -195,7 +250,7 @@ __global__ void __launch_bounds__(kPpThreads, 1)
   constexpr int kSlots = pingpong_slots<T, kFmt, kN>();
   constexpr int kJ = kN / 8;    // column groups of 8 per accumulator
   constexpr int kAcc = kN / 2;  // accumulator registers per m64 tile
-  using Tr = TransposedTraits<T, kN>;
+  using Tr = PingPongTraits<T, kN>;
   using Storage = PingPongStorageFor<T, kFmt, kN>;
   extern __shared__ __align__(1024) char smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
