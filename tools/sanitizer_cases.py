@@ -4,7 +4,8 @@ Covers: split and unsplit requests, seqlen 0, MTP causal rows that see nothing, 
 kv heads, more than one m-block (h_q * s_q > 64), a partial last page with NaN past the end, fp16 and bf16,
 every combine grid (few requests split over many parts, in both register builds; many split requests with
 8- and 16-byte lanes); the FP8 kernels (per-tensor e4m3 with bf16 and fp16 q, DeepSeek V3.2 with a padded page
-stride), whose pages are expanded in place in shared memory, with poisoned unused slots; the batch-invariant
+stride), their pages expanded in place in shared memory (more than 32 query rows per kv head) or converted in
+registers (the ping-pong kernel), with poisoned unused slots; the batch-invariant
 schedule (chunked requests, empty parts, the combine's row arithmetic in its few-requests grid), bf16 and FP8.
 `python3 tools/sanitizer_cases.py fp8` runs the FP8 cases only.
 """
