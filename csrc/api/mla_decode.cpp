@@ -79,13 +79,13 @@ void make_fp8_map(const Tensor& k_cache, CUtensorMapDataType type, int64_t offse
                  static_cast<int>(r), ")");
 }
 
-// FP8 caches (kernels/sm90/dequant_fp8.cuh, mainloop_pingpong_fp8.cuh): the e4m3 values as bytes in 128-column
-// boxes (the serial loop reads the per-tensor format's RoPE through this map too, a last box running past
-// column 576 that TMA fills with zeros), the RoPE values in one 64 x 64 box (per-tensor: e4m3 bytes; DeepSeek
-// V3.2: bf16, 128B swizzle) and V3.2's four float32 scales per token (a 4 x 64 box).
-// With the tokens as the wgmma M dimension (fp8_tokens_as_m), the kernel reads the value boxes with 16-byte
-// loads and ldmatrix across token rows: they land 128B-swizzled so that those reads have no bank conflict;
-// the serial loop expands its boxes in place and wants them plain.
+// FP8 caches (kernels/sm90/dequant_fp8.cuh, mainloop_pingpong_fp8.cuh): the e4m3 values as bytes in
+// 128-column boxes (the serial loop reads the per-tensor format's RoPE through this map too, a last box
+// running past column 576 that TMA fills with zeros), the RoPE values in one 64 x 64 box (per-tensor: e4m3
+// bytes; DeepSeek V3.2: bf16, 128B swizzle) and V3.2's four float32 scales per token (a 4 x 64 box). With the
+// tokens as the wgmma M dimension (fp8_tokens_as_m), the kernel reads the value boxes with 16-byte loads and
+// ldmatrix across token rows: they land 128B-swizzled so that those reads have no bank conflict; the serial
+// loop expands its boxes in place and wants them plain.
 void make_fp8_tensor_maps(const Tensor& k_cache, int kv_format, DecodeParams* p) {
   std::memset(&p->tma_k, 0, sizeof(p->tma_k));
   std::memset(&p->tma_rope, 0, sizeof(p->tma_rope));
