@@ -4,7 +4,7 @@
 # built into /tmp/ab_NAME, then AB_ROUNDS alternating rounds of benchmarks/bench_fp8.py (ours only, on ROWS),
 # base first, then the FP8 GPU tests on every variant (its own tests/test_fp8_cuda.py when the tarball has
 # one; TEST_BASE=1: the base's too, first). With NCU=1, Nsight Compute metrics of the base's FP8 kernel
-# at the first row. Logs and JSON to $OUT.
+# (NCU_TREE=name: that variant's) at the first row. Logs and JSON to $OUT.
 #   git archive -o .carry/ab_look.tar fp8-lookahead csrc flashmla_ops meta integration tests CMakeLists.txt \
 #     pyproject.toml README.md
 #   AB_TREES="look=.carry/ab_look.tar" bash lab/ab_fp8.sh
@@ -51,7 +51,9 @@ done
 if [ "${NCU:-0}" = 1 ]; then
   M="gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_reads.avg.pct_of_peak_sustained_elapsed,l1tex__data_bank_writes.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
   first=${ROWS%%;*}
-  (cd /tmp && PYTHONPATH=/tmp/site timeout 150 ncu --profile-from-start off \
+  site=/tmp/site  # NCU_TREE=name: profile that variant instead of the base
+  [ -n "${NCU_TREE:-}" ] && site=/tmp/ab_$NCU_TREE:/tmp/site
+  (cd /tmp && PYTHONPATH=$site timeout 150 ncu --profile-from-start off \
     --kernel-name regex:"decode_(transposed|serial|pingpong_fp8)_kernel" --metrics "$M" \
     python3 "$REPO/lab/profiling/profile_decode.py" --shape "$first" --kv fp8) 2>&1 | grep -vE "^==PROF==|^\s*$" \
     | tee "$OUT/ncu_fp8.log" | tail -40
