@@ -1,5 +1,6 @@
 """numpy emulation of the FP8 ping-pong kernel's wgmma fragments
-(csrc/kernels/sm90/mainloop_pingpong_fp8.cuh), no GPU: does what each thread loads and converts compute K Q^T and V^T P^T?
+(csrc/kernels/sm90/mainloop_pingpong_fp8.cuh), no GPU: does what each thread loads and converts compute
+K Q^T and V^T P^T?
 
 It places a page's values in a staging slot the way TMA does (128-column value boxes with the 128B swizzle:
 16-byte chunk c of token row t at chunk c ^ t % 8; the per-tensor RoPE as plain 64-byte rows, V3.2's bf16 RoPE
