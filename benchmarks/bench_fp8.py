@@ -89,7 +89,7 @@ def run_row(b, s_q, h_q, s_k, peers, q_dtype=torch.bfloat16):
     k_v32, _ = flashmla_ops.quantize_kv_cache(k_bf16, "v32")
     deq_pt = flashmla_ops.dequantize_kv_cache(k_pt, k_scale)
     deq_v32 = flashmla_ops.dequantize_kv_cache(k_v32)
-    k_deq_bf16 = deq_pt.to(q.dtype)  # e4m3 * scale rounded to q's dtype: the 16-bit rows' cache
+    k_deq16 = deq_pt.to(q.dtype)  # e4m3 * scale rounded to q's dtype: the 16-bit rows' cache
     ref_bf16 = reference(q, k_bf16.float(), block_table, seqlens, n)
     ref_pt = reference(q, deq_pt, block_table, seqlens, n)
     ref_v32 = reference(q, deq_v32, block_table, seqlens, n)
@@ -103,7 +103,7 @@ def run_row(b, s_q, h_q, s_k, peers, q_dtype=torch.bfloat16):
     common = (block_table, seqlens, 512, meta, ns, SCALE, causal)
 
     def ours_bf16():
-        torch.ops.flashmla.mla_decode_out(q, k_deq_bf16, *common, out, lse, ws)
+        torch.ops.flashmla.mla_decode_out(q, k_deq16, *common, out, lse, ws)
         return out
 
     def ours_pt():
@@ -122,7 +122,7 @@ def run_row(b, s_q, h_q, s_k, peers, q_dtype=torch.bfloat16):
     if "FlashMLA" in peers:
         import flash_mla
 
-        impls["FlashMLA bf16"] = (FlashMLA(q, k_deq_bf16, *dense), 1152, ref_pt)
+        impls["FlashMLA bf16"] = (FlashMLA(q, k_deq16, *dense), 1152, ref_pt)
         fm8_meta = flash_mla.get_mla_metadata()[0]
         sched, splits = flash_mla.get_mla_decoding_metadata(
             seqlens, s_q * h_q, 1, is_fp8_kvcache=True, use_legacy=True
@@ -150,7 +150,7 @@ def run_row(b, s_q, h_q, s_k, peers, q_dtype=torch.bfloat16):
 
         impls["FlashMLA fp8 (fp8 q)"] = (fm_fp8, 576, ref_pt)
     if "FlashInfer" in peers:
-        impls["FlashInfer bf16"] = (FlashInfer(q, k_deq_bf16, *dense), 1152, ref_pt)
+        impls["FlashInfer bf16"] = (FlashInfer(q, k_deq16, *dense), 1152, ref_pt)
         # k_scale read to the host once, at setup (FlashInfer takes a float)
         impls["FlashInfer fp8"] = (FlashInfer(q, k_pt, *dense, kv_scale=float(k_scale)), 576, ref_pt)
     res = {}

@@ -112,7 +112,7 @@ def test_fp8_many_requests_per_part(kv_format, s_q, h_q):
 
 @pytest.mark.parametrize("s_q,h_q", [(1, 16), (2, 16)])
 def test_fp8_fp16_q(s_q, h_q):
-    """Per-tensor FP8 with an fp16 q: the page is dequantised into fp16."""
+    """Per-tensor FP8 with an fp16 q: the page is converted into fp16."""
     _needs_kernel()
     inp = make_fp8_inputs([0, 70, 1000, 64], s_q, h_q, 1, "per_tensor", dtype=torch.float16, seed=4)
     inp.to_cuda()

@@ -74,14 +74,13 @@ __device__ __forceinline__ void fence_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Q rows [m_block * kRows, m_block * kRows + kRows) of (req, h_k) -> sQ (kRows rows); rows past
-// q_seq_per_hk are zero.
-template <typename T, int kRows = kBlockM, class SQ>
+// Q rows of (req, h_k, m_block) -> sQ; rows past q_seq_per_hk are zero.
+template <typename T, class SQ>
 __device__ __forceinline__ void load_q(const DecodeParams& p, SQ& sQ, int req, int h_k, int m_block) {
   const T* q = static_cast<const T*>(p.q);
-  for (int i = threadIdx.x; i < kRows * kChunksPerRow; i += kThreads) {
+  for (int i = threadIdx.x; i < kBlockM * kChunksPerRow; i += kThreads) {
     const int r = i / kChunksPerRow, ch = i % kChunksPerRow;
-    const int grow = m_block * kRows + r;
+    const int grow = m_block * kBlockM + r;
     void* dst = &sQ(r, ch * 8);
     if (grow < p.q_seq_per_hk) {
       const int s_idx = grow / p.q_heads_per_hk;

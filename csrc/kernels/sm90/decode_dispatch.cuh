@@ -54,12 +54,10 @@ cudaError_t launch_decode_fp8(const DecodeParams& p, cudaStream_t stream) {
     const dim3 grid(1, p.h_kv, p.num_sm_parts);
     if (p.q_seq_per_hk <= 16) {
       return launch_main<decode_pingpong_fp8_kernel<T, kFmt, 16>,
-                         static_cast<int>(sizeof(PingPongStorageFor<T, kFmt, 16>)), kPpThreads>(grid, p,
-                                                                                                stream);
+                         static_cast<int>(sizeof(PingPongStorage<T, kFmt, 16>)), kPpThreads>(grid, p, stream);
     }
     return launch_main<decode_pingpong_fp8_kernel<T, kFmt, 32>,
-                       static_cast<int>(sizeof(PingPongStorageFor<T, kFmt, 32>)), kPpThreads>(grid, p,
-                                                                                              stream);
+                       static_cast<int>(sizeof(PingPongStorage<T, kFmt, 32>)), kPpThreads>(grid, p, stream);
   }
   const dim3 grid(p.num_m_blocks, p.h_kv, p.num_sm_parts);
   return launch_main<decode_serial_kernel<T, kFmt>, static_cast<int>(sizeof(SerialStorage<T, kFmt>))>(grid, p,

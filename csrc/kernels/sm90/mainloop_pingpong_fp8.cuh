@@ -9,12 +9,12 @@
 // pages.
 //
 // Why registers. The previous kernel of this shape (dequantisation into a 16-bit tile, both warpgroups on
-// every page; removed, see git history) measured
-// 3.0 us per page per SM against ~1.6 us of HBM time: its three shared-memory phases (the tile written,
-// read as K, read as V^T; ~280 KB per page) and two CTA barriers per page run one after another
-// (benchmarks/NOTES.md, "FP8, the transposed kernel"). Here each thread loads the FP8 bytes its wgmma
-// fragments need and converts them in registers, so a page costs ~70 KB of shared-memory reads instead, and
-// the two warpgroups' pages overlap each other with no CTA barrier inside a segment.
+// every page; removed, see git history) measured 3.0 us per page per SM against ~1.6 us of HBM time: its
+// three shared-memory phases (the tile written, read as K, read as V^T; ~280 KB per page) and two CTA
+// barriers per page run one after another (benchmarks/NOTES.md, "FP8, the transposed kernel"). Here each
+// thread loads the FP8 bytes its wgmma fragments need and converts them in registers, so a page costs ~70 KB
+// of shared-memory reads instead, and the two warpgroups' pages overlap each other with no CTA barrier inside
+// a segment.
 //
 //   S^T [64 tokens x N] = K Q^T     wgmma m64nNk16, A = K from registers, B = Q (smem, K-major);
 //   O^T [512 x N]      += V^T P^T   wgmma m64nNk16, A = V^T from registers, B = P (smem, K-major).
@@ -32,11 +32,12 @@
 // the A fragment wants (the V columns of a warp's 16 M rows are permuted: M rows r and r + 8 are columns
 // 2r and 2r + 1 of the warp's 16-column chunk; the output is written back in natural order).
 //
-// Pages, warpgroups, producer. A producer warp (thread 256) walks the part's pages across segments and keeps
-// a ring of FP8 staging slots full (full/empty mbarriers). Within a segment, warpgroup 0 takes its even
-// pages and warpgroup 1 its odd ones, each with its own softmax state and O^T accumulator over all 512
-// columns; a warpgroup frees a slot as soon as its V^T fragments are loaded. At the end of a segment the two
-// states are merged through shared memory (the Q buffer, free then) and each warpgroup writes half of O.
+// Pages, warpgroups, producer. A producer warpgroup (one working thread, 256) walks the part's pages across
+// segments and keeps a ring of FP8 staging slots full (full/empty mbarriers). Within a segment, warpgroup 0
+// takes its even pages and warpgroup 1 its odd ones, each with its own softmax state and O^T accumulator over
+// all 512 columns; a warpgroup frees a slot as soon as its V^T fragments are loaded. At the end of a segment
+// the two states are merged through shared memory (the Q buffer, free then) and each warpgroup writes half of
+// O.
 //
 // Correctness rules (docs/architecture.md): logits of tokens past seqlen are masked by index, V values of
 // those tokens are zeroed in registers (a page's unused rows may hold anything, NaN included), a request
@@ -109,7 +110,14 @@ constexpr int kPpMergeBarrier = 3;  // named barrier of the 256 consumer threads
 constexpr int kPpConsumerRegs = 232;
 constexpr int kPpProducerRegs = 40;
 
-template <typename T, int kFmt, int kN, int kSlots>
+// Four staging slots, an even number: slot s then always passes between pages of the same warpgroup within
+// a segment (page n - kSlots has the parity of page n), so the warpgroup waiting on a slot's `full` barrier
+// has waited on its previous phase itself. With an odd count the owner of page n never waited for page
+// n - kSlots, and could see that earlier phase's parity and pass before its own page landed. (Five would fit
+// per-tensor at 16 rows.)
+constexpr int kPpSlots = 4;
+
+template <typename T, int kFmt, int kN, int kSlots = kPpSlots>
 struct alignas(1024) PingPongStorage {
   alignas(1024) T q[kN * kHeadDimK];  // Q, columns permuted (q_logical); the merge's scratch at segment ends
   alignas(1024) T p[2][kN * kPageSize];  // each warpgroup's P
@@ -122,20 +130,6 @@ struct alignas(1024) PingPongStorage {
   uint64_t full[kSlots];
   uint64_t empty[kSlots];
 };
-
-// Four staging slots, an even number: slot s then always passes between pages of the same warpgroup within
-// a segment (page n - kSlots has the parity of page n), so the warpgroup waiting on a slot's `full` barrier
-// has waited on its previous phase itself. With an odd count the owner of page n never waited for page
-// n - kSlots, and could see that earlier phase's parity and pass before its own page landed. (Five would fit
-// per-tensor at 16 rows.)
-constexpr int kPpSlots = 4;
-template <typename T, int kFmt, int kN>
-constexpr int pingpong_slots() {
-  static_assert(sizeof(PingPongStorage<T, kFmt, kN, kPpSlots>) <= kSmemLimit);
-  return kPpSlots;
-}
-template <typename T, int kFmt, int kN>
-using PingPongStorageFor = PingPongStorage<T, kFmt, kN, pingpong_slots<T, kFmt, kN>()>;
 
 // wgmma m64nNk16 with A (four registers of 16-bit pairs) from registers and B from a shared-memory
 // descriptor; `accumulate` false overwrites d.
@@ -158,13 +152,9 @@ __device__ __forceinline__ void wgmma_rs(const uint32_t (&a)[4], uint64_t desc, 
   }
 }
 
-template <int kNum>
-__device__ __forceinline__ void fence_regs(uint32_t (&r)[kNum]) {
-#pragma unroll
-  for (int i = 0; i < kNum; ++i) warpgroup_fence_operand(r[i]);
-}
-template <int kNum>
-__device__ __forceinline__ void fence_regs(float (&r)[kNum]) {
+// warpgroup_fence_operand over a register array (wgmma operands or accumulators).
+template <typename R, int kNum>
+__device__ __forceinline__ void fence_regs(R (&r)[kNum]) {
 #pragma unroll
   for (int i = 0; i < kNum; ++i) warpgroup_fence_operand(r[i]);
 }
@@ -235,11 +225,7 @@ __device__ __forceinline__ void ldsm_x4_trans(const void* smem, uint32_t (&d)[4]
                : "r"(smem_u32(smem)));
 }
 
-__device__ __forceinline__ __nv_bfloat162 bf16_pair(float a, float b) {
-  return __floats2bfloat162_rn(a, b);
-}
-
-// kN: query rows per kv head, padded (16 or 32). T: q's dtype and the dtype of every wgmma.
+// kN: query rows per kv head, padded (16 or 32). T: q's and out's dtype and the dtype of every wgmma.
 template <typename T, int kFmt, int kN>
 __global__ void __launch_bounds__(kPpThreads, 1)
     decode_pingpong_fp8_kernel(const __grid_constant__ DecodeParams p) {
@@ -247,11 +233,11 @@ __global__ void __launch_bounds__(kPpThreads, 1)
   static_assert(kFmt != kKvFp8V32 || std::is_same_v<T, cutlass::bfloat16_t>, "V3.2 FP8 takes bf16 q only");
   static_assert(kN == 16 || kN == 32, "16 or 32 query rows per kv head");
   constexpr bool kV32 = kFmt == kKvFp8V32;
-  constexpr int kSlots = pingpong_slots<T, kFmt, kN>();
+  constexpr int kSlots = kPpSlots;
   constexpr int kJ = kN / 8;    // column groups of 8 per accumulator
   constexpr int kAcc = kN / 2;  // accumulator registers per m64 tile
   using Tr = PingPongTraits<T, kN>;
-  using Storage = PingPongStorageFor<T, kFmt, kN>;
+  using Storage = PingPongStorage<T, kFmt, kN>;
   extern __shared__ __align__(1024) char smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
 
@@ -371,21 +357,22 @@ __global__ void __launch_bounds__(kPpThreads, 1)
       const int valid = __shfl_sync(0xffffffffu, bad ? 0 : block_tokens(w.seqlen_safe, blk), 0);
       const char* st = smem.stage[s];
       if (valid > 0) {
-        // ---- S^T = K Q^T: nine groups of four k-steps; a group's A registers are reused two groups later,
-        // after a wait for the group that read them.
+        // ---- S^T = K Q^T: nine groups of four k-steps (one 16-byte load per token row), issued in units of
+        // kU k-steps; a unit's A registers are reused two units later, after a wait for the unit that read
+        // them.
         [[maybe_unused]] __nv_bfloat162 ksc[4][2];
         if constexpr (kV32) {
           const float* scales = reinterpret_cast<const float*>(st + kStageScaleOffset);
 #pragma unroll
           for (int rr = 0; rr < 2; ++rr) {
             const float4 s4 = *reinterpret_cast<const float4*>(scales + (r0 + 8 * rr) * 4);
-            ksc[0][rr] = bf16_pair(s4.x, s4.x);
-            ksc[1][rr] = bf16_pair(s4.y, s4.y);
-            ksc[2][rr] = bf16_pair(s4.z, s4.z);
-            ksc[3][rr] = bf16_pair(s4.w, s4.w);
+            ksc[0][rr] = __floats2bfloat162_rn(s4.x, s4.x);
+            ksc[1][rr] = __floats2bfloat162_rn(s4.y, s4.y);
+            ksc[2][rr] = __floats2bfloat162_rn(s4.z, s4.z);
+            ksc[3][rr] = __floats2bfloat162_rn(s4.w, s4.w);
           }
         }
-        // Units of kU k-steps (4 at 16 rows; 2 at 32, where the O^T accumulator leaves fewer registers).
+        // kU: 4 at 16 rows; 2 at 32, where the O^T accumulator leaves fewer registers.
         constexpr int kU = kN == 32 ? 2 : 4;
         uint32_t a_s[2][kU][4];
         fence_regs(acc_s);
@@ -420,7 +407,7 @@ __global__ void __launch_bounds__(kPpThreads, 1)
               if (g < 8 || !kV32) {
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr) {
-                  __nv_bfloat162 sc = bf16_pair(1.f, 1.f);
+                  __nv_bfloat162 sc = __floats2bfloat162_rn(1.f, 1.f);
                   if constexpr (kV32) sc = ksc[g >> 1][rr];
                   e4m3x4_to<T, kV32>(wr[rr][i], sc, sc, a[ii][rr], a[ii][2 + rr]);
                 }
@@ -541,8 +528,8 @@ __global__ void __launch_bounds__(kPpThreads, 1)
                 for (int mi = 0; mi < 4; ++mi) {
                   const int t = 32 * sp + 8 * mi + quad_col;
                   // Unused rows' scales may be anything (inf, NaN): 0 x NaN would reach O despite vmask.
-                  vsc[sp][mi] = bf16_pair(t < valid ? scales[t * 4 + mb / 2] : 1.f,
-                                          t + 1 < valid ? scales[(t + 1) * 4 + mb / 2] : 1.f);
+                  vsc[sp][mi] = __floats2bfloat162_rn(t < valid ? scales[t * 4 + mb / 2] : 1.f,
+                                                      t + 1 < valid ? scales[(t + 1) * 4 + mb / 2] : 1.f);
                 }
               }
             }
@@ -559,7 +546,7 @@ __global__ void __launch_bounds__(kPpThreads, 1)
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi) {
               const uint32_t x = __byte_perm(d[mi] & vmask[sp][mi], 0, 0x3120);
-              __nv_bfloat162 sc2 = bf16_pair(1.f, 1.f);
+              __nv_bfloat162 sc2 = __floats2bfloat162_rn(1.f, 1.f);
               if constexpr (kV32) sc2 = vsc[sp][mi];
               // matrix mi: k-step 2 sp + mi / 2, tokens + 8 (mi odd): fragment registers 2 (mi % 2), + 1
               e4m3x4_to<T, kV32>(x, sc2, sc2, a[mi / 2][2 * (mi % 2)], a[mi / 2][2 * (mi % 2) + 1]);
